@@ -1,0 +1,244 @@
+"""Device mesh, the logical-axis rules table, and sharding helpers.
+
+Model code annotates every parameter with *logical* axis names (``embed``, ``vocab``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``, ``layers``, ``norm``).  This module owns the one table that
+maps those names onto the *physical* mesh axes ``("data", "fsdp", "tensor")``.  Changing the
+parallelism strategy means editing :data:`LOGICAL_AXIS_RULES`, never the model.
+
+Typical use::
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    with use_mesh(mesh):
+        model = CausalLM(cfg, rngs=nnx.Rngs(0))            # params created already sharded
+    opt_shardings = opt_state_shardings(tx, params_shardings(params))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> physical mesh axis (or a tuple of axes, or None = replicated).
+# Activations: "batch" is split over data *and* fsdp (FSDP shards the batch too).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("score", None),
+    ("length", None),
+    ("constraints", None),
+)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Sizes of the three mesh axes; exactly one may be ``-1`` (= all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sum(1 for s in sizes if s == -1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+    for name, s in zip(MESH_AXES, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh: axis '{name}' has invalid size {s} (use a positive size or -1)")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes product {known} "
+                             f"(data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor})")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices "
+                         f"(data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}); use -1 for one axis")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a ``(data, fsdp, tensor)`` mesh with Auto axis types over ``devices`` (default: all)."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = resolve_mesh_shape(cfg, len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def single_device_mesh() -> Mesh:
+    """A 1x1x1 mesh on the first device (the unsharded reference)."""
+    return make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
+    """Context in which Flax NNX creates parameters already sharded by the logical rules."""
+    from flax import nnx
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
+        yield mesh
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
+                    mesh: Mesh | None = None) -> P:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
+
+    Axes of size 1 in ``mesh`` are dropped (they shard nothing)."""
+    if names is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        phys = table.get(name) if name is not None else None
+        if phys is None:
+            out.append(None)
+            continue
+        axes = (phys,) if isinstance(phys, str) else tuple(phys)
+        axes = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape[a] > 1))
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _fits(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide the corresponding dimension (e.g. vocab 99 on tensor=2)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        tup = (axes,) if isinstance(axes, str) else tuple(axes)
+        size = int(np.prod([mesh.shape[a] for a in tup]))
+        out.append(axes if dim % size == 0 else None)
+    return P(*out)
+
+
+def sharding_for(shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """NamedSharding for an array of ``shape`` annotated with logical ``names``."""
+    return NamedSharding(mesh, _fits(shape, logical_to_spec(names, rules, mesh), mesh))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+    """Shardings for an NNX state (``nnx.State``) from each Variable's ``sharding_names`` metadata.
+
+    Leaves without annotations are replicated."""
+    from flax import nnx
+
+    def one(x):
+        names = None
+        if isinstance(x, nnx.Variable):
+            meta = x.get_metadata() if hasattr(x, "get_metadata") else {}
+            names = meta.get("sharding_names") or meta.get("sharding")
+            arr = x.get_value() if hasattr(x, "get_value") else x[...]
+        else:
+            arr = x
+        return sharding_for(np.shape(arr), names, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis split over ``data`` x ``fsdp``; the rest replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    lead = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for ``tx.init(params)``: moments follow their parameter, everything else replicated.
+
+    ``jax.jit(tx.init)`` alone would leave the moments replicated (JAX_NOTES); pass the result of
+    this function as ``out_shardings``.  Any subtree of the optimizer state whose tree structure
+    equals the params' (Adam's ``mu`` and ``nu``, ...) gets the params' shardings; all other leaves
+    (counts, schedule states) are replicated on the mesh."""
+    abstract = jax.eval_shape(tx.init, params)
+    params_def = jax.tree.structure(params)
+    shard_leaves = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    rep = NamedSharding(mesh, P())
+
+    def walk(node):
+        if isinstance(node, jax.ShapeDtypeStruct):
+            return rep
+        if jax.tree.structure(node) == params_def:
+            return jax.tree.unflatten(params_def, shard_leaves)
+        children, treedef = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+        return jax.tree.unflatten(treedef, [walk(c) for c in children])
+
+    return walk(abstract)
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed(timeout_s: int = 300) -> bool:
+    """Call ``jax.distributed.initialize`` when the environment describes a multi-process run.
+
+    Recognised: ``SAFEJAX_COORDINATOR`` + ``SAFEJAX_NUM_PROCESSES`` + ``SAFEJAX_PROCESS_ID``
+    (explicit, e.g. localhost tests), or a Cloud TPU VM slice (``TPU_WORKER_HOSTNAMES`` with more
+    than one host), where JAX discovers everything itself.  Returns True if initialised."""
+    coord = os.environ.get("SAFEJAX_COORDINATOR")
+    if coord:
+        jax.distributed.initialize(
+            coordinator_address=coord,
+            num_processes=int(os.environ["SAFEJAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["SAFEJAX_PROCESS_ID"]),
+            initialization_timeout=timeout_s,
+        )
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if hosts and len(hosts.split(",")) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
+    """Turn this host's rows (leading axis = local slice of the global batch) into global arrays
+    sharded along the batch axis over ``data`` x ``fsdp``."""
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(one, batch)
+
+
+def host_slice(global_batch_size: int) -> slice:
+    """Rows of a global batch that this process loads (contiguous, equal slices)."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch_size % n:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {n} processes")
+    per = global_batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def to_float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
