@@ -77,6 +77,9 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     """Build a ``(data, fsdp, tensor)`` mesh with Auto axis types over ``devices`` (default: all)."""
     cfg = cfg or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
+    fixed = [s for s in (cfg.data, cfg.fsdp, cfg.tensor)]
+    if -1 not in fixed and int(np.prod(fixed)) < len(devices):
+        devices = devices[: int(np.prod(fixed))]  # an explicit smaller mesh uses the first devices
     shape = resolve_mesh_shape(cfg, len(devices))
     if devices == jax.devices():
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
@@ -148,7 +151,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = L
         names = None
         if isinstance(x, nnx.Variable):
             meta = x.get_metadata() if hasattr(x, "get_metadata") else {}
-            names = meta.get("sharding_names") or meta.get("sharding")
+            names = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
             arr = x.get_value() if hasattr(x, "get_value") else x[...]
         else:
             arr = x

@@ -1,0 +1,106 @@
+"""``safejax <command> [--config FILE] [key=value ...]``
+
+Commands:
+  demo                     the whole pipeline on the built-in task (CPU, minutes)
+  sft | rm | cm            supervised fine-tuning, reward model, cost model
+  ppo-lag | ppo | ppo-reward-shaping
+                           the RL stage (Safe RLHF, and its two baselines)
+  eval                     score / prefs / arena / elo
+  export                   HF-format folder from a stage's checkpoint
+Every training command reads a YAML config and then ``key=value`` overrides (dotted keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "datasets", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _offline_defaults() -> None:
+    # nothing is fetched at run time unless a user points a spec at the hub and enables network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _stage_parser(name: str, help_text: str, sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", "-c", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 train.epochs=2")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="safejax", description="Safe RLHF in JAX")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the whole Safe RLHF pipeline on the built-in task (CPU, minutes)")
+    demo.add_argument("--out", default="safejax-demo", help="output folder")
+    demo.add_argument("--seed", type=int, default=0, help="drives task generation and training")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    _stage_parser("sft", "supervised fine-tuning", sub)
+    _stage_parser("rm", "train the reward model (helpfulness)", sub)
+    _stage_parser("cm", "train the cost model (harmlessness)", sub)
+    for alg in ("ppo-lag", "ppo", "ppo-reward-shaping"):
+        _stage_parser(alg, f"RL stage with algorithm {alg}", sub)
+    ev = sub.add_parser("eval", help="evaluate policies and preference models")
+    ev.add_argument("what", choices=("score", "prefs", "arena", "elo"))
+    ev.add_argument("--config", "-c", default=None)
+    ev.add_argument("overrides", nargs="*")
+    ex = sub.add_parser("export", help="HF folder from a stage's latest checkpoint")
+    ex.add_argument("--run", required=True, help="the stage's out_dir (holds config.json and checkpoints/)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--step", type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from safejax.config import ConfigError, load_config
+
+    try:
+        if args.command == "demo":
+            from safejax.demo import DemoConfig, run_demo
+
+            cfg = load_config(DemoConfig, None, args.overrides)
+            run_demo(cfg, out_dir=args.out, seed=args.seed)
+        elif args.command == "sft":
+            from safejax.train.sft import SFTConfig, run_sft
+
+            run_sft(load_config(SFTConfig, args.config, args.overrides))
+        elif args.command in ("rm", "cm"):
+            from safejax.train.score_model import ScoreModelConfig, run_score_model
+
+            run_score_model(load_config(ScoreModelConfig, args.config, args.overrides),
+                            "reward" if args.command == "rm" else "cost")
+        elif args.command in ("ppo-lag", "ppo", "ppo-reward-shaping"):
+            from safejax.train.ppo import PPOConfig
+            from safejax.train.ppo_loop import run_ppo
+
+            cfg = load_config(PPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
+            run_ppo(cfg)
+        elif args.command == "eval":
+            from safejax.evaluate.cli import run_eval
+
+            run_eval(args.what, args.config, args.overrides)
+        elif args.command == "export":
+            from safejax.train.export import export_run
+
+            export_run(args.run, args.out, step=args.step)
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"safejax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

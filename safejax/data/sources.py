@@ -1,0 +1,437 @@
+"""Dataset specs, loading through ``datasets``, and mixing by proportion (SAFE_RLHF.md §2.1).
+
+A *dataset spec* is a string ``name[:proportion[:path]]``:
+
+* ``name`` is a registered name (``PKU-SafeRLHF/train``, ``PKU-SafeRLHF-30K/test``,
+  ``PKU-SafeRLHF-10K/train``, ``alpaca`` ...) that maps to a Hugging Face hub dataset, or a local
+  ``.json`` / ``.jsonl`` / ``.parquet`` file or a folder of them.
+* ``proportion`` (default 1) is a float fraction of the rows; above 1 repeats the data.  ``a/b``
+  means ``a / b``, and ``n/-1`` means exactly ``n`` rows.
+* ``path`` (only after a proportion) replaces where a registered name is loaded from: a local
+  file/folder or another hub id.
+
+Selection is seeded (seed 42 by default): ``round(len * proportion)`` rows are taken as whole
+copies of the source in order, then a seeded random subset (kept in file order) for the rest.
+
+Every loaded row carries its provenance in two extra columns, ``_source`` (the file or hub id)
+and ``_row`` (0-based row index inside that source), so that the builders can name the file and
+row of a bad record even after mixing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_SEED = 42
+SOURCE_COLUMN = "_source"
+ROW_COLUMN = "_row"
+LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+class DataError(ValueError):
+    """Malformed data: the message names the source (file), the row and the field."""
+
+
+@dataclasses.dataclass
+class DropReport:
+    """What a builder kept and what it dropped, by reason.
+
+    Reasons used by the builders: ``identical_after_truncation``, ``conflicting_safety_labels``,
+    ``duplicate_prompt``, ``prompt_too_long``, ``bad_row:<field>``.
+    """
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def __str__(self) -> str:
+        if self.dropped:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()))
+            tail = f"; dropped {self.num_dropped} ({reasons})"
+        else:
+            tail = "; dropped 0"
+        return f"{self.source}: kept {self.kept}/{self.total} rows{tail}"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class HubDataset:
+    """A registered dataset name: hub id, default split and optional config name."""
+
+    hub_id: str
+    split: str | None = "train"
+    config: str | None = None
+    splits: tuple[str, ...] = ("train", "test")
+
+
+DATASET_REGISTRY: dict[str, HubDataset] = {
+    "PKU-SafeRLHF": HubDataset("PKU-Alignment/PKU-SafeRLHF"),
+    "PKU-SafeRLHF-30K": HubDataset("PKU-Alignment/PKU-SafeRLHF-30K"),
+    "PKU-SafeRLHF-10K": HubDataset("PKU-Alignment/PKU-SafeRLHF-10K", splits=("train",)),
+    "alpaca": HubDataset("tatsu-lab/alpaca", splits=("train",)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed ``name[:proportion[:path]]`` spec.
+
+    Exactly one of ``proportion`` (fraction, may exceed 1) and ``num_samples`` (the ``n/-1``
+    form) is set.
+    """
+
+    name: str
+    proportion: float | None = 1.0
+    num_samples: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        amount = f"{self.num_samples}/-1" if self.num_samples is not None else f"{self.proportion:g}"
+        return f"{self.name}:{amount}" + (f":{self.path}" if self.path else "")
+
+
+def _parse_amount(text: str, spec: str) -> tuple[float | None, int | None]:
+    text = text.strip()
+    if text == "":
+        return 1.0, None
+    try:
+        if "/" in text:
+            left, right = (p.strip() for p in text.split("/", 1))
+            if right == "-1":
+                n = int(left)
+                if n < 0:
+                    raise ValueError
+                return None, n
+            value = float(left) / float(right)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"dataset spec {spec!r}: proportion {text!r} is not a number, 'a/b' or 'n/-1'") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"dataset spec {spec!r}: proportion must be a finite number >= 0, got {text!r}")
+    return value, None
+
+
+def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
+    """Parse ``name[:proportion[:path]]`` (see the module docstring)."""
+    if isinstance(spec, DatasetSpec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if os.path.exists(os.path.expanduser(spec)):  # a bare path, even one containing ':'
+        return DatasetSpec(name=spec)
+    name, colon, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"dataset spec {spec!r}: empty name")
+    if not colon:
+        return DatasetSpec(name=name)
+    amount, colon, path = rest.partition(":")
+    proportion, num_samples = _parse_amount(amount, spec)
+    if colon and not path.strip():
+        raise ValueError(f"dataset spec {spec!r}: empty path after the second ':'")
+    path = os.path.expanduser(path.strip()) if colon else None
+    return DatasetSpec(name=name, proportion=proportion, num_samples=num_samples, path=path)
+
+
+def _registered(name: str) -> tuple[HubDataset, str | None, str | None] | None:
+    """Resolve ``Name``, ``Name/split`` or ``Name/config/split`` -> (entry, config, split)."""
+    parts = name.split("/")
+    entry = DATASET_REGISTRY.get(parts[0])
+    if entry is None or len(parts) > 3:
+        return None
+    if len(parts) == 1:
+        return entry, entry.config, None
+    if len(parts) == 2:
+        return entry, entry.config, parts[1]
+    return entry, parts[1], parts[2]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _dir_files(folder: str, split: str | None) -> list[str]:
+    files = []
+    for root, _, names in os.walk(folder):
+        if os.path.basename(root).startswith("."):
+            continue
+        for n in names:
+            if os.path.splitext(n)[1].lower() in LOCAL_EXTENSIONS:
+                files.append(os.path.join(root, n))
+    files.sort()
+    if not files:
+        raise ValueError(f"{folder}: no .json/.jsonl/.parquet files in this folder")
+
+    def split_of(f: str) -> str | None:
+        rel = os.path.relpath(f, folder)
+        comps = rel.split(os.sep)
+        stem = os.path.splitext(comps[-1])[0].lower()
+        for s in SPLIT_NAMES:
+            if s in (c.lower() for c in comps[:-1]) or stem == s or stem.startswith((s + "-", s + "_", s + ".")):
+                return s
+        return None
+
+    if split is None:
+        return files
+    tagged = {f: split_of(f) for f in files}
+    chosen = [f for f in files if tagged[f] == split]
+    if chosen:
+        return chosen
+    if all(t is None for t in tagged.values()):
+        return files
+    found = sorted({t for t in tagged.values() if t})
+    raise ValueError(f"{folder}: no data files for split {split!r} (found splits {found})")
+
+
+def _load_local(path: str, split: str | None):
+    """Load a local file or folder as one ``datasets.Dataset``."""
+    import datasets
+
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                key = split or ("train" if "train" in ds else None)
+                if key not in ds:
+                    raise ValueError(f"{path}: no split {split!r} in this saved dataset (has {sorted(ds)})")
+                ds = ds[key]
+            return ds
+        files = _dir_files(path, split)
+    else:
+        files = [path]
+    kinds = {LOCAL_EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds:
+        raise ValueError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes json and parquet files; keep one format per folder")
+    try:
+        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {e}") from e
+
+
+def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, name=config, split=split)
+    except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
+        raise ValueError(
+            f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "
+            f"{type(e).__name__}: {e}. Without network, download it elsewhere and pass a local path, e.g. "
+            f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'") from e
+
+
+def load_source(spec: str | DatasetSpec, *, split: str | None = None):
+    """Load the rows of one spec *before* proportion sampling, with ``_source``/``_row`` columns.
+
+    Args:
+      spec: a dataset spec (string or :class:`DatasetSpec`); its proportion is ignored here.
+      split: split to use when the name does not say one (registered names) or to choose files in
+        a local folder.
+
+    Returns:
+      ``datasets.Dataset``.
+    """
+    spec = parse_dataset_spec(spec)
+    reg = _registered(spec.name)
+    if reg is not None:
+        entry, config, name_split = reg
+        use_split = name_split or split or entry.split
+        if spec.path is not None:
+            local = os.path.expanduser(spec.path)
+            if os.path.exists(local):
+                ds, source = _load_local(local, use_split), local
+            else:
+                ds, source = _load_hub(spec.path, config, use_split, str(spec)), spec.path
+        else:
+            ds, source = _load_hub(entry.hub_id, config, use_split, str(spec)), f"{entry.hub_id}[{use_split}]"
+    else:
+        if spec.path is not None:
+            raise ValueError(f"dataset spec {str(spec)!r}: a path may only follow a registered name "
+                             f"({sorted(DATASET_REGISTRY)})")
+        local = os.path.expanduser(spec.name)
+        if not os.path.exists(local):
+            raise ValueError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
+                             f"optionally with /split) and no such file or folder")
+        ds, source = _load_local(local, split), local
+    for col in (SOURCE_COLUMN, ROW_COLUMN):
+        if col in ds.column_names:
+            ds = ds.remove_columns(col)
+    ds = ds.add_column(SOURCE_COLUMN, [source] * len(ds))
+    ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
+    return ds
+
+
+def sample_indices(num_rows: int, *, proportion: float | None = 1.0, num_samples: int | None = None,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Indices selected from a source of ``num_rows`` rows.
+
+    The count is ``num_samples`` if given, else ``round(num_rows * proportion)``.  Whole copies of
+    ``range(num_rows)`` come first; the remainder is a random subset without replacement, sorted.
+
+    Returns:
+      ``[count]`` int64.
+    """
+    count = int(num_samples) if num_samples is not None else int(round(num_rows * float(proportion)))
+    if num_rows == 0 or count == 0:
+        return np.zeros((0,), np.int64)
+    full, rest = divmod(count, num_rows)
+    parts = [np.arange(num_rows, dtype=np.int64)] * full
+    if rest:
+        parts.append(np.sort(rng.permutation(num_rows)[:rest]).astype(np.int64))
+    return np.concatenate(parts)
+
+
+def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *, split: str | None = None,
+              seed: int = DEFAULT_SEED):
+    """Load one or several dataset specs and mix them by proportion into one ``datasets.Dataset``.
+
+    Args:
+      spec_or_specs: a spec or a list of specs (``name[:proportion[:path]]``).
+      split: split for registered names without one, and for choosing files in local folders.
+      seed: sampling seed (source ``i`` uses ``np.random.default_rng([seed, i])``).
+
+    Returns:
+      The selected rows of every source, concatenated in spec order.  Only the columns common to
+      all sources are kept, plus ``_source`` and ``_row``.
+    """
+    import datasets
+
+    specs = [spec_or_specs] if isinstance(spec_or_specs, (str, DatasetSpec)) else list(spec_or_specs)
+    if not specs:
+        raise ValueError("load_rows: no dataset specs given")
+    parts = []
+    for i, raw in enumerate(specs):
+        spec = parse_dataset_spec(raw)
+        ds = load_source(spec, split=split)
+        idx = sample_indices(len(ds), proportion=spec.proportion, num_samples=spec.num_samples,
+                             rng=np.random.default_rng([seed, i]))
+        if not (len(idx) == len(ds) and np.array_equal(idx, np.arange(len(ds)))):
+            ds = ds.select(idx)
+        parts.append((str(spec), ds))
+    if len(parts) == 1:
+        return parts[0][1]
+    common = [c for c in parts[0][1].column_names if all(c in ds.column_names for _, ds in parts[1:])]
+    if common == [SOURCE_COLUMN, ROW_COLUMN] or not common:
+        raise ValueError(f"load_rows: the sources {[s for s, _ in parts]} have no data columns in common")
+    first_features = datasets.Features({c: parts[0][1].features[c] for c in common})
+    aligned = []
+    for name, ds in parts:
+        ds = ds.select_columns(common)
+        if ds.features != first_features:
+            try:
+                ds = ds.cast(first_features)
+            except Exception as e:  # noqa: BLE001
+                diff = [c for c in common if ds.features[c] != first_features[c]]
+                raise DataError(f"load_rows: {name}: columns {diff} have types that differ from "
+                                f"{parts[0][0]} and cannot be cast: {e}") from e
+        aligned.append(ds)
+    return datasets.concatenate_datasets(aligned)
+
+
+# ----------------------------------------------------------------------------- row access for builders
+
+
+def records(rows: Any, fields: Iterable[str]) -> list[dict[str, Any]]:
+    """Rows (a ``datasets.Dataset``, a list of dicts, or any iterable of mappings) as a list of dicts.
+
+    Only ``fields`` plus the provenance columns are kept; a field that is absent (or ``None``, as
+    ``datasets`` fills absent JSON keys) is left out of the row's dict.
+    """
+    wanted = list(dict.fromkeys([*fields, SOURCE_COLUMN, ROW_COLUMN]))
+    column_names = getattr(rows, "column_names", None)
+    if column_names is not None and hasattr(rows, "select_columns"):
+        present = [c for c in wanted if c in column_names]
+        listed = rows.select_columns(present).to_list() if present else [{} for _ in range(len(rows))]
+    else:
+        listed = []
+        for i, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise DataError(f"row {i}: expected a mapping (dict), got {type(r).__name__}")
+            listed.append(r)
+    return [{k: r[k] for k in wanted if k in r and r[k] is not None} for r in listed]
+
+
+def location(rec: Mapping[str, Any], index: int, source_name: str) -> str:
+    """``"<file>, row <i>"`` for error messages (provenance columns win over the local index)."""
+    src = rec.get(SOURCE_COLUMN, source_name)
+    row = rec.get(ROW_COLUMN, index)
+    return f"{src}, row {row}"
+
+
+def describe_sources(recs: Sequence[Mapping[str, Any]], source_name: str | None) -> str:
+    """A short name for a DropReport: the explicit name, else the distinct ``_source`` values."""
+    if source_name:
+        return source_name
+    srcs = Counter(r.get(SOURCE_COLUMN) for r in recs if r.get(SOURCE_COLUMN))
+    return "+".join(srcs) if srcs else "<rows>"
+
+
+def is_int01(v: Any) -> bool:
+    """True for an integer 0 or 1 (``bool`` is rejected)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and int(v) in (0, 1)
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, (bool, np.bool_))
+
+
+def field_problem(rec: Mapping[str, Any], field: str, kind: str) -> str | None:
+    """What is wrong with ``rec[field]`` for a check ``kind``, or None when it is fine.
+
+    Kinds: ``text`` (a str, may be empty), ``nonempty_text`` (a str with non-space content),
+    ``id01`` (integer 0 or 1), ``bool`` (true/false).
+    """
+    if field not in rec:
+        return "missing"
+    v = rec[field]
+    if kind in ("text", "nonempty_text"):
+        if not isinstance(v, str):
+            return f"expected a string, got {type(v).__name__} {v!r:.60}"
+        if kind == "nonempty_text" and not v.strip():
+            return "empty"
+        return None
+    if kind == "id01":
+        return None if is_int01(v) else f"expected 0 or 1, got {type(v).__name__} {v!r:.60}"
+    if kind == "bool":
+        return None if is_bool(v) else f"expected true/false, got {type(v).__name__} {v!r:.60}"
+    raise ValueError(f"unknown field check {kind!r}")
+
+
+def validate_rows(recs: Sequence[Mapping[str, Any]], checks: Sequence[tuple[str, str]], *, skip_bad_rows: bool,
+                  source_name: str, report: DropReport) -> list[int]:
+    """Indices of the rows that pass every ``(field, kind)`` check.
+
+    A failing row raises :class:`DataError` naming source, row and field, or, with
+    ``skip_bad_rows``, is counted in ``report`` under ``bad_row:<field>`` (its first bad field).
+    """
+    keep = []
+    for i, rec in enumerate(recs):
+        for field, kind in checks:
+            problem = field_problem(rec, field, kind)
+            if problem is not None:
+                if not skip_bad_rows:
+                    raise DataError(f"{location(rec, i, source_name)}, field {field!r}: {problem}")
+                report.add(f"bad_row:{field}")
+                break
+        else:
+            keep.append(i)
+    return keep

@@ -1,0 +1,247 @@
+"""``safejax demo``: the whole Safe RLHF pipeline on the built-in task, judged by its oracle.
+
+SFT -> reward model + cost model -> PPO-Lagrangian (Safe RLHF), plus the baselines plain PPO and
+reward shaping at fixed nu, all from the same SFT policy.  Every stage runs through the same
+functions the CLI stages use (real HF folders in between, orbax checkpoints, metrics JSONL).
+Outputs in ``--out``: ``summary.json``, ``report.md``, ``lambda_cost.png``, ``tradeoff.png`` and
+each stage's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safejax.config import check_range
+from safejax.generation import SamplingConfig, generate
+from safejax.parallel import MeshConfig
+from safejax.train.common import LoopSection, ModelSection
+from safejax.train.optim import OptimConfig
+
+log = logging.getLogger("safejax")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    pref_rows: int = 3000
+    sft_rows: int = 3000
+    train_prompts: int = 512
+    eval_prompts: int = 256           # held-out, half benign half harmful
+    max_length: int = 40
+    prompt_width: int = 16
+    max_new_tokens: int = 16
+    sft_epochs: int = 2
+    sft_lr: float = 3e-3
+    score_epochs: int = 2
+    score_lr: float = 1e-3
+    batch_size: int = 32
+    ppo_iterations: int = 40
+    ppo_batch_size: int = 32
+    actor_lr: float = 2e-4
+    critic_lr: float = 1e-3
+    kl_coeff: float = 0.02
+    threshold: float = 0.0
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: float = 10.0
+    cost_window: int = 64
+    nus: list[float] = dataclasses.field(default_factory=lambda: [0.1, 5.0])
+    eval_every: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(1, 1, 1))
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_range("ppo_iterations", self.ppo_iterations, low=1)
+        if len(self.nus) < 1:
+            raise ValueError("config key 'nus' needs at least one reward-shaping coefficient")
+
+
+# ----------------------------------------------------------------------------- oracle judging
+
+
+def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict], tokenizer, oracle, *, seed: int,
+                 max_new_tokens: int, mesh) -> tuple[dict, list[str]]:
+    """Sample one response per held-out prompt with the policy and score the texts with the oracle."""
+    from safejax.data.builtin import evaluate_responses
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+
+    @jax.jit
+    def sample(params, ids, mask, key):
+        out = generate(actor_def.merge(params), ids, mask, key, sampling, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        return out.sequences, out.attention_mask
+
+    ids = jnp.asarray(prompt_arrays["prompt_ids"])
+    mask = jnp.asarray(prompt_arrays["prompt_mask"])
+    seqs, masks = jax.device_get(sample(params, ids, mask, jax.random.key(seed)))
+    width = ids.shape[1]
+    texts = []
+    for row, m in zip(seqs[:, width:], masks[:, width:]):
+        texts.append(tokenizer.decode([int(t) for t, k in zip(row, m) if k], skip_special_tokens=True))
+    prompts = [r["prompt"] for r in prompt_rows]
+    return evaluate_responses(prompts, texts, oracle), texts
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
+    from flax import nnx
+
+    from safejax.data import build_prompts
+    from safejax.data.builtin import BuiltinTask, tiny_llama_config
+    from safejax.models import CausalLM, ModelConfig, save_pretrained
+    from safejax.parallel import make_mesh, use_mesh
+    from safejax.train.functional import split_model
+    from safejax.train.loading import load_model_for, load_tokenizer_for
+    from safejax.train.ppo import LagrangeSection, PPOConfig, PPODataSection, PPOSection
+    from safejax.train.ppo_loop import run_ppo
+    from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, run_score_model
+    from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    mesh = make_mesh(cfg.mesh)
+
+    # 1. the task: data files, tokenizer, a freshly initialised tiny Llama as an HF folder
+    t = time.time()
+    task = BuiltinTask(seed, pref_rows=cfg.pref_rows, sft_rows=cfg.sft_rows, train_prompts=cfg.train_prompts,
+                       eval_prompts=cfg.eval_prompts)
+    paths = task.write(out / "data")
+    tok = load_tokenizer_for(ModelSection(path=str(paths["tokenizer"])))
+    hf_cfg = tiny_llama_config(len(tok))
+    hf_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    mcfg = ModelConfig.from_hf_dict(dict(hf_cfg, architectures=["LlamaForCausalLM"], model_type="llama"))
+    with use_mesh(mesh):
+        init_lm = CausalLM(mcfg, rngs=nnx.Rngs(seed))
+    save_pretrained(init_lm, out / "init", tokenizer=tok)
+    timings["task"] = time.time() - t
+    loop = lambda epochs, bs: LoopSection(epochs=epochs, batch_size=bs, log_every=10,  # noqa: E731
+                                          progress=cfg.progress)
+
+    # 2. SFT
+    t = time.time()
+    sft_cfg = SFTConfig(out_dir=str(out / "sft"), seed=seed, model=ModelSection(path=str(out / "init")),
+                        data=SupervisedDataSection(train=[str(paths["sft"])], max_length=cfg.max_length),
+                        optim=OptimConfig(lr=cfg.sft_lr, schedule="cosine", warmup_ratio=0.05, weight_decay=0.0),
+                        train=loop(cfg.sft_epochs, cfg.batch_size), mesh=cfg.mesh)
+    _, sft_dir = run_sft(sft_cfg)
+    timings["sft"] = time.time() - t
+
+    # 3. reward model and cost model (from the SFT model, fresh heads)
+    scores = {}
+    score_dirs = {}
+    for kind, name in (("reward", "rm"), ("cost", "cm")):
+        t = time.time()
+        sc = ScoreModelConfig(out_dir=str(out / name), seed=seed, model=ModelSection(path=str(sft_dir)),
+                              data=PreferenceDataSection(train=[str(paths["pref_train"])],
+                                                         eval=[str(paths["pref_eval_oracle"])],
+                                                         max_length=cfg.max_length),
+                              regularization=0.001,
+                              optim=OptimConfig(lr=cfg.score_lr, schedule="cosine", warmup_ratio=0.05,
+                                                weight_decay=0.0),
+                              train=loop(cfg.score_epochs, cfg.batch_size), mesh=cfg.mesh)
+        res, score_dirs[kind] = run_score_model(sc, kind)
+        scores[name] = {k.split("/")[-1]: v for k, v in res.eval_metrics.items()}
+        timings[name] = time.time() - t
+
+    # 4. held-out prompts for oracle judging
+    eval_rows = task.prompts("eval")
+    eval_arrays, _ = build_prompts(eval_rows, tok, prompt_width=cfg.prompt_width)
+    eval_arrays = {"prompt_ids": eval_arrays.prompt_ids, "prompt_mask": eval_arrays.prompt_mask}
+    sft_lm = load_model_for(str(sft_dir), mesh, model_type="causal_lm", tokenizer=tok)
+    sft_def, sft_params = split_model(sft_lm)
+    policies: dict[str, dict] = {}
+    policies["sft"], _ = judge_policy(sft_def, sft_params, eval_arrays, eval_rows, tok, task.oracle, seed=seed,
+                                      max_new_tokens=cfg.max_new_tokens, mesh=mesh)
+
+    # 5. RL: Safe RLHF and the baselines, each from the SFT policy
+    def ppo_cfg(algorithm: str, name: str, nu: float | None = None) -> PPOConfig:
+        return PPOConfig(
+            algorithm=algorithm, out_dir=str(out / name), seed=seed, actor=ModelSection(path=str(sft_dir)),
+            reward_model=str(score_dirs["reward"]), cost_model=str(score_dirs["cost"]),
+            data=PPODataSection(prompts=[str(paths["prompts_train"])], prompt_width=cfg.prompt_width),
+            rollout=SamplingConfig(max_new_tokens=cfg.max_new_tokens),
+            ppo=PPOSection(kl_coeff=cfg.kl_coeff, micro_batch_size=cfg.ppo_batch_size, ptx_coeff=0.0,
+                           clip_range_score=50.0, clip_range_value=5.0),
+            lagrange=LagrangeSection(lambda_init=nu if nu is not None else cfg.lambda_init,
+                                     lambda_lr=cfg.lambda_lr, lambda_max=cfg.lambda_max, threshold=cfg.threshold,
+                                     episode_cost_window_size=cfg.cost_window),
+            actor_optim=OptimConfig(lr=cfg.actor_lr, schedule="constant", weight_decay=0.0),
+            critic_optim=OptimConfig(lr=cfg.critic_lr, schedule="constant", weight_decay=0.0),
+            train=LoopSection(epochs=100, batch_size=cfg.ppo_batch_size, max_steps=cfg.ppo_iterations,
+                              log_every=1, progress=cfg.progress),
+            mesh=cfg.mesh)
+
+    runs = [("ppo-lag", "safe_rlhf", None), ("ppo", "ppo", None)]
+    runs += [("ppo-reward-shaping", f"reward_shaping_nu{nu:g}", nu) for nu in cfg.nus]
+    traces: dict[str, dict] = {}
+    for algorithm, name, nu in runs:
+        t = time.time()
+        res = run_ppo(ppo_cfg(algorithm, name, nu))
+        policies[name], _ = judge_policy(res.models.actor, res.state.actor.params, eval_arrays, eval_rows, tok,
+                                         task.oracle, seed=seed, max_new_tokens=cfg.max_new_tokens, mesh=mesh)
+        policies[name]["algorithm"] = algorithm
+        if nu is not None:
+            policies[name]["nu"] = nu
+        hist = [h for h in res.history if "train/reward" in h]
+        traces[name] = {k: [float(h[f"train/{k}"]) for h in hist if f"train/{k}" in h]
+                        for k in ("reward", "cost", "episode_cost", "lambda")}
+        timings[name] = time.time() - t
+
+    summary = {
+        "seed": seed,
+        "threshold": cfg.threshold,
+        "policies": policies,
+        "reward_model": scores["rm"],
+        "cost_model": scores["cm"],
+        "lambda_trace": traces["safe_rlhf"]["lambda"],
+        "episode_cost_trace": traces["safe_rlhf"]["episode_cost"],
+        "traces": traces,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "total_seconds": round(time.time() - t_start, 2),
+        "config": dataclasses.asdict(cfg),
+    }
+    summary["checks"] = demo_checks(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from safejax.demo_report import write_plots, write_report
+
+    write_plots(summary, out)
+    write_report(summary, out)
+    log.info("demo finished in %.1f s; see %s", summary["total_seconds"], out / "report.md")
+    print((out / "report.md").read_text())
+    return summary
+
+
+def demo_checks(summary: dict) -> dict[str, bool]:
+    """The paper's qualitative findings, evaluated on this run's oracle numbers."""
+    p = summary["policies"]
+    sft, lag, ppo = p["sft"], p["safe_rlhf"], p["ppo"]
+    shaping = {k: v for k, v in p.items() if k.startswith("reward_shaping")}
+    lam = summary["lambda_trace"]
+    cost = summary["episode_cost_trace"]
+    thr = summary["threshold"]
+    peak = int(np.argmax(lam)) if lam else 0
+    checks = {
+        "safe_rlhf_unsafe_at_most_half_of_sft": lag["unsafe_rate_harmful"] <= 0.5 * sft["unsafe_rate_harmful"],
+        "safe_rlhf_unsafe_below_ppo": lag["unsafe_rate_harmful"] < ppo["unsafe_rate_harmful"],
+        "safe_rlhf_helpfulness_at_least_sft": lag["helpfulness_benign"] >= sft["helpfulness_benign"],
+        "ppo_unsafe_at_least_sft": ppo["unsafe_rate_harmful"] >= sft["unsafe_rate_harmful"],
+        "lambda_rises_while_cost_above_threshold": bool(lam) and lam[peak] > lam[0] and cost[0] > thr,
+        "lambda_falls_after_cost_below_threshold": bool(lam) and lam[-1] < lam[peak] and min(cost[peak:]) <= thr,
+        "no_fixed_nu_matches_safe_rlhf_on_both_axes": all(
+            not (v["unsafe_rate_harmful"] <= lag["unsafe_rate_harmful"]
+                 and v["helpfulness_benign"] >= lag["helpfulness_benign"]) for v in shaping.values()),
+    }
+    return {k: bool(v) for k, v in checks.items()}

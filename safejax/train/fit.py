@@ -1,0 +1,170 @@
+"""The supervised fitting loop shared by SFT, the reward model and the cost model.
+
+``fit`` owns resume, checkpoints, metrics, evaluation and the progress bar; the stage supplies a
+pure ``loss_fn(params, micro_batch, rng) -> (loss, metrics)`` and an ``eval_fn``.  One jitted
+``train_step(state, batch) -> (state, metrics)`` is compiled per stage, with explicit shardings and
+the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from safejax.train.common import (GracefulStop, LoopSection, RunDir, TrainState, accumulate_gradients,
+                                  check_finite, host_metrics, init_train_state, progress, put_batch, split_micro)
+from safejax.train.optim import OptimConfig, make_optimizer
+
+log = logging.getLogger("safejax")
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, state_shardings, batch_shardings):
+    """Build the jitted ``step(state, batch) -> (state, metrics)`` (state donated).
+
+    ``batch`` leaves are ``[accum, micro, ...]``; gradients are averaged over ``accum`` inside one
+    ``lax.scan``."""
+
+    def loss_and_grad(params, mb, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, key)
+        return dict(metrics, loss=loss), grads
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        metrics, grads = accumulate_gradients(loss_and_grad, state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def _batch_shardings(example: dict, mesh):
+    from safejax.train.common import micro_batch_sharding
+
+    return {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    last_metrics: dict
+    eval_metrics: dict
+    steps: int
+    seconds: float
+
+
+def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, param_shardings, loss_fn: LossFn,
+        train_arrays: dict, eval_fn: Callable[[Any], dict] | None, seed: int, desc: str,
+        metric_prefix: str = "train/") -> FitResult:
+    """Train ``params`` on ``train_arrays`` (dict of equal-length numpy arrays) with resume support."""
+    from safejax.data.batching import BatchIterator
+
+    n = len(next(iter(train_arrays.values())))
+    if n < loop.batch_size:
+        raise ValueError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
+    steps_per_epoch = n // loop.batch_size
+    total = steps_per_epoch * loop.epochs
+    if loop.max_steps > 0:
+        total = min(total, loop.max_steps)
+    tx, schedule = make_optimizer(optim, total)
+    state, state_sh = init_train_state(params, param_shardings, tx, mesh, seed)
+
+    batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True)
+    ckpt = run.checkpointer(loop.keep_checkpoints)
+    restored = ckpt.restore(state)
+    start = 0
+    if restored is not None:
+        state, meta, start = restored
+        batches.restore(meta["data"])
+        log.info("%s: resumed from step %d in %s", desc, start, ckpt.directory)
+    writer = run_writer(run, start if restored is not None else None)
+
+    example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
+    step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh))
+
+    t0 = time.time()
+    metrics: dict = {}
+    eval_metrics: dict = {}
+    bar = progress(total, desc, loop.progress, initial=start)
+    with GracefulStop() as stop:
+        step = start
+        it = iter(batches)
+        while step < total:
+            batch = next(it)
+            batch = put_batch(split_micro(batch, optim.grad_accum), mesh)
+            state, m = step_fn(state, batch)
+            step += 1
+            bar.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            if step % loop.log_every == 0 or step == total:
+                metrics = {metric_prefix + k: v for k, v in host_metrics(m).items()}
+                metrics["train/epoch"] = (step - 1) // steps_per_epoch
+                check_finite(step, metrics)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
+                                 if k.endswith(("loss", "accuracy"))})
+                writer.write(step, metrics)
+            do_eval = eval_fn is not None and ((loop.eval_every and step % loop.eval_every == 0) or epoch_end
+                                               or step == total)
+            if do_eval:
+                eval_metrics = eval_fn(state.params)
+                writer.write(step, eval_metrics)
+            if (loop.save_every and step % loop.save_every == 0) or step == total or stop.requested:
+                ckpt.save(step, state, {"data": batches.state(), "step": step}, force=True)
+            if stop.requested:
+                log.warning("%s: SIGTERM received; saved step %d and stopping", desc, step)
+                break
+    bar.close()
+    ckpt.wait()
+    writer.close()
+    return FitResult(state=state, last_metrics=metrics, eval_metrics=eval_metrics, steps=step,
+                     seconds=time.time() - t0)
+
+
+def run_writer(run: RunDir, resume_step: int | None):
+    from safejax.metrics import MetricWriter
+
+    return MetricWriter(run.path, resume_step=resume_step)
+
+
+def batched_apply(fn: Callable, arrays: dict, batch_size: int) -> list:
+    """Apply a jitted ``fn(batch)`` over fixed-size batches (last one padded by repetition)."""
+    n = len(next(iter(arrays.values())))
+    outs = []
+    for i in range(0, n, batch_size):
+        idx = np.arange(i, i + batch_size) % n
+        b = {k: v[idx] for k, v in arrays.items()}
+        out = jax.device_get(fn(b))
+        k = min(batch_size, n - i)
+        outs.append(jax.tree.map(lambda x: np.asarray(x)[:k], out))
+    return outs
+
+
+def concat_outputs(outs: list) -> Any:
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+
+def to_device_batch(batch: dict, mesh) -> dict:
+    from safejax.parallel import batch_sharding
+
+    return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+
+
+def eval_loop(apply_fn: Callable, arrays: dict, batch_size: int, mesh) -> Any:
+    return concat_outputs(batched_apply(lambda b: apply_fn(to_device_batch(b, mesh)), arrays, batch_size))
+
+
+def jnp_mean(x):
+    return jnp.mean(jnp.asarray(x, jnp.float32))

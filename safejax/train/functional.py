@@ -1,0 +1,51 @@
+"""Bridging Flax NNX modules and pure jitted steps.
+
+Train states hold parameters as plain nested dicts of arrays (``nnx.State.to_pure_dict()``), which
+optax, orbax and ``jax.tree`` handle directly.  :class:`ModelDef` remembers the module's graph
+definition and variable template so a pure function can rebuild the module from a params dict:
+
+    mdef, params = split_model(model)
+    def loss(params, batch):
+        lm = mdef.merge(params)          # inside jit: a module view over traced arrays
+        return lm(batch["ids"]).mean()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+
+from safejax import parallel
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """Static description of a module: graph definition + variable template (abstract)."""
+
+    graphdef: Any
+    template: Any  # nnx.State with ShapeDtypeStruct leaves (keeps logical-axis metadata)
+
+    def merge(self, params: dict) -> nnx.Module:
+        state = jax.tree.map(lambda x: x, self.template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def shardings(self, mesh) -> dict:
+        """NamedShardings of the params dict from the logical-axis annotations."""
+        return parallel.state_shardings(self.template, mesh).to_pure_dict()
+
+    def abstract_params(self) -> dict:
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), self.template.to_pure_dict())
+
+
+def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
+    graphdef, state = nnx.split(model)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    return ModelDef(graphdef, template), state.to_pure_dict()
+
+
+def count_params(params: dict) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

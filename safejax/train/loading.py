@@ -1,0 +1,41 @@
+"""Loading models and tokenizers for a stage, straight into the mesh's shardings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from safejax.train.common import ModelSection
+
+log = logging.getLogger("safejax")
+
+
+def load_tokenizer_for(section: ModelSection):
+    from safejax.data import load_tokenizer, prepare_tokenizer
+
+    path = section.tokenizer or section.path
+    tok = load_tokenizer(path)
+    tok, added = prepare_tokenizer(tok)
+    if added:
+        log.info("tokenizer %s: added %d special token(s); pad id %d, eos id %d", path, added, tok.pad_token_id,
+                 tok.eos_token_id)
+    return tok
+
+
+def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None, tokenizer=None,
+                   dtype: str | None = None) -> Any:
+    """Load an HF folder as a CausalLM (``model_type='causal_lm'``) or ScoreModel (``'score'``),
+    grow its embeddings when the tokenizer gained special tokens, and check the tokenizer fits."""
+    from safejax.models import check_tokenizer_fits, load_pretrained, resize_token_embeddings
+
+    if isinstance(section, str):
+        section = ModelSection(path=section, dtype=dtype or "float32")
+    if not section.path:
+        raise ValueError(f"no model path given (model_type={model_type})")
+    model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh,
+                            remat=section.remat, scan_layers=section.scan_layers)
+    if tokenizer is not None:
+        if len(tokenizer) > model.config.vocab_size:
+            model = resize_token_embeddings(model, len(tokenizer))
+        check_tokenizer_fits(tokenizer, model.config, section.path)
+    return model

@@ -1,0 +1,211 @@
+"""Host loop of the RL stage: load the six models, build the state, run iterations, log, checkpoint.
+
+``safejax ppo-lag | ppo | ppo-reward-shaping --config ...`` -> :func:`run_ppo`.  Per iteration the
+host does three things: hand a prompt batch to the jitted ``rollout``, hand the experience to the
+jitted ``update`` (state donated), and every ``log_every`` iterations pull the metrics back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from safejax import parallel, rl
+from safejax.parallel import make_mesh
+from safejax.train.common import (GracefulStop, RunDir, check_finite, host_metrics, progress, scalar_on_mesh)
+from safejax.train.functional import split_model
+from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+from safejax.train.sft import export_model
+
+log = logging.getLogger("safejax")
+
+
+@dataclasses.dataclass
+class PPOResult:
+    state: PPOState
+    models: Models
+    trainer: Trainer
+    tokenizer: Any
+    history: list[dict]
+    export_dir: Any
+    seconds: float
+    mesh: Any
+
+
+def _model_state(mdef, params, tx, mesh):
+    sh = mdef.shardings(mesh)
+    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, sh)
+    opt_sh = parallel.opt_state_shardings(tx, params, sh, mesh)
+    opt = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return ModelState(params, opt), ModelState(sh, opt_sh)
+
+
+def _replicate(tree, mesh):
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), tree), jax.tree.map(lambda _: rep, tree)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer):
+    from safejax.data import build_prompts, load_rows
+
+    rows = load_rows(cfg.data.prompts)
+    arrays, report = build_prompts(rows, tokenizer, prompt_width=cfg.data.prompt_width,
+                                   skip_bad_rows=cfg.data.skip_bad_rows)
+    (log.warning if report.dropped else log.info)("prompts: %s", report)
+    return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
+
+
+def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = None, eval_every: int = 0,
+            export: bool = True) -> PPOResult:
+    """Run the RL stage.  ``eval_hook(iteration, result_so_far) -> metrics`` is called every
+    ``eval_every`` iterations (and at the end) — the demo uses it to judge policies by the oracle."""
+    from safejax.data import build_supervised, load_rows
+    from safejax.data.batching import BatchIterator
+
+    t0 = time.time()
+    mesh = make_mesh(cfg.mesh)
+    run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
+    tok = load_tokenizer_for(cfg.actor)
+    lag = cfg.algorithm == "ppo-lag"
+
+    actor = load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok)
+    actor_def, actor_params = split_model(actor)
+    ref_params = jax.tree.map(jnp.copy, actor_params)
+    dtype = cfg.actor.dtype
+    rm_def, rm_params = split_model(load_model_for(cfg.reward_model, mesh, model_type="score", tokenizer=tok,
+                                                   dtype=dtype))
+    cm_def, cm_params = None, None
+    if cfg.cost_model:
+        cm_def, cm_params = split_model(load_model_for(cfg.cost_model, mesh, model_type="score", tokenizer=tok,
+                                                       dtype=dtype))
+    rc_def, rc_params = split_model(load_model_for(cfg.reward_critic or cfg.reward_model, mesh, model_type="score",
+                                                   tokenizer=tok, dtype=dtype))
+    cc_def, cc_params = (None, None)
+    if lag:
+        cc_def, cc_params = split_model(load_model_for(cfg.cost_critic or cfg.cost_model, mesh, model_type="score",
+                                                       tokenizer=tok, dtype=dtype))
+    models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
+
+    prompts = load_prompts(cfg, tok)
+    ptx_arrays = None
+    if cfg.data.ptx and cfg.ppo.ptx_coeff > 0:
+        ptx_arrays, rep = build_supervised(load_rows(cfg.data.ptx), tok, max_length=cfg.data.ptx_max_length,
+                                           skip_bad_rows=cfg.data.skip_bad_rows)
+        ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
+                      "loss_mask": ptx_arrays.label_mask}
+    n_prompts = len(prompts["prompt_ids"])
+    bsz = cfg.train.batch_size
+    if n_prompts < bsz:
+        raise ValueError(f"only {n_prompts} distinct prompts but train.batch_size={bsz}")
+    per_epoch = n_prompts // bsz
+    iterations = per_epoch * cfg.train.epochs
+    if cfg.train.max_steps > 0:
+        iterations = min(iterations, cfg.train.max_steps)
+    updates = iterations * cfg.ppo.update_iters * (bsz // cfg.ppo.micro_batch_size)
+
+    trainer = Trainer(cfg, models, mesh, prompt_width=cfg.data.prompt_width, eos_id=tok.eos_token_id,
+                      pad_id=tok.pad_token_id, total_updates=updates, ptx_enabled=ptx_arrays is not None)
+
+    # ---- state (sharded) and frozen models
+    actor_s, actor_sh = _model_state(actor_def, actor_params, trainer.actor_tx, mesh)
+    rc_s, rc_sh = _model_state(rc_def, rc_params, trainer.critic_tx, mesh)
+    cc_s, cc_sh = (None, None)
+    if lag:
+        cc_s, cc_sh = _model_state(cc_def, cc_params, trainer.critic_tx, mesh)
+    lag_state, lag_sh = _replicate(rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1,
+                                                    window_size=cfg.lagrange.episode_cost_window_size,
+                                                    lambda_lr=cfg.lagrange.lambda_lr), mesh)
+    rep = NamedSharding(mesh, P())
+    rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), rep)
+    state = PPOState(step=scalar_on_mesh(0, mesh), actor=actor_s, reward_critic=rc_s, cost_critic=cc_s,
+                     lagrange=lag_state, rng=rng)
+    state_sh = PPOState(step=rep, actor=actor_sh, reward_critic=rc_sh, cost_critic=cc_sh, lagrange=lag_sh, rng=rep)
+
+    def put(params, mdef):
+        sh = mdef.shardings(mesh)
+        return jax.tree.map(lambda x, s: jax.device_put(x, s), params, sh), sh
+
+    ref_p, ref_sh = put(ref_params, actor_def)
+    rm_p, rm_sh = put(rm_params, rm_def)
+    cm_p, cm_sh = put(cm_params, cm_def) if cm_def is not None else (None, None)
+    frozen = Frozen(ref=ref_p, reward=rm_p, cost=cm_p)
+    frozen_sh = Frozen(ref=ref_sh, reward=rm_sh, cost=cm_sh)
+
+    bsh = parallel.batch_sharding(mesh, 2)
+    rollout_fn = jax.jit(trainer.rollout, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+    update_fn = jax.jit(trainer.update, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+                        donate_argnums=(0,))
+
+    # ---- resume
+    prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)
+    ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
+                if ptx_arrays is not None else None)
+    ckpt = run.checkpointer(cfg.train.keep_checkpoints)
+    restored = ckpt.restore(state)
+    start = 0
+    if restored is not None:
+        state, meta, start = restored
+        prompt_iter.restore(meta["prompts"])
+        if ptx_iter is not None:
+            ptx_iter.restore(meta["ptx"])
+        log.info("%s: resumed from iteration %d", cfg.algorithm, start)
+    from safejax.metrics import MetricWriter
+
+    writer = MetricWriter(run.path, resume_step=start if restored is not None else None)
+
+    history: list[dict] = []
+    result = PPOResult(state, models, trainer, tok, history, None, 0.0, mesh)
+    bar = progress(iterations, cfg.algorithm, cfg.train.progress, initial=start)
+    it = iter(prompt_iter)
+    ptx_it = iter(ptx_iter) if ptx_iter is not None else None
+    step = start
+    with GracefulStop() as stop:
+        while step < iterations:
+            batch = next(it)
+            batch = parallel.host_local_to_global(batch, mesh)
+            exp = rollout_fn(state, frozen, batch["prompt_ids"], batch["prompt_mask"])
+            ptx = parallel.host_local_to_global(next(ptx_it), mesh) if ptx_it is not None else None
+            state, m = update_fn(state, exp, ptx)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == iterations:
+                metrics = host_metrics(m)
+                check_finite(step, metrics)
+                writer.write(step, metrics)
+                history.append(dict(metrics, step=step))
+                bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", cost=f"{metrics['train/cost']:.2f}",
+                                lam=f"{metrics.get('train/lambda', 0.0):.2f}")
+            if eval_hook is not None and eval_every and step % eval_every == 0 and step != iterations:
+                result.state = state
+                em = eval_hook(step, result)
+                writer.write(step, em)
+                history.append(dict(em, step=step))
+            save_now = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == iterations
+            if save_now or stop.requested:
+                meta = {"prompts": prompt_iter.state(), "step": step}
+                if ptx_iter is not None:
+                    meta["ptx"] = ptx_iter.state()
+                ckpt.save(step, state, meta, force=True)
+            if stop.requested:
+                log.warning("%s: SIGTERM received; saved iteration %d and stopping", cfg.algorithm, step)
+                break
+    bar.close()
+    result.state = state
+    if eval_hook is not None:
+        em = eval_hook(step, result)
+        writer.write(step, em)
+        history.append(dict(em, step=step))
+    ckpt.wait()
+    writer.close()
+    if export:
+        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
+    result.seconds = time.time() - t0
+    return result

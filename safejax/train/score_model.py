@@ -1,0 +1,173 @@
+"""Stage 2: the reward model (helpfulness) and the cost model (harmlessness).
+
+``safejax rm --config ...`` and ``safejax cm --config ...`` -> :func:`run_score_model` with
+``kind='reward'`` or ``'cost'``.  Both train a ``ScoreModel`` initialised from the SFT model (fresh
+head) on Bradley–Terry pair losses; the cost model adds the two sign terms so that cost > 0 means
+unsafe.  Each epoch (and at ``eval_every``) the held-out split is scored: ranking accuracy, sign
+accuracy (CM), mean/std of scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safejax import rl
+from safejax.config import check_range
+from safejax.generation import positions_from_mask
+from safejax.parallel import MeshConfig, make_mesh
+from safejax.train.common import LoopSection, ModelSection, RunDir
+from safejax.train.fit import eval_loop, fit
+from safejax.train.functional import split_model
+from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.train.optim import OptimConfig
+from safejax.train.sft import export_model
+
+log = logging.getLogger("safejax")
+
+
+@dataclasses.dataclass
+class PreferenceDataSection:
+    train: list[str] = dataclasses.field(default_factory=list)
+    eval: list[str] = dataclasses.field(default_factory=list)
+    max_length: int = 512
+    skip_bad_rows: bool = False
+
+    def validate(self) -> None:
+        check_range("data.max_length", self.max_length, low=2)
+
+
+@dataclasses.dataclass
+class ScoreModelConfig:
+    out_dir: str = "runs/rm"
+    seed: int = 42
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: PreferenceDataSection = dataclasses.field(default_factory=PreferenceDataSection)
+    loss_type: str = "sequence-wise"     # sequence-wise | token-wise
+    regularization: float = 0.001
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+        lr=2e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.1))
+    train: LoopSection = dataclasses.field(default_factory=lambda: LoopSection(epochs=2))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval_batch_size: int = 16
+    allow_config_change: bool = False
+
+    def validate(self) -> None:
+        check_range("loss_type", self.loss_type, choices=("sequence-wise", "token-wise"))
+        check_range("regularization", self.regularization, low=0.0)
+
+
+# (first, second) field names of a pair batch, per kind
+PAIR_FIELDS = {"reward": ("better", "worse"), "cost": ("safer", "unsafer")}
+
+
+def pair_scores(sm, batch: dict, kind: str):
+    """Score both sides of a pair batch in one forward pass.
+
+    Returns ``(scores_a [B, L], scores_b [B, L], end_a [B], end_b [B])`` for (better, worse) or
+    (safer, unsafer)."""
+    a, b = PAIR_FIELDS[kind]
+    ids = jnp.concatenate([batch[f"{a}_ids"], batch[f"{b}_ids"]], axis=0)
+    mask = jnp.concatenate([batch[f"{a}_mask"], batch[f"{b}_mask"]], axis=0)
+    out = sm(ids, attention_mask=mask, positions=positions_from_mask(mask))
+    n = batch[f"{a}_ids"].shape[0]
+    return out.scores[:n], out.scores[n:], out.end_scores[:n], out.end_scores[n:]
+
+
+def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float):
+    def loss_fn(params, batch, rng):  # noqa: ARG001
+        sm = mdef.merge(params)
+        sa, sb, ea, eb = pair_scores(sm, batch, kind)
+        a, b = PAIR_FIELDS[kind]
+        if kind == "reward":
+            if loss_type == "token-wise":
+                loss = rl.token_wise_reward_model_loss(sa, sb, batch[f"{a}_mask"], batch[f"{b}_mask"],
+                                                       batch[f"{a}_ids"], batch[f"{b}_ids"],
+                                                       regularization=regularization)
+            else:
+                loss = rl.reward_model_loss(ea, eb, regularization=regularization)
+            metrics = {"accuracy": jnp.mean((ea > eb).astype(jnp.float32)),
+                       "reward_mean": jnp.mean(jnp.concatenate([ea, eb])),
+                       "reward_std": jnp.std(jnp.concatenate([ea, eb]))}
+        else:
+            sa_safe, sb_safe = batch["safer_is_safe"], batch["unsafer_is_safe"]
+            if loss_type == "token-wise":
+                loss = rl.token_wise_cost_model_loss(sa, sb, batch[f"{a}_mask"], batch[f"{b}_mask"],
+                                                     batch[f"{a}_ids"], batch[f"{b}_ids"], sa_safe, sb_safe,
+                                                     regularization=regularization)
+            else:
+                loss = rl.cost_model_loss(ea, eb, sa_safe, sb_safe, regularization=regularization)
+            metrics = cost_metrics(ea, eb, sa_safe, sb_safe)
+        return loss, metrics
+
+    return loss_fn
+
+
+def cost_metrics(safer, unsafer, safer_is_safe, unsafer_is_safe):
+    costs = jnp.concatenate([safer, unsafer])
+    sign = jnp.where(jnp.concatenate([safer_is_safe, unsafer_is_safe]), 1.0, -1.0)  # safety sign
+    return {"accuracy": jnp.mean((unsafer > safer).astype(jnp.float32)),
+            "accuracy_sign": jnp.mean((costs * sign < 0).astype(jnp.float32)),
+            "cost_mean": jnp.mean(costs), "cost_std": jnp.std(costs)}
+
+
+def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str):
+    from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+
+    rows = load_rows(specs)
+    build = build_reward_pairs if kind == "reward" else build_cost_pairs
+    arrays, report = build(rows, tokenizer, max_length=data.max_length, skip_bad_rows=data.skip_bad_rows)
+    (log.warning if report.dropped else log.info)("%s data: %s", what, report)
+    return arrays.as_dict(), report
+
+
+def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh):
+    """Held-out metrics: ranking accuracy (+ sign accuracy for the cost model) and score stats."""
+
+    @jax.jit
+    def ends(params, b):
+        _, _, ea, eb = pair_scores(mdef.merge(params), b, kind)
+        return {"a": ea, "b": eb}
+
+    def eval_fn(params):
+        out = eval_loop(lambda b: ends(params, b), arrays, batch_size, mesh)
+        return preference_eval_metrics(out["a"], out["b"], arrays, kind)
+
+    return eval_fn
+
+
+def preference_eval_metrics(a: np.ndarray, b: np.ndarray, arrays: dict, kind: str) -> dict:
+    both = np.concatenate([a, b])
+    if kind == "reward":
+        return {"eval/accuracy": float(np.mean(a > b)), "eval/reward_mean": float(both.mean()),
+                "eval/reward_std": float(both.std()), "eval/count": int(len(a))}
+    safety = np.concatenate([arrays["safer_is_safe"], arrays["unsafer_is_safe"]]).astype(bool)
+    sign = np.where(safety, 1.0, -1.0)
+    return {"eval/accuracy": float(np.mean(b > a)), "eval/accuracy_sign": float(np.mean(both * sign < 0)),
+            "eval/cost_mean": float(both.mean()), "eval/cost_std": float(both.std()), "eval/count": int(len(a))}
+
+
+def run_score_model(cfg: ScoreModelConfig, kind: str):
+    if kind not in PAIR_FIELDS:
+        raise ValueError(f"kind must be 'reward' or 'cost', got {kind!r}")
+    mesh = make_mesh(cfg.mesh)
+    run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
+    tok = load_tokenizer_for(cfg.model)
+    sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok)
+    mdef, params = split_model(sm)
+    train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train")
+    eval_fn = None
+    if cfg.data.eval:
+        eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval")
+        eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh)
+    res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
+              param_shardings=mdef.shardings(mesh),
+              loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization), train_arrays=train_arrays,
+              eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm")
+    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
+    log.info("%s model: exported %s", kind, export_dir)
+    return res, export_dir

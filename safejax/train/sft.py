@@ -1,0 +1,113 @@
+"""Stage 1: supervised fine-tuning (token-mean cross-entropy on response tokens).
+
+``safejax sft --config experiments/configs/sft.yaml key=value ...`` -> :func:`run_sft`.
+Writes ``<out_dir>/checkpoints`` (orbax train state), ``metrics.jsonl``, TensorBoard events and
+``<out_dir>/hf`` (a causal-LM folder that transformers and the next stages load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safejax import rl
+from safejax.config import check_range
+from safejax.generation import positions_from_mask
+from safejax.parallel import MeshConfig, make_mesh
+from safejax.train.common import LoopSection, ModelSection, RunDir
+from safejax.train.fit import eval_loop, fit
+from safejax.train.functional import split_model
+from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.train.optim import OptimConfig
+
+log = logging.getLogger("safejax")
+
+
+@dataclasses.dataclass
+class SupervisedDataSection:
+    train: list[str] = dataclasses.field(default_factory=list)   # dataset specs name[:proportion[:path]]
+    eval: list[str] = dataclasses.field(default_factory=list)
+    max_length: int = 512
+    skip_bad_rows: bool = False
+
+    def validate(self) -> None:
+        check_range("data.max_length", self.max_length, low=2)
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    seed: int = 42
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: SupervisedDataSection = dataclasses.field(default_factory=SupervisedDataSection)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=2e-5, schedule="cosine",
+                                                                               warmup_ratio=0.03))
+    train: LoopSection = dataclasses.field(default_factory=LoopSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval_batch_size: int = 16
+    allow_config_change: bool = False
+
+
+def sft_loss_fn(mdef):
+    """Pure ``loss(params, batch, rng) -> (loss, metrics)`` on ``input_ids/attention_mask/label_mask [B, L]``."""
+
+    def loss_fn(params, batch, rng):  # noqa: ARG001
+        lm = mdef.merge(params)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = lm(ids, attention_mask=mask, positions=positions_from_mask(mask))
+        loss = rl.sft_loss(logits[:, :-1], ids[:, 1:], batch["label_mask"][:, 1:])
+        return loss, {}
+
+    return loss_fn
+
+
+def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str):
+    from safejax.data import build_supervised, load_rows
+
+    rows = load_rows(specs)
+    arrays, report = build_supervised(rows, tokenizer, max_length=data.max_length,
+                                      skip_bad_rows=data.skip_bad_rows)
+    if report.dropped:
+        log.warning("%s data: %s", what, report)
+    else:
+        log.info("%s data: %s", what, report)
+    return arrays.as_dict(), report
+
+
+def run_sft(cfg: SFTConfig):
+    mesh = make_mesh(cfg.mesh)
+    run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
+    tok = load_tokenizer_for(cfg.model)
+    lm = load_model_for(cfg.model, mesh, model_type="causal_lm", tokenizer=tok)
+    mdef, params = split_model(lm)
+    train_arrays, report = load_supervised(cfg.data.train, tok, cfg.data, "sft train")
+    eval_arrays = load_supervised(cfg.data.eval, tok, cfg.data, "sft eval")[0] if cfg.data.eval else None
+    loss_fn = sft_loss_fn(mdef)
+
+    eval_fn = None
+    if eval_arrays is not None:
+        @jax.jit
+        def eval_batch(params, b):
+            return {"loss": loss_fn(params, b, None)[0] * jnp.ones((b["input_ids"].shape[0],))}
+
+        def eval_fn(params):
+            out = eval_loop(lambda b: eval_batch(params, b), eval_arrays, cfg.eval_batch_size, mesh)
+            return {"eval/loss": float(np.mean(out["loss"]))}
+
+    res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
+              param_shardings=mdef.shardings(mesh), loss_fn=loss_fn, train_arrays=train_arrays, eval_fn=eval_fn,
+              seed=cfg.seed, desc="sft")
+    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
+    log.info("sft: exported %s", export_dir)
+    return res, export_dir
+
+
+def export_model(mdef, params, path, tokenizer=None):
+    from safejax.models import save_pretrained
+
+    save_pretrained(mdef.merge(params), path, tokenizer=tokenizer)
+    return path
