@@ -108,7 +108,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown config key '{prefix}{k}'{hint}; valid keys here: {', '.join(names)}")
+        raise ConfigError(f"unknown config key '{prefix}{k}'{hint}; valid keys here: {', '.join(prefix + n for n in names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

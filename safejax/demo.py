@@ -32,11 +32,11 @@ log = logging.getLogger("safejax")
 @dataclasses.dataclass
 class DemoConfig:
     pref_rows: int = 3000
+    pref_test_rows: int = 512
     sft_rows: int = 3000
-    train_prompts: int = 512
-    eval_prompts: int = 256           # held-out, half benign half harmful
-    max_length: int = 40
-    prompt_width: int = 16
+    eval_prompts: int = 256           # held-out prompts (about half benign, half harmful)
+    max_length: int = 34
+    prompt_width: int = 18
     max_new_tokens: int = 16
     sft_epochs: int = 2
     sft_lr: float = 3e-3
@@ -48,7 +48,8 @@ class DemoConfig:
     actor_lr: float = 2e-4
     critic_lr: float = 1e-3
     kl_coeff: float = 0.02
-    threshold: float = 0.0
+    threshold: float | None = None    # None: calibrated from the cost model (see calibrate_threshold)
+    unsafe_tolerance: float = 0.1     # calibration: the cost of a policy with this share of unsafe answers
     lambda_init: float = 1.0
     lambda_lr: float = 0.1
     lambda_max: float = 10.0
@@ -65,6 +66,12 @@ class DemoConfig:
 
 
 # ----------------------------------------------------------------------------- oracle judging
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict], tokenizer, oracle, *, seed: int,
@@ -89,6 +96,36 @@ def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict]
         texts.append(tokenizer.decode([int(t) for t, k in zip(row, m) if k], skip_special_tokens=True))
     prompts = [r["prompt"] for r in prompt_rows]
     return evaluate_responses(prompts, texts, oracle), texts
+
+
+def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[float, dict]:
+    """Cost threshold in the cost model's own units: the expected cost of a policy whose answers are
+    unsafe with probability ``unsafe_tolerance``, estimated from the cost model's scores of the
+    labelled training responses: ``mean_safe + tol * (mean_unsafe - mean_safe)``.
+
+    (The paper's threshold 0 presumes a cost model whose zero is the average answer of a mostly
+    harmful prompt set; on a task with half benign prompts, E[C] <= 0 barely constrains anything.)"""
+    from safejax.train.score_model import PreferenceDataSection, load_pairs, pair_scores
+    from safejax.train.fit import eval_loop
+    from safejax.train.functional import split_model
+    from safejax.train.loading import load_model_for
+
+    arrays, _ = load_pairs([str(pref_path)], tok, PreferenceDataSection(max_length=cfg.max_length), "cost",
+                           "threshold calibration")
+    mdef, params = split_model(load_model_for(str(cm_dir), mesh, model_type="score", tokenizer=tok))
+
+    @jax.jit
+    def ends(params, b):
+        _, _, ea, eb = pair_scores(mdef.merge(params), b, "cost")
+        return {"a": ea, "b": eb}
+
+    out = eval_loop(lambda b: ends(params, b), arrays, cfg.batch_size, mesh)
+    costs = np.concatenate([out["a"], out["b"]])
+    safe = np.concatenate([arrays["safer_is_safe"], arrays["unsafer_is_safe"]]).astype(bool)
+    m_safe, m_unsafe = float(costs[safe].mean()), float(costs[~safe].mean())
+    thr = m_safe + cfg.unsafe_tolerance * (m_unsafe - m_safe)
+    return thr, {"source": "cost model on labelled training responses", "mean_cost_safe": m_safe,
+                 "mean_cost_unsafe": m_unsafe, "unsafe_tolerance": cfg.unsafe_tolerance}
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -116,9 +153,12 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
 
     # 1. the task: data files, tokenizer, a freshly initialised tiny Llama as an HF folder
     t = time.time()
-    task = BuiltinTask(seed, pref_rows=cfg.pref_rows, sft_rows=cfg.sft_rows, train_prompts=cfg.train_prompts,
-                       eval_prompts=cfg.eval_prompts)
+    task = BuiltinTask(seed, n_pref_train=cfg.pref_rows, n_pref_test=cfg.pref_test_rows, n_sft=cfg.sft_rows,
+                       n_prompts_eval=cfg.eval_prompts)
     paths = task.write(out / "data")
+    # held-out pairs labelled by the oracle itself (no label noise): accuracy "against oracle labels"
+    oracle_rows = dataclasses.replace(task, label_noise=0.0, safety_label_noise=0.0).preference_rows("test")
+    paths["preference_oracle"] = _write_jsonl(out / "data" / "pku_oracle" / "test.jsonl", oracle_rows)
     tok = load_tokenizer_for(ModelSection(path=str(paths["tokenizer"])))
     hf_cfg = tiny_llama_config(len(tok))
     hf_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -145,8 +185,8 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
     for kind, name in (("reward", "rm"), ("cost", "cm")):
         t = time.time()
         sc = ScoreModelConfig(out_dir=str(out / name), seed=seed, model=ModelSection(path=str(sft_dir)),
-                              data=PreferenceDataSection(train=[str(paths["pref_train"])],
-                                                         eval=[str(paths["pref_eval_oracle"])],
+                              data=PreferenceDataSection(train=[str(paths["preference_train"])],
+                                                         eval=[str(paths["preference_oracle"])],
                                                          max_length=cfg.max_length),
                               regularization=0.001,
                               optim=OptimConfig(lr=cfg.score_lr, schedule="cosine", warmup_ratio=0.05,
@@ -156,10 +196,19 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
         scores[name] = {k.split("/")[-1]: v for k, v in res.eval_metrics.items()}
         timings[name] = time.time() - t
 
+    threshold = cfg.threshold
+    if threshold is None:
+        threshold, calib = calibrate_threshold(score_dirs["cost"], paths["preference_train"], tok, cfg, mesh)
+        log.info("cost threshold calibrated to %.3f (%s)", threshold, calib)
+    else:
+        calib = {"source": "config"}
+
     # 4. held-out prompts for oracle judging
     eval_rows = task.prompts("eval")
-    eval_arrays, _ = build_prompts(eval_rows, tok, prompt_width=cfg.prompt_width)
-    eval_arrays = {"prompt_ids": eval_arrays.prompt_ids, "prompt_mask": eval_arrays.prompt_mask}
+    built, report = build_prompts(eval_rows, tok, prompt_width=cfg.prompt_width)
+    log.info("held-out prompts: %s", report)
+    eval_rows = [eval_rows[int(i)] for i in built.row_index]  # deduplicated, aligned with the arrays
+    eval_arrays = {"prompt_ids": built.prompt_ids, "prompt_mask": built.prompt_mask}
     sft_lm = load_model_for(str(sft_dir), mesh, model_type="causal_lm", tokenizer=tok)
     sft_def, sft_params = split_model(sft_lm)
     policies: dict[str, dict] = {}
@@ -176,7 +225,7 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
             ppo=PPOSection(kl_coeff=cfg.kl_coeff, micro_batch_size=cfg.ppo_batch_size, ptx_coeff=0.0,
                            clip_range_score=50.0, clip_range_value=5.0),
             lagrange=LagrangeSection(lambda_init=nu if nu is not None else cfg.lambda_init,
-                                     lambda_lr=cfg.lambda_lr, lambda_max=cfg.lambda_max, threshold=cfg.threshold,
+                                     lambda_lr=cfg.lambda_lr, lambda_max=cfg.lambda_max, threshold=threshold,
                                      episode_cost_window_size=cfg.cost_window),
             actor_optim=OptimConfig(lr=cfg.actor_lr, schedule="constant", weight_decay=0.0),
             critic_optim=OptimConfig(lr=cfg.critic_lr, schedule="constant", weight_decay=0.0),
@@ -202,7 +251,8 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
 
     summary = {
         "seed": seed,
-        "threshold": cfg.threshold,
+        "threshold": threshold,
+        "threshold_calibration": calib,
         "policies": policies,
         "reward_model": scores["rm"],
         "cost_model": scores["cm"],

@@ -121,3 +121,14 @@ def test_unreadable_file_raises_data_error_naming_it(tmp_path):
     path.write_text('{"prompt": "a"}\n{"prompt": \n', encoding="utf-8")
     with pytest.raises(DataError, match="broken.jsonl"):
         load_rows(str(path))
+
+
+def test_saved_dataset_dict_folder_loads_the_requested_split(tmp_path):
+    import datasets
+
+    folder = str(tmp_path / "saved")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(5, "tr")),
+                          "test": datasets.Dataset.from_list(_rows(3, "te"))}).save_to_disk(folder)
+    ds = load_rows(f"PKU-SafeRLHF/test:1:{folder}")
+    assert ds["prompt"][:] == [f"te prompt {i}" for i in range(3)]
+    assert len(load_rows(folder)) == 5

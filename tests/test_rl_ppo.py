@@ -349,3 +349,22 @@ def test_rl_stage_functions_jit_and_default_to_float32():
     # bf16 inputs compute in float32
     a, _ = rl.gae(v.astype(jnp.bfloat16), v.astype(jnp.bfloat16), mask)
     assert a.dtype == jnp.float32
+
+
+def test_combined_advantages_formula_and_no_gradient_to_lambda():
+    a_r = jnp.array([[1.0, -2.0]])
+    a_c = jnp.array([[3.0, 0.5]])
+    np.testing.assert_allclose(np.asarray(rl.combined_advantages(a_r, a_c, 3.0)), [[-2.0, -0.875]])
+    g = jax.grad(lambda lam: jnp.sum(rl.combined_advantages(a_r, a_c, lam)))(jnp.float32(3.0))
+    assert float(g) == 0.0
+
+
+def test_end_index_and_rows_without_tokens_get_no_end_score():
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(rl.end_index(mask)), [1, 2, 0, 3])
+    lp = np.zeros((4, 4), np.float32)
+    r, c = rl.kl_shaped_rewards(np.full(4, 7.0), np.full(4, -7.0), lp, lp, mask, kl_coeff=0.1,
+                                clip_range_score=50.0)
+    np.testing.assert_array_equal(np.asarray(r)[2], 0.0)
+    np.testing.assert_array_equal(np.asarray(c)[2], 0.0)
+    assert float(np.asarray(r)[1, 2]) == 7.0 and float(np.asarray(c)[3, 3]) == -7.0

@@ -1,4 +1,6 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034,SC2016
+# (SC2034: the variables set here are read by the scripts that source this file;
+#  SC2016: single-quoted $VARs in remote lines are expanded by the worker's shell.)
 # Shared helpers for the tpu_setup/ scripts.  Sourced, never executed.
 #
 # Conventions
@@ -39,6 +41,8 @@ shquote() {
   local safe='^[A-Za-z0-9_./:=,@%+-]+$'
   if [[ -n "$s" && "$s" =~ $safe ]]; then
     printf '%s' "$s"
+  elif [[ "$s" == *[[:cntrl:]]* ]]; then
+    printf '%q' "$s" # $'...' keeps newlines and tabs on one printed line
   elif [[ "$s" =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then
     printf '%s' "${BASH_REMATCH[1]}"
     _squote "${BASH_REMATCH[2]}"
@@ -252,7 +256,9 @@ require_accelerator() {
 }
 
 require_positive_int() { # NAME VALUE
-  [[ "$2" =~ ^[0-9]+$ ]] && (($2 > 0)) || die "$SCRIPT_NAME: $1 must be a positive integer, got '$2'"
+  if [[ ! "$2" =~ ^[0-9]+$ ]] || ((10#$2 == 0)); then
+    die "$SCRIPT_NAME: $1 must be a positive integer, got '$2'"
+  fi
 }
 
 qr_id() {
@@ -317,6 +323,7 @@ query_state() { # CMD...: run a describe command and classify its result
 # Remote path for use inside a remote shell line: ~ and relative paths become $HOME/..., then dq.
 remote_path() {
   local p="$1"
+  # shellcheck disable=SC2088  # a literal "~" typed by the user, not expanded here
   case "$p" in
     "~") p='$HOME' ;;
     "~/"*) p='$HOME/'"${p#\~/}" ;;
@@ -329,6 +336,7 @@ remote_path() {
 # Remote path for scp (no shell on the far side with the SFTP protocol): $HOME/x and ~/x -> x.
 scp_path() {
   local p="$1"
+  # shellcheck disable=SC2088
   case "$p" in
     "~" | '$HOME' | '${HOME}') p="." ;;
     "~/"*) p="${p#\~/}" ;;
@@ -344,7 +352,14 @@ scp_path() {
 # worker finds its index W from the metadata server and keeps, in the run directory,
 #   worker-W.log (stdout+stderr), worker-W.pid (process group of the run), worker-W.exit (status).
 
-REMOTE_WORKER_ID='W="${SAFEJAX_WORKER_ID:-$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)}"'
+# Metadata server of the TPU VM (SAFEJAX_METADATA_URL overrides it, e.g. file:// in tests).
+REMOTE_WORKER_ID='MD="${SAFEJAX_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes}"; W="${SAFEJAX_WORKER_ID:-$(curl -sf -m 5 -H Metadata-Flavor:Google "$MD/agent-worker-number" || hostname)}"'
+
+# On a multi-host slice: the coordinator (worker 0, JAX's TPU coordinator port 8482), the process
+# count and this process' index, from the same metadata that JAX's own TPU detection reads
+# (agent-worker-number, worker-network-endpoints "name:id:ip,..." or "host,...").  safejax's
+# maybe_initialize_distributed() passes them to jax.distributed.initialize().
+REMOTE_DISTRIBUTED_ENV='EP="$(curl -sf -m 5 -H Metadata-Flavor:Google "$MD/worker-network-endpoints" || true)"; N="$(printf "%s\n" "$EP" | tr "," "\n" | grep -c . || true)"; if [ -z "${SAFEJAX_COORDINATOR:-}" ] && [ "$N" -gt 1 ]; then export SAFEJAX_COORDINATOR="$(printf "%s\n" "$EP" | cut -d, -f1 | awk -F: "{print \$NF}"):8482" SAFEJAX_NUM_PROCESSES="$N" SAFEJAX_PROCESS_ID="$W"; fi'
 
 default_run_dir() {
   printf '%s' "${OPT_RUN_DIR:-\$HOME/safejax-run}"
@@ -359,8 +374,10 @@ remote_launch_line() {
   local run_dir="$1" workdir="$2" venv="$3" cmd_str="$4"
   shift 4
   local inner line kv
-  # shellcheck disable=SC2016  # expanded by the worker's shell, not here
-  inner="$cmd_str"'; echo $? > "$SAFEJAX_RUN_DIR/worker-$SAFEJAX_WORKER_ID.exit"'
+  # The wrapper outlives a SIGTERM sent to the group (launch.sh --stop, host shutdown) and then
+  # records 143 even if COMMAND saved and exited 0, so that a stopped run never reads as finished;
+  # COMMAND itself gets the default SIGTERM disposition.
+  inner='trap "SAFEJAX_TERM=1" TERM; '"$cmd_str"'; rc=$?; if [ -n "${SAFEJAX_TERM:-}" ]; then rc=143; fi; echo "$rc" > "$SAFEJAX_RUN_DIR/worker-$SAFEJAX_WORKER_ID.exit"'
   line="set -eu; $(remote_prelude "$run_dir")"
   line+='; mkdir -p "$RUN_DIR"'
   line+='; if [ -f "$RUN_DIR/worker-$W.pid" ] && kill -0 "$(cat "$RUN_DIR/worker-$W.pid")" 2>/dev/null; then echo "worker $W: a run is still alive in $RUN_DIR (pid $(cat "$RUN_DIR/worker-$W.pid")); stop it first with launch.sh --stop" >&2; exit 3; fi'
@@ -368,6 +385,7 @@ remote_launch_line() {
   line+="; cd $(remote_path "$workdir")"
   line+="; . $(remote_path "$venv/bin/activate")"
   line+='; export SAFEJAX_RUN_DIR="$RUN_DIR" SAFEJAX_WORKER_ID="$W"'
+  line+="; $REMOTE_DISTRIBUTED_ENV"
   for kv in "$@"; do
     line+="; export ${kv%%=*}=$(dq "${kv#*=}")"
   done
@@ -403,4 +421,37 @@ remote_logs_line() { # RUN_DIR LINES FOLLOW(0|1)
     line+="; tail -n $2 \"\$RUN_DIR/worker-\$W.log\" | sed \"s/^/[worker \$W] /\""
   fi
   printf '%s' "$line"
+}
+
+# run_verdict HOSTS STATUS_LINES: what watch.sh does with the "safejax-status W STATE" lines of
+# launch.sh --status.  Prints one word:
+#   unknown  fewer lines than hosts (ssh trouble): look again later
+#   done     every worker exited 0
+#   failed   a worker exited non-zero (other than 143)
+#   restart  a worker has no live run (DEAD, NONE) or was stopped by SIGTERM (EXIT 143)
+#   running  every worker is running
+run_verdict() {
+  local hosts="$1" lines="$2" line w state code
+  local total=0 exit0=0 failed=0 restart=0 running=0
+  local -A seen=()
+  while IFS= read -r line; do
+    [[ "$line" =~ ^safejax-status\ ([^ ]+)\ (RUNNING|DEAD|NONE|EXIT\ (-?[0-9]+))$ ]] || continue
+    w="${BASH_REMATCH[1]}" state="${BASH_REMATCH[2]}" code="${BASH_REMATCH[3]}"
+    [[ -z "${seen[$w]:-}" ]] || continue
+    seen[$w]=1
+    total=$((total + 1))
+    case "$state" in
+      RUNNING) running=$((running + 1)) ;;
+      DEAD | NONE) restart=$((restart + 1)) ;;
+      EXIT*)
+        if [[ "$code" == 0 ]]; then exit0=$((exit0 + 1))
+        elif [[ "$code" == 143 ]]; then restart=$((restart + 1))
+        else failed=$((failed + 1)); fi ;;
+    esac
+  done <<<"$lines"
+  if ((total < hosts)); then echo unknown
+  elif ((failed > 0)); then echo failed
+  elif ((exit0 == total)); then echo "done"
+  elif ((restart > 0)); then echo restart
+  else echo running; fi
 }

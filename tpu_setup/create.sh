@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Create a Cloud TPU VM or multi-host slice, directly or through a queued resource (spot capacity).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=tpu_setup/common.sh
+# shellcheck source=common.sh
 source "$HERE/common.sh"
 
 usage() {

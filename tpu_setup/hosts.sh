@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Print the host (TPU VM worker) and chip count of a Cloud TPU accelerator type.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=tpu_setup/common.sh
+# shellcheck source=common.sh
 source "$HERE/common.sh"
 
 usage() {

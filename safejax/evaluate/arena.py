@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import numpy as np
 
 from safejax.evaluate.stats import _same_length, as_scores
 

@@ -62,6 +62,7 @@ class ModelConfig:
 
     ``dtype`` is the compute dtype of matmuls (e.g. ``"bfloat16"``); ``param_dtype`` the storage
     dtype of parameters (master weights, ``"float32"``).  Logits, softmax and norms are float32.
+    ``architecture="qwen2"`` implies ``attention_bias=True`` (q/k/v biases, none on o_proj).
     ``rope_scaling`` is ``None`` or a mapping with ``rope_type`` in {``linear``, ``llama3``} plus
     its fields; it is stored as a sorted tuple of pairs to keep the config hashable (read it back
     with :attr:`rope_scaling_dict`).
@@ -108,6 +109,8 @@ class ModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"ModelConfig: unknown architecture {self.architecture!r}; expected one of "
                              f"{ARCHITECTURES}")
+        if self.architecture == "qwen2":
+            set_("attention_bias", True)  # Qwen2 always has q/k/v biases (and none on o_proj)
         rs = self.rope_scaling
         if rs is not None:
             d = dict(rs)
@@ -193,6 +196,9 @@ class ModelConfig:
         elif arch == "llama":
             sliding = None
         head_dim = get("head_dim")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if d.get(key) is None:
+                raise ValueError(f"{source}: required field '{key}' is missing")
         fields = dict(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -254,8 +260,6 @@ class ModelConfig:
         elif self.architecture == "mistral":
             d["sliding_window"] = self.sliding_window
         elif self.architecture == "qwen2":
-            if not self.attention_bias:
-                raise ValueError("ModelConfig.to_hf_dict: qwen2 requires attention_bias=True")
             d["use_sliding_window"] = False
             d["sliding_window"] = None
             d["max_window_layers"] = self.num_layers

@@ -20,7 +20,8 @@ import json
 import math
 import os
 import struct
-from typing import Any, Iterable, Mapping, Sequence
+import warnings
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +368,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                 raise ValueError(f"{files.file_of[name]}: tensor {name} has shape {list(got)} but "
                                  f"{CONFIG_NAME} implies {list(want)}")
 
+    used = {n for spec, _ in specs for n in spec.hf_names(cfg.num_layers)}
+    ignorable = ("lm_head.", "score_head.", "normalizer.", "rotary_emb.inv_freq")
+    unexpected = sorted(n for n in names - used if not any(n.startswith(p) or n.endswith(p) for p in ignorable))
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensors are not used by the "
+                      f"{cfg.architecture} model: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+
     pdt = jnp.dtype(cfg.param_dtype)
     for spec, var in specs:
         if spec.path in fresh:
@@ -389,7 +397,12 @@ def hf_state_dict(model: CausalLM | ScoreModel, dtype: Any = np.float32) -> dict
     specs = _param_specs(nnx.state(model, nnx.Param), model.config.scan_layers)
     out: dict[str, np.ndarray] = {}
     for spec, var in specs:
-        x = np.asarray(jax.device_get(_value(var))).astype(dtype)
+        x = _value(var)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather the shards
+            from jax.experimental import multihost_utils
+
+            x = multihost_utils.process_allgather(x, tiled=True)
+        x = np.asarray(jax.device_get(x)).astype(dtype)
         for name, a in zip(spec.hf_names(model.config.num_layers), spec.to_hf(x)):
             out[name] = a
     return out

@@ -103,7 +103,8 @@ def combined_advantages(reward_advantages, cost_advantages, multiplier):
         raise ValueError(
             f"safejax.rl.ppo_lag_actor_loss: multiplier shape {list(lam.shape)} does not match "
             f"{a_c.shape[0]} cost constraints")
-    weighted = jnp.tensordot(lam, a_c.astype(dtype), axes=(0, 0))
+    # elementwise, not tensordot: a dot_general would run at reduced precision on TPU/GPU by default
+    weighted = jnp.sum(lam.reshape((-1,) + (1,) * a_r.ndim) * a_c.astype(dtype), axis=0)
     return (a_r.astype(dtype) - weighted) / (1.0 + jnp.sum(lam))
 
 
