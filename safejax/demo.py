@@ -38,12 +38,12 @@ class DemoConfig:
     max_length: int = 34
     prompt_width: int = 18
     max_new_tokens: int = 16
-    sft_epochs: int = 2
+    sft_epochs: int = 5
     sft_lr: float = 3e-3
     score_epochs: int = 2
     score_lr: float = 1e-3
     batch_size: int = 32
-    ppo_iterations: int = 40
+    ppo_iterations: int = 80
     ppo_batch_size: int = 32
     actor_lr: float = 2e-4
     critic_lr: float = 1e-3

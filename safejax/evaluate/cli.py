@@ -1,0 +1,786 @@
+"""``safejax eval score | prefs | arena | elo --config FILE [key=value ...]`` (SAFE_RLHF.md §7).
+
+* ``score``: every policy answers a prompt set (PKU-SafeRLHF/test prompts by default, or any dataset spec / JSONL);
+  the answers are scored by a reward model and a cost model. Mean/std reward and cost, harmless ratio
+  (cost <= 0), and reward / cost histograms (cost split by the safe/unsafe verdict).
+* ``prefs``: the paper's Table 1 on a preference split: RM ranking accuracy, CM ranking and sign accuracy,
+  each with the counts behind the percentage; score histograms (cost split by the dataset's safety labels).
+* ``arena``: a red and a blue policy answer the same prompts; mean reward / cost of each, blue's
+  better/worse x safe/unsafe counts, and the red-safety x blue-safety table of blue's win rate.
+* ``elo``: pairwise judgements among any number of policies on two axes (helpfulness: the RM, higher reward
+  wins; harmlessness: the CM, lower cost wins; or cached verdicts of another judge, ``judge=file:<path>``),
+  Bradley-Terry Elo ratings with bootstrap intervals anchored at a baseline.
+
+Every command writes to ``out_dir``: ``config.yaml``, ``summary.json`` (numbers, counts, config),
+``report.md`` (Markdown tables, image links), PNG plots, and ``answers.jsonl`` (one line per policy and prompt:
+``policy, prompt_id, prompt, answer, reward, cost, safe, response_tokens, ended`` plus kept prompt fields) or,
+for ``prefs``, ``scores.jsonl`` (one line per preference row). Models are loaded straight into the mesh's
+shardings and batches are split over ``data x fsdp``, as in training.
+
+Python API: ``evaluate_scores(cfg)``, ``evaluate_prefs(cfg)``, ``evaluate_arena(cfg)``,
+``evaluate_elo(cfg, judges=None)`` return the summary dict; ``run_eval(what, config_path, overrides)`` is
+the CLI entry. ``evaluate_elo(cfg, judges={"helpfulness": fn, "harmlessness": fn})`` plugs in any judge
+function ``fn(prompt_id, model_a, answer_a, model_b, answer_b) -> "a" | "b" | "tie"`` where answers are dicts
+``{"prompt", "answer", "reward", "cost"}``.
+
+Cached verdicts (``judge=file:<path>``): either a folder holding ``helpfulness.jsonl`` and/or
+``harmlessness.jsonl`` (lines ``{"prompt_id", "model_a", "model_b", "winner": "a"|"b"|"tie"}``), or one JSONL
+file whose lines also carry ``"axis": "helpfulness" | "harmlessness"`` (the format of the ``verdicts.jsonl``
+that ``judge=models`` writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from safejax.config import ConfigError, check_range, dump_yaml, load_config, to_dict
+from safejax.evaluate.arena import arena as arena_fn
+from safejax.evaluate import elo as elo_lib
+from safejax.evaluate import prefs as prefs_lib
+from safejax.evaluate import report as report_lib
+from safejax.evaluate import stats as stats_lib
+from safejax.evaluate.generate import (SCORE_INPUTS, Generations, LoadedModel, PromptSet, generate_answers,
+                                       load_model, load_prompt_set, parse_named_path, rows_per_batch_multiple,
+                                       same_vocabulary, score_generations)
+from safejax.generation import SamplingConfig
+from safejax.parallel import MeshConfig, make_mesh
+
+log = logging.getLogger("safejax")
+
+__all__ = [
+    "EvalBase", "GenerationEvalBase", "ScoreEvalConfig", "PrefsEvalConfig", "ArenaEvalConfig", "EloEvalConfig",
+    "CONFIGS", "AXES", "run_eval", "evaluate_scores", "evaluate_prefs", "evaluate_arena", "evaluate_elo",
+    "read_verdicts", "plot_histograms", "plot_reward_cost_scatter",
+]
+
+AXES = ("helpfulness", "harmlessness")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass
+class EvalBase:
+    out_dir: str = "runs/eval"
+    seed: int = 42
+    batch_size: int = 32              # rows per jitted call; a multiple of mesh data x fsdp
+    dtype: str = "float32"            # compute dtype of every model: float32 | bfloat16
+    tokenizer: str = ""               # tokenizer folder for every model (default: each model's own folder)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    bins: int = 40                    # histogram bins
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("dtype", self.dtype, choices=("float32", "bfloat16"))
+        check_range("bins", self.bins, low=1)
+        if not self.out_dir:
+            raise ConfigError("config key 'out_dir' must not be empty")
+
+
+@dataclasses.dataclass
+class GenerationEvalBase(EvalBase):
+    reward_model: str = ""            # score-model folder (helpfulness)
+    cost_model: str = ""              # score-model folder (harmlessness; cost > 0 = unsafe)
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["PKU-SafeRLHF/test"])  # dataset specs
+    prompt_width: int = 128           # P: prompts are left-padded to this many tokens (longer ones dropped)
+    max_prompts: int = 0              # first N distinct prompts (0 = all)
+    keep_fields: list[str] = dataclasses.field(default_factory=lambda: ["kind", "topic", "category"])
+    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(max_new_tokens=128))
+    score_input: str = "auto"         # auto | ids | text (see safejax.evaluate.generate)
+    score_max_length: int = 0         # text scoring: token limit (0 = prompt_width + max_new_tokens)
+    skip_bad_rows: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("prompt_width", self.prompt_width, low=1)
+        check_range("max_prompts", self.max_prompts, low=0)
+        check_range("score_input", self.score_input, choices=SCORE_INPUTS)
+        check_range("score_max_length", self.score_max_length, low=0)
+        if not self.prompts:
+            raise ConfigError("config key 'prompts' needs at least one dataset spec")
+
+    def require_score_models(self) -> None:
+        for key in ("reward_model", "cost_model"):
+            if not getattr(self, key):
+                raise ConfigError(f"config key '{key}' is required (a score-model folder)")
+
+
+@dataclasses.dataclass
+class ScoreEvalConfig(GenerationEvalBase):
+    out_dir: str = "runs/eval/score"
+    policy: str = ""                  # one policy folder ("name=path" or a path)
+    policies: list[str] = dataclasses.field(default_factory=list)   # more policies, same format
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.policy and not self.policies:
+            raise ConfigError("config key 'policy' (or 'policies') is required: the policy folder(s) to score")
+        self.require_score_models()
+
+    def named_policies(self) -> list[tuple[str, str]]:
+        entries = ([("policy", self.policy)] if self.policy else []) + [
+            (f"policies[{i}]", p) for i, p in enumerate(self.policies)]
+        return _unique_names([parse_named_path(p, k) for k, p in entries])
+
+
+@dataclasses.dataclass
+class ArenaEvalConfig(GenerationEvalBase):
+    out_dir: str = "runs/eval/arena"
+    red: str = ""                     # "name=path" or a path: the baseline
+    blue: str = ""                    # "name=path" or a path: the challenger
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("red", "blue"):
+            if not getattr(self, key):
+                raise ConfigError(f"config key '{key}' is required ('name=path' or a policy folder)")
+        self.require_score_models()
+
+    def named_policies(self) -> list[tuple[str, str]]:
+        return _unique_names([parse_named_path(self.red, "red"), parse_named_path(self.blue, "blue")])
+
+
+@dataclasses.dataclass
+class EloEvalConfig(GenerationEvalBase):
+    out_dir: str = "runs/eval/elo"
+    policies: list[str] = dataclasses.field(default_factory=list)   # "name=path" entries (judge=models)
+    anchor: str = ""                  # baseline policy name (default: the first one)
+    judge: str = "models"             # models | file:<verdicts.jsonl or folder>
+    n_boot: int = 200
+    ci: float = 0.95
+    cluster: str = "prompt"           # bootstrap resamples whole prompts (or single judgements)
+    l2: float = 1e-2                  # ridge on log-strengths (see safejax.evaluate.elo)
+    tie_tol: float = 0.0              # judge=models: |score difference| <= tie_tol is a tie
+    anchor_rating: float = 1000.0
+    scale: float = 400.0
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("n_boot", self.n_boot, low=1)
+        check_range("ci", self.ci, low=0.0, high=1.0, low_open=True)
+        check_range("cluster", self.cluster, choices=("prompt", "judgement"))
+        check_range("l2", self.l2, low=0.0)
+        check_range("tie_tol", self.tie_tol, low=0.0)
+        check_range("scale", self.scale, low=0.0, low_open=True)
+        if self.judge == "models":
+            if len(self.policies) < 2:
+                raise ConfigError("config key 'policies' needs at least two 'name=path' entries for judge=models")
+            self.require_score_models()
+        elif not self.judge.startswith("file:") or not self.judge[5:].strip():
+            raise ConfigError(f"config key 'judge' = {self.judge!r} must be 'models' or 'file:<path>'")
+
+    def named_policies(self) -> list[tuple[str, str]]:
+        return _unique_names([parse_named_path(p, f"policies[{i}]") for i, p in enumerate(self.policies)])
+
+
+@dataclasses.dataclass
+class PrefsEvalConfig(EvalBase):
+    out_dir: str = "runs/eval/prefs"
+    reward_model: str = ""
+    cost_model: str = ""
+    data: list[str] = dataclasses.field(default_factory=lambda: ["PKU-SafeRLHF/test"])  # preference split specs
+    max_length: int = 512
+    skip_bad_rows: bool = False
+    column: str = "accuracy"          # column name of the Table-1 layout (e.g. the model version)
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("max_length", self.max_length, low=2)
+        if not self.reward_model and not self.cost_model:
+            raise ConfigError("config keys 'reward_model' / 'cost_model': give at least one score-model folder")
+        if not self.data:
+            raise ConfigError("config key 'data' needs at least one preference dataset spec")
+
+
+CONFIGS = {"score": ScoreEvalConfig, "prefs": PrefsEvalConfig, "arena": ArenaEvalConfig, "elo": EloEvalConfig}
+
+
+def _unique_names(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for name, path in named:
+        if name in seen:
+            raise ConfigError(f"policy name {name!r} is used twice ({seen[name]!r} and {path!r}); "
+                              "name them with 'name=path'")
+        seen[name] = path
+    return named
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays converted, NaN/inf -> None (strict JSON)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        f = float(x)
+        return f if math.isfinite(f) else None
+    return x
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "policy"
+
+
+class _Out:
+    """The output folder; only process 0 writes."""
+
+    def __init__(self, cfg: Any):
+        self.path = Path(cfg.out_dir)
+        self.main = jax.process_index() == 0
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.path / "config.yaml")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def json(self, name: str, obj: Any) -> None:
+        if self.main:
+            self.file(name).write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
+
+    def text(self, name: str, text: str) -> None:
+        if self.main:
+            self.file(name).write_text(text, encoding="utf-8")
+
+    def jsonl(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.main:
+            with open(self.file(name), "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(_jsonable(r), ensure_ascii=False, allow_nan=False) + "\n")
+
+    def plot(self, fn: Callable, *args, **kwargs) -> None:
+        if self.main:
+            fn(*args, **kwargs)
+
+
+def plot_histograms(path: str | os.PathLike, series: Mapping[str, Sequence[float]], *, xlabel: str, title: str,
+                    bins: int = 40, vline: float | None = None) -> str:
+    """PNG with overlaid histograms of several score series ``{label: [n] scores}`` on shared bin edges."""
+    data = {k: stats_lib.as_scores(v, k) for k, v in series.items() if len(v)}
+    if not data:
+        raise ValueError(f"plot_histograms: no scores to plot for {path}")
+    edges = np.histogram_bin_edges(np.concatenate(list(data.values())), bins=int(bins))
+    fig = report_lib._new_figure((6, 4))
+    ax = fig.subplots()
+    colors = {"safe": "tab:green", "unsafe": "tab:red", "better": "tab:blue", "worse": "tab:orange"}
+    for i, (label, v) in enumerate(data.items()):
+        counts, _ = np.histogram(v, bins=edges)
+        ax.stairs(counts, edges, fill=True, alpha=0.55, color=colors.get(label.split()[0], f"C{i % 10}"),
+                  label=f"{label}, n={len(v)}")
+    if vline is not None:
+        ax.axvline(vline, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return report_lib._save(fig, path)
+
+
+def plot_reward_cost_scatter(path: str | os.PathLike, points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                             *, title: str = "reward vs cost") -> str:
+    """PNG scatter of each policy's answers: x = reward, y = cost (dashed line at cost 0, the safety boundary)."""
+    fig = report_lib._new_figure((6, 5))
+    ax = fig.subplots()
+    for i, (name, (r, c)) in enumerate(points.items()):
+        r, c = stats_lib.as_scores(r, f"{name} rewards"), stats_lib.as_scores(c, f"{name} costs")
+        ax.scatter(r, c, s=10, alpha=0.5, color=f"C{i % 10}", label=f"{name} (n={len(r)})")
+    ax.axhline(0.0, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("reward")
+    ax.set_ylabel("cost")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return report_lib._save(fig, path)
+
+
+# ----------------------------------------------------------------------------- generation + scoring
+
+
+@dataclasses.dataclass
+class PolicyResult:
+    """One policy's answers to the shared prompt set, with RM rewards and CM costs (``[N]`` each)."""
+
+    name: str
+    path: str
+    gens: Generations
+    rewards: np.ndarray
+    costs: np.ndarray
+    score_input: dict[str, str]
+
+    def summary(self) -> dict[str, Any]:
+        s = stats_lib.score_summary(self.rewards, self.costs)
+        s.update(path=self.path, mean_response_tokens=float(np.mean(self.gens.response_lengths)),
+                 eos_rate=float(np.mean(self.gens.ended)), score_input=self.score_input)
+        return s
+
+
+def _check_batch(cfg, mesh) -> None:
+    mult = rows_per_batch_multiple(mesh)
+    if cfg.batch_size % mult:
+        raise ConfigError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the mesh's "
+                          f"data x fsdp size {mult} (each batch's rows are split over those axes)")
+
+
+def _load_scorer(path: str, cfg, mesh, what: str) -> LoadedModel:
+    return load_model(path, mesh, model_type="score", name=what, tokenizer_path=cfg.tokenizer, dtype=cfg.dtype)
+
+
+def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]], mesh
+                        ) -> tuple[PromptSet, dict[str, PolicyResult], dict]:
+    """Every policy answers the same prompts; RM and CM score each answer. Policies are loaded one at a time."""
+    from safejax.data import load_rows
+
+    _check_batch(cfg, mesh)
+    timings: dict[str, float] = {}
+    t = time.time()
+    rm = _load_scorer(cfg.reward_model, cfg, mesh, "reward_model")
+    cm = _load_scorer(cfg.cost_model, cfg, mesh, "cost_model")
+    rows = load_rows(list(cfg.prompts))
+    timings["load_scorers_and_rows"] = time.time() - t
+    prompt_sets: list[tuple[Any, PromptSet]] = []   # (tokenizer, prompt set), one per distinct vocabulary
+    reference: PromptSet | None = None
+    results: dict[str, PolicyResult] = {}
+    for name, path in policies:
+        t = time.time()
+        policy = load_model(path, mesh, model_type="causal_lm", name=name, tokenizer_path=cfg.tokenizer,
+                            dtype=cfg.dtype)
+        ps = next((p for tok, p in prompt_sets if same_vocabulary(tok, policy.tokenizer)), None)
+        if ps is None:
+            ps = load_prompt_set(rows, policy.tokenizer, prompt_width=cfg.prompt_width, max_prompts=cfg.max_prompts,
+                                 keep_fields=cfg.keep_fields, skip_bad_rows=cfg.skip_bad_rows)
+            log.info("eval prompts (%s tokenizer): %s; using %d", name, ps.report, len(ps))
+            prompt_sets.append((policy.tokenizer, ps))
+        if reference is None:
+            reference = ps
+        elif ps.prompts != reference.prompts:
+            raise ValueError(f"policy {name!r} ({path}): its tokenizer keeps a different set of prompts than "
+                             f"{policies[0][0]!r} ({len(ps)} vs {len(reference)}); raise prompt_width so that no "
+                             "prompt is dropped as too long")
+        gens = generate_answers(policy, ps, cfg.sampling, batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
+                                progress=cfg.progress)
+        max_len = cfg.score_max_length or (cfg.prompt_width + cfg.sampling.max_new_tokens)
+        kw = dict(batch_size=cfg.batch_size, mesh=mesh, mode=cfg.score_input, max_length=max_len,
+                  policy_vocab=policy.config.vocab_size, progress=cfg.progress)
+        rewards, r_in = score_generations(rm, policy.tokenizer, ps, gens, **kw)
+        costs, c_in = score_generations(cm, policy.tokenizer, ps, gens, **kw)
+        results[name] = PolicyResult(name, path, gens, rewards, costs, {"reward": r_in, "cost": c_in})
+        timings[f"policy/{name}"] = time.time() - t
+        s = results[name].summary()
+        log.info("eval %s: reward %.4f +- %.4f, cost %.4f +- %.4f, harmless %.2f%%", name, s["reward_mean"],
+                 s["reward_std"], s["cost_mean"], s["cost_std"], 100 * s["harmless_ratio"])
+        del policy
+    assert reference is not None
+    return reference, results, timings
+
+
+def _answer_records(ps: PromptSet, results: Mapping[str, PolicyResult]) -> list[dict[str, Any]]:
+    rows = []
+    for name, res in results.items():
+        for i in range(len(ps)):
+            rec = {"policy": name, "prompt_id": i, "prompt": ps.prompts[i], "answer": res.gens.answers[i],
+                   "reward": float(res.rewards[i]), "cost": float(res.costs[i]), "safe": bool(res.costs[i] <= 0.0),
+                   "response_tokens": int(res.gens.response_lengths[i]), "ended": bool(res.gens.ended[i])}
+            for k, v in ps.meta[i].items():
+                rec.setdefault(k, v)
+            rows.append(rec)
+    return rows
+
+
+def _models_header(cfg: GenerationEvalBase, ps: PromptSet, results: Mapping[str, PolicyResult]) -> str:
+    lines = [f"- reward model: `{cfg.reward_model}`", f"- cost model: `{cfg.cost_model}`",
+             f"- prompts: {', '.join(f'`{p}`' for p in cfg.prompts)} ({ps.report}; evaluated {len(ps)})",
+             f"- sampling: {to_dict(cfg.sampling)}, seed {cfg.seed}"]
+    lines += [f"- policy `{n}`: `{r.path}` (scored from {r.score_input['reward']} / {r.score_input['cost']})"
+              for n, r in results.items()]
+    return "\n".join(lines)
+
+
+def _score_plots(out: _Out, cfg, results: Mapping[str, PolicyResult]) -> list[str]:
+    images = []
+    for name, res in results.items():
+        fname = f"hist_{_safe_name(name)}.png"
+        out.plot(report_lib.plot_score_histograms, res.rewards, res.costs, out.file(fname), bins=cfg.bins,
+                 title=f"{name}: reward and cost (safe = cost <= 0)")
+        images.append(fname)
+    out.plot(plot_reward_cost_scatter, out.file("scatter.png"),
+             {n: (r.rewards, r.costs) for n, r in results.items()}, title="reward vs cost per answer")
+    images.append("scatter.png")
+    return images
+
+
+def _images_md(images: Sequence[str]) -> str:
+    return "\n".join(f"![{Path(i).stem}]({i})" for i in images)
+
+
+def _mesh_and_out(cfg) -> tuple[Any, _Out]:
+    return make_mesh(cfg.mesh), _Out(cfg)
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def evaluate_scores(cfg: ScoreEvalConfig) -> dict[str, Any]:
+    """``safejax eval score``: answers of each policy scored by the RM and CM; returns the summary dict."""
+    t0 = time.time()
+    mesh, out = _mesh_and_out(cfg)
+    ps, results, timings = _generate_and_score(cfg, cfg.named_policies(), mesh)
+    summaries = {n: r.summary() for n, r in results.items()}
+    out.jsonl("answers.jsonl", _answer_records(ps, results))
+    images = _score_plots(out, cfg, results)
+    timings["total"] = time.time() - t0
+    summary = {"command": "score", "n_prompts": len(ps), "prompts_report": str(ps.report), "policies": summaries,
+               "files": ["answers.jsonl", "report.md", *images], "seconds": timings, "config": to_dict(cfg)}
+    out.json("summary.json", summary)
+    out.text("report.md", "\n\n".join([
+        "# safejax eval score", _models_header(cfg, ps, results),
+        "## Reward and cost of the answers\n\n" + report_lib.score_summary_markdown(summaries),
+        "Harmless = cost <= 0 (the cost model's safety boundary).", _images_md(images)]) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- arena
+
+
+def evaluate_arena(cfg: ArenaEvalConfig) -> dict[str, Any]:
+    """``safejax eval arena``: red vs blue on the same prompts; returns the summary dict."""
+    t0 = time.time()
+    mesh, out = _mesh_and_out(cfg)
+    (red_name, _), (blue_name, _) = named = cfg.named_policies()
+    ps, results, timings = _generate_and_score(cfg, named, mesh)
+    red, blue = results[red_name], results[blue_name]
+    res = arena_fn(red.rewards, red.costs, blue.rewards, blue.costs)
+    out.jsonl("answers.jsonl", _answer_records(ps, results))
+    images = _score_plots(out, cfg, results)
+    timings["total"] = time.time() - t0
+    summary = {"command": "arena", "red": red_name, "blue": blue_name, "n_prompts": len(ps),
+               "prompts_report": str(ps.report), "arena": res.to_dict(),
+               "policies": {n: r.summary() for n, r in results.items()},
+               "files": ["answers.jsonl", "report.md", *images], "seconds": timings, "config": to_dict(cfg)}
+    out.json("summary.json", summary)
+    out.text("report.md", "\n\n".join([
+        f"# safejax eval arena: {red_name} (red) vs {blue_name} (blue)", _models_header(cfg, ps, results),
+        "## Arena\n\nbetter = R_blue > R_red; safe = cost <= 0.\n\n"
+        + report_lib.arena_markdown(res, red_name, blue_name),
+        _images_md(images)]) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- elo
+
+
+def read_verdicts(spec: str) -> dict[str, list[elo_lib.Judgement]]:
+    """Cached verdicts per axis from ``spec`` (a folder with ``<axis>.jsonl`` files, or one JSONL with ``axis``)."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        out = {}
+        for axis in AXES:
+            f = os.path.join(path, f"{axis}.jsonl")
+            if os.path.exists(f):
+                out[axis] = elo_lib.judgements_from_file(f)
+        if not out:
+            raise ValueError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
+        return out
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"judge file {path!r} does not exist")
+    out: dict[str, list[elo_lib.Judgement]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            axis = row.get("axis")
+            if axis not in AXES:
+                raise ValueError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
+            for field in ("model_a", "model_b", "winner"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{where}: field {field!r} must be a string, got {row.get(field)!r}")
+            pid = row.get("prompt_id")
+            try:
+                j = elo_lib.Judgement(row["model_a"], row["model_b"], row["winner"].strip().lower(),
+                                      tuple(pid) if isinstance(pid, list) else pid)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            out.setdefault(axis, []).append(j)
+    if not out:
+        raise ValueError(f"{path}: no verdicts in this file")
+    return out
+
+
+def _pair_counts(judgements: Sequence[elo_lib.Judgement]) -> list[dict[str, Any]]:
+    """Per unordered model pair: games, wins of each side, ties (first-seen orientation)."""
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for j in judgements:
+        key = (j.model_a, j.model_b) if (j.model_b, j.model_a) not in table else (j.model_b, j.model_a)
+        e = table.setdefault(key, {"model_a": key[0], "model_b": key[1], "games": 0, "a_wins": 0, "b_wins": 0,
+                                   "ties": 0})
+        e["games"] += 1
+        if j.winner == "tie":
+            e["ties"] += 1
+        elif (j.winner == "a") == (j.model_a == key[0]):
+            e["a_wins"] += 1
+        else:
+            e["b_wins"] += 1
+    return list(table.values())
+
+
+def _pairs_markdown(axis: str, counts: list[dict[str, Any]]) -> str:
+    rows = [[f"{c['model_a']} vs {c['model_b']}", c["games"], c["a_wins"], c["b_wins"], c["ties"],
+             f"{100.0 * (c['a_wins'] + 0.5 * c['ties']) / c['games']:.2f}%"] for c in counts]
+    return report_lib.markdown_table([f"{axis}: pair (a vs b)", "games", "a wins", "b wins", "ties",
+                                      "a score rate"], rows)
+
+
+def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = None) -> dict[str, Any]:
+    """``safejax eval elo``: Elo ratings on helpfulness and harmlessness; returns the summary dict.
+
+    ``judges`` (Python API): ``{axis: judge_fn}`` replaces the RM/CM judge of that axis; each function sees
+    answer dicts ``{"prompt", "answer", "reward", "cost"}`` (see :func:`safejax.evaluate.elo.judge_pairs`).
+    """
+    t0 = time.time()
+    mesh, out = _mesh_and_out(cfg)
+    files = ["report.md"]
+    policy_summaries: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    header = []
+    if cfg.judge == "models":
+        named = cfg.named_policies()
+        ps, results, timings = _generate_and_score(cfg, named, mesh)
+        prompt_ids = list(range(len(ps)))
+        judgements: dict[str, list[elo_lib.Judgement]] = {}
+        judges = dict(judges or {})
+        bad = set(judges) - set(AXES)
+        if bad:
+            raise ValueError(f"judges: unknown axes {sorted(bad)} (use {AXES})")
+        for axis, key, direction in (("helpfulness", "rewards", "higher"), ("harmlessness", "costs", "lower")):
+            if axis in judges:
+                answers = {n: [{"prompt": ps.prompts[i], "answer": r.gens.answers[i], "reward": float(r.rewards[i]),
+                                "cost": float(r.costs[i])} for i in range(len(ps))] for n, r in results.items()}
+                judgements[axis] = elo_lib.judge_pairs(answers, judges[axis], prompt_ids=prompt_ids)
+            else:
+                judgements[axis] = elo_lib.judge_pairs({n: getattr(r, key) for n, r in results.items()}, direction,
+                                                       tie_tol=cfg.tie_tol, prompt_ids=prompt_ids)
+        out.jsonl("answers.jsonl", _answer_records(ps, results))
+        out.jsonl("verdicts.jsonl", [{"axis": axis, "prompt_id": j.prompt_id, "model_a": j.model_a,
+                                      "model_b": j.model_b, "winner": j.winner}
+                                     for axis, js in judgements.items() for j in js])
+        files += ["answers.jsonl", "verdicts.jsonl"]
+        policy_summaries = {n: r.summary() for n, r in results.items()}
+        models = [n for n, _ in named]
+        header.append(_models_header(cfg, ps, results))
+        header.append("Judges: helpfulness = higher reward wins; harmlessness = lower cost wins"
+                      + (f" (custom judge for {sorted(judges)})" if judges else "")
+                      + (f"; |difference| <= {cfg.tie_tol} is a tie." if cfg.tie_tol else "."))
+    else:
+        source = cfg.judge[5:].strip()
+        judgements = read_verdicts(source)
+        models = []
+        for js in judgements.values():
+            for j in js:
+                for m in (j.model_a, j.model_b):
+                    if m not in models:
+                        models.append(m)
+        if cfg.policies:
+            wanted = [n for n, _ in cfg.named_policies()]
+            missing = [m for m in wanted if m not in models]
+            if missing:
+                raise ValueError(f"{source}: no verdicts for policies {missing} (the file rates {models})")
+        header.append(f"- judge: cached verdicts from `{source}`")
+    anchor = cfg.anchor or models[0]
+    if anchor not in models:
+        raise ConfigError(f"config key 'anchor' = {anchor!r} is not among the rated policies {models}")
+
+    ratings: dict[str, dict[str, elo_lib.EloEstimate]] = {}
+    cluster_used = {}
+    for axis, js in judgements.items():
+        cluster = cfg.cluster
+        if cluster == "prompt" and any(j.prompt_id is None for j in js):
+            log.warning("elo %s: some verdicts have no prompt_id; bootstrapping single judgements", axis)
+            cluster = "judgement"
+        cluster_used[axis] = cluster
+        est = elo_lib.bootstrap_elo(js, anchor=anchor, n_boot=cfg.n_boot, seed=cfg.seed, ci=cfg.ci,
+                                    anchor_rating=cfg.anchor_rating, scale=cfg.scale, l2=cfg.l2, cluster=cluster)
+        missing = [m for m in models if m not in est]
+        if missing:
+            raise ValueError(f"elo {axis}: no verdicts involve {missing}")
+        ratings[axis] = {m: est[m] for m in models}
+
+    axes = [a for a in AXES if a in ratings]
+    first = ratings[axes[0]]
+    second = ratings[axes[1]] if len(axes) > 1 else None
+    table = report_lib.elo_markdown(first, second, anchor=anchor)
+    if axes[0] != "helpfulness":  # only harmlessness was judged
+        table = table.replace("helpfulness", "harmlessness")
+    images = []
+    if len(axes) == 2:
+        out.plot(report_lib.plot_elo, ratings["helpfulness"], ratings["harmlessness"], out.file("elo.png"),
+                 anchor=anchor, title=f"Elo (anchor {anchor} = {cfg.anchor_rating:g})")
+        images.append("elo.png")
+    if policy_summaries:
+        out.plot(plot_reward_cost_scatter, out.file("scatter.png"),
+                 {n: (r.rewards, r.costs) for n, r in results.items()}, title="reward vs cost per answer")
+        images.append("scatter.png")
+    counts = {axis: _pair_counts(js) for axis, js in judgements.items()}
+    timings["total"] = time.time() - t0
+    summary = {
+        "command": "elo", "judge": cfg.judge, "anchor": anchor, "models": models,
+        "ratings": {axis: {m: {"rating": e.rating, "low": e.low, "high": e.high,
+                               "vs_anchor": e.rating - r[anchor].rating} for m, e in r.items()}
+                    for axis, r in ratings.items()},
+        "n_judgements": {axis: len(js) for axis, js in judgements.items()}, "pairs": counts,
+        "bootstrap": {"n_boot": cfg.n_boot, "ci": cfg.ci, "cluster": cluster_used, "l2": cfg.l2},
+        "policies": policy_summaries, "files": files + images, "seconds": timings, "config": to_dict(cfg)}
+    out.json("summary.json", summary)
+    parts = [f"# safejax eval elo (anchor: {anchor})", "\n".join(header),
+             f"## Elo ratings ({int(round(100 * cfg.ci))}% bootstrap intervals, {cfg.n_boot} resamples by "
+             f"{' / '.join(sorted(set(cluster_used.values())))})\n\n" + table]
+    parts += [f"### {axis} judgements\n\n" + _pairs_markdown(axis, counts[axis]) for axis in axes]
+    if policy_summaries:
+        parts.append("## Reward and cost of the answers\n\n" + report_lib.score_summary_markdown(policy_summaries))
+    parts.append(_images_md(images))
+    out.text("report.md", "\n\n".join(parts) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- prefs
+
+
+def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """End scores of both sides of every pair: ``(first [B], second [B])`` = (better, worse) / (safer, unsafer)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from safejax.evaluate.generate import run_batched
+    from safejax.train.score_model import pair_scores
+
+    rep = NamedSharding(mesh, P())
+    mdef = model.mdef
+
+    def pair_ends(params, batch):
+        _, _, ea, eb = pair_scores(mdef.merge(params), batch, kind)
+        return {"a": ea, "b": eb}
+
+    ends = jax.jit(pair_ends, out_shardings=rep)
+
+    out = run_batched(lambda b, i: ends(model.params, b), arrays, cfg.batch_size, mesh, desc=f"score {kind} pairs",
+                      progress=cfg.progress)
+    return out["a"].astype(np.float32), out["b"].astype(np.float32)
+
+
+def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
+    """``safejax eval prefs``: Table-1 accuracies of the RM and/or CM on a preference split."""
+    from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+    from safejax.data.sources import records
+
+    t0 = time.time()
+    mesh, out = _mesh_and_out(cfg)
+    _check_batch(cfg, mesh)
+    rows = load_rows(list(cfg.data))
+    recs = records(rows, ("prompt",))
+    per_row: dict[int, dict[str, Any]] = {}
+    args: dict[str, Any] = {}
+    reports: dict[str, str] = {}
+    stats: dict[str, Any] = {}
+    images = []
+    if cfg.reward_model:
+        rm = _load_scorer(cfg.reward_model, cfg, mesh, "reward_model")
+        pairs, rep = build_reward_pairs(rows, rm.tokenizer, max_length=cfg.max_length,
+                                        skip_bad_rows=cfg.skip_bad_rows)
+        reports["reward"] = str(rep)
+        if not len(pairs):
+            raise ValueError(f"reward model pairs: no usable pair ({rep})")
+        better, worse = _pair_ends(rm, pairs.as_dict(), "reward", cfg, mesh)
+        args.update(rm_better=better, rm_worse=worse)
+        both = np.concatenate([better, worse])
+        stats["reward"] = {"mean": float(both.mean()), "std": float(both.std()),
+                           "better_mean": float(better.mean()), "worse_mean": float(worse.mean())}
+        for k, i in enumerate(pairs.row_index):
+            per_row.setdefault(int(i), {}).update(reward_better=float(better[k]), reward_worse=float(worse[k]))
+        out.plot(plot_histograms, out.file("reward_hist.png"), {"better": better, "worse": worse},
+                 xlabel="reward", title="reward model: more helpful vs less helpful response", bins=cfg.bins)
+        images.append("reward_hist.png")
+    if cfg.cost_model:
+        cm = _load_scorer(cfg.cost_model, cfg, mesh, "cost_model")
+        pairs, rep = build_cost_pairs(rows, cm.tokenizer, max_length=cfg.max_length, skip_bad_rows=cfg.skip_bad_rows)
+        reports["cost"] = str(rep)
+        if not len(pairs):
+            raise ValueError(f"cost model pairs: no usable pair ({rep})")
+        safer, unsafer = _pair_ends(cm, pairs.as_dict(), "cost", cfg, mesh)
+        args.update(cm_safer=safer, cm_unsafer=unsafer, safer_is_safe=pairs.safer_is_safe,
+                    unsafer_is_safe=pairs.unsafer_is_safe)
+        costs = np.concatenate([safer, unsafer])
+        is_safe = np.concatenate([pairs.safer_is_safe, pairs.unsafer_is_safe]).astype(bool)
+        stats["cost"] = {"mean": float(costs.mean()), "std": float(costs.std()),
+                         "safe_mean": float(costs[is_safe].mean()) if is_safe.any() else None,
+                         "unsafe_mean": float(costs[~is_safe].mean()) if (~is_safe).any() else None,
+                         "harmless_ratio": stats_lib.harmless_ratio(costs)}
+        for k, i in enumerate(pairs.row_index):
+            per_row.setdefault(int(i), {}).update(
+                cost_safer=float(safer[k]), cost_unsafer=float(unsafer[k]),
+                safer_is_safe=bool(pairs.safer_is_safe[k]), unsafer_is_safe=bool(pairs.unsafer_is_safe[k]))
+        out.plot(plot_histograms, out.file("cost_hist.png"),
+                 {"safe (label)": costs[is_safe], "unsafe (label)": costs[~is_safe]}, xlabel="cost",
+                 title="cost model: responses by dataset safety label", bins=cfg.bins, vline=0.0)
+        images.append("cost_hist.png")
+    table = prefs_lib.preference_accuracy_table(**args)
+    score_rows = []
+    for i in sorted(per_row):
+        rec = {"row": i, "source": recs[i].get("_source"), "source_row": recs[i].get("_row"),
+               "prompt": recs[i].get("prompt")}
+        rec.update(per_row[i])
+        score_rows.append(rec)
+    out.jsonl("scores.jsonl", score_rows)
+    summary = {"command": "prefs", "table": table, "stats": stats, "data_reports": reports,
+               "files": ["scores.jsonl", "report.md", *images], "seconds": {"total": time.time() - t0},
+               "config": to_dict(cfg)}
+    out.json("summary.json", summary)
+    lines = [f"- reward model: `{cfg.reward_model or '-'}`", f"- cost model: `{cfg.cost_model or '-'}`",
+             f"- data: {', '.join(f'`{d}`' for d in cfg.data)}"] + [f"- {k} pairs: {v}" for k, v in reports.items()]
+    out.text("report.md", "\n\n".join([
+        "# safejax eval prefs", "\n".join(lines),
+        "## Preference-model accuracy (Table 1 layout)\n\n"
+        + report_lib.preference_table_markdown({cfg.column: table}),
+        "RM ranking: R(better) > R(worse); CM ranking: C(unsafer) > C(safer); CM sign: cost > 0 exactly for "
+        "the responses labelled unsafe (over both responses of each pair).", _images_md(images)]) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+_RUNNERS = {"score": evaluate_scores, "prefs": evaluate_prefs, "arena": evaluate_arena, "elo": evaluate_elo}
+
+
+def run_eval(what: str, config_path: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """CLI entry: ``safejax eval <what> --config FILE key=value ...``; returns the summary dict."""
+    if what not in CONFIGS:
+        raise ConfigError(f"safejax eval: unknown evaluation {what!r} (use one of {sorted(CONFIGS)})")
+    cfg = load_config(CONFIGS[what], config_path, list(overrides))
+    summary = _RUNNERS[what](cfg)
+    log.info("eval %s: wrote %s", what, ", ".join(str(Path(cfg.out_dir) / f) for f in summary["files"]))
+    return summary

@@ -1,0 +1,402 @@
+"""Per-device memory of Safe RLHF's six models on a TPU slice, computed from the sharding rules.
+
+PPO-Lagrangian holds six models at once: the **actor** (trained), the frozen **reference** policy,
+the frozen **reward** and **cost** models, and the trained **reward critic** and **cost critic**.
+This module computes, for a model shape (default Llama-2-7B) and a slice (``v4-32``, ``v5p-16``,
+...), how many bytes of each model's parameters, gradients and optimizer state land on *one*
+device.  Nothing is guessed and nothing is allocated:
+
+* the models are built with :func:`flax.nnx.eval_shape` (abstract ``ShapeDtypeStruct`` leaves that
+  keep their logical-axis annotations);
+* their shardings come from :func:`safejax.parallel.state_shardings` (the one rules table,
+  :data:`safejax.parallel.LOGICAL_AXIS_RULES`) on a :class:`jax.sharding.AbstractMesh` of the
+  slice's chips, so no real devices are needed;
+* the optimizer state is ``jax.eval_shape(tx.init, params)`` of the optimizer that the RL stage
+  really uses (:func:`safejax.train.optim.make_optimizer` with :class:`PPOConfig`'s defaults), with
+  the shardings of :func:`safejax.parallel.opt_state_shardings` (moments follow their parameter);
+* bytes on a device = ``prod(sharding.shard_shape(shape)) * itemsize``, summed over leaves.
+
+Gradients are counted like parameters (same shapes, dtypes and shardings; a trained model holds one
+full gradient at the update).  Activations are an *estimate* (the formula of Korthikanti et al.
+2022, "Reducing Activation Recomputation in Large Transformer Models", for bf16 activations), shown
+in a separate column and labelled as such.
+
+CLI::
+
+    python -m safejax.memory_table                                # the default slices
+    python -m safejax.memory_table --accelerator-type v4-32 --accelerator-type v5p-16 --detail
+    python -m safejax.memory_table --frozen-param-dtype bfloat16 --mesh data=1,fsdp=-1,tensor=2
+
+Python::
+
+    from safejax.memory_table import safe_rlhf_memory, to_markdown
+    table = safe_rlhf_memory("v4-32")          # SafeRLHFMemory (bytes per device)
+    print(to_markdown([table]))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import re
+import sys
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from safejax.models.config import ModelConfig
+from safejax.parallel import MESH_AXES, MeshConfig, opt_state_shardings, resolve_mesh_shape, state_shardings
+
+GiB = 1024 ** 3
+
+#: Llama-2-7B (``meta-llama/Llama-2-7b-hf`` config.json): 6,738,415,616 parameters.
+LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                        num_kv_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, dtype="bfloat16",
+                        param_dtype="float32")
+
+#: slices printed when no ``--accelerator-type`` is given
+DEFAULT_SLICES = ("v4-8", "v4-32", "v4-64", "v5p-8", "v5p-16", "v5p-64", "v5e-16", "v5e-64", "v6e-16")
+
+ROLES = ("actor", "reference", "reward_model", "cost_model", "reward_critic", "cost_critic")
+TRAINABLE = {"actor": True, "reference": False, "reward_model": False, "cost_model": False,
+             "reward_critic": True, "cost_critic": True}
+CAUSAL_ROLES = ("actor", "reference")  # the others are score models (backbone + [D, 1] head, no LM head)
+
+
+# ----------------------------------------------------------------------------- slices
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceSpec:
+    """One accelerator slice: ``chips`` JAX devices on ``hosts`` processes, ``hbm_bytes`` per chip."""
+
+    name: str
+    generation: str
+    chips: int
+    hosts: int
+    hbm_bytes: int
+
+
+def slice_spec(accelerator_type: str) -> SliceSpec:
+    """Chips, hosts and HBM of a Cloud TPU accelerator type (same rules as ``tpu_setup/hosts.sh``).
+
+    ``v4-N`` / ``v5p-N`` count TensorCores (2 per chip = one JAX device, 4 chips per host);
+    ``v5litepod-N`` (alias ``v5e-N``) and ``v6e-N`` count chips (one VM up to 8 chips, 4-chip VMs
+    above).  Also accepted for comparison: ``h100-N`` / ``a100-N`` (N GPUs of 80 GB, 8 per host)."""
+    raw = accelerator_type.strip().lower()
+    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e|h100|a100)-(\d+)", raw)
+    if not m:
+        raise ValueError(f"accelerator type '{accelerator_type}': expected v4-N, v5p-N, v5e-N (v5litepod-N), "
+                         f"v6e-N, h100-N or a100-N")
+    gen, n = m.group(1), int(m.group(2))
+    if gen in ("v4", "v5p"):
+        if n < 8 or n % 8:
+            raise ValueError(f"accelerator type '{accelerator_type}': {gen} sizes count TensorCores (2 per chip, "
+                             f"4 chips per host) and must be a multiple of 8")
+        chips = n // 2
+        hbm = {"v4": 32, "v5p": 95}[gen] * GiB
+        return SliceSpec(f"{gen}-{n}", gen, chips, chips // 4, hbm)
+    if gen in ("v5litepod", "v5e", "v6e"):
+        if n not in (1, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"accelerator type '{accelerator_type}': {gen} sizes count chips and must be one of "
+                             f"1, 4, 8, 16, 32, 64, 128, 256")
+        gen = "v5e" if gen == "v5litepod" else gen
+        hbm = {"v5e": 16, "v6e": 32}[gen] * GiB
+        return SliceSpec(f"{gen}-{n}", gen, n, 1 if n <= 8 else n // 4, hbm)
+    if n < 1:
+        raise ValueError(f"accelerator type '{accelerator_type}': need at least one GPU")
+    return SliceSpec(f"{gen}-{n}", gen, n, max(1, math.ceil(n / 8)), 80 * 10 ** 9)
+
+
+def abstract_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES):
+    """A :class:`jax.sharding.AbstractMesh` (no devices) with Auto axis types."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    return AbstractMesh(tuple(int(s) for s in shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
+
+
+# ----------------------------------------------------------------------------- bytes of one model
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes that one device holds of ``tree`` (``ShapeDtypeStruct``/array leaves) under ``shardings``.
+
+    All shardings used here split evenly (:func:`safejax.parallel.sharding_for` drops axes that do not
+    divide), so every device holds the same amount."""
+    sizes = jax.tree.map(lambda x, s: int(np.prod(s.shard_shape(tuple(x.shape)), dtype=np.int64))
+                         * np.dtype(x.dtype).itemsize, tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(config: ModelConfig, kind: str):
+    """``(ModelDef, abstract params dict)`` of a ``CausalLM`` (``kind='causal_lm'``) or ``ScoreModel``
+    (``'score'``), built with ``nnx.eval_shape`` (no memory is allocated; cached per config)."""
+    from flax import nnx
+
+    from safejax.models import CausalLM, ScoreModel
+    from safejax.train.functional import split_model
+
+    if kind not in ("causal_lm", "score"):
+        raise ValueError(f"abstract_model: kind must be 'causal_lm' or 'score', got {kind!r}")
+    ctor = (lambda: CausalLM(config, rngs=nnx.Rngs(0))) if kind == "causal_lm" else (
+        lambda: ScoreModel(config, rngs=nnx.Rngs(0)))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(ctor)
+    return split_model(model)
+
+
+@dataclasses.dataclass
+class ModelMemory:
+    """Per-device bytes of one model of the six (``grads``/``optimizer`` are 0 for frozen models)."""
+
+    role: str
+    trainable: bool
+    num_params: int
+    param_dtype: str
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_memory(role: str, config: ModelConfig, mesh, *, trainable: bool, tx=None) -> ModelMemory:
+    """Per-device bytes of params (+ grads + ``tx`` state when ``trainable``) of one model on ``mesh``."""
+    kind = "causal_lm" if role in CAUSAL_ROLES else "score"
+    mdef, params = abstract_model(config, kind)
+    shardings = state_shardings(mdef.template, mesh).to_pure_dict()
+    p = per_device_bytes(params, shardings)
+    g = o = 0
+    if trainable:
+        if tx is None:
+            raise ValueError(f"model_memory: role '{role}' is trainable but no optimizer was given")
+        g = p
+        opt_abstract = jax.eval_shape(tx.init, params)
+        o = per_device_bytes(opt_abstract, opt_state_shardings(tx, params, shardings, mesh))
+    n = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+    return ModelMemory(role, trainable, n, config.param_dtype, p, g, o)
+
+
+# ----------------------------------------------------------------------------- activations (estimate)
+
+
+def activation_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len: int, *, tensor: int = 1,
+                              remat: bool = True, with_logits: bool = True) -> int:
+    """Estimated bf16 activation bytes of one forward+backward on one device (the actor, the largest).
+
+    Korthikanti et al. (2022), eq. 2 / table 2, per layer: ``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` bytes
+    (``s`` sequence, ``b`` rows, ``h`` hidden, ``a`` heads, ``t`` tensor-parallel size).  With full
+    per-layer rematerialisation only each layer's input ``2*s*b*h`` bytes is kept, plus one layer's
+    activations during its recomputation.  ``with_logits`` adds float32 logits and their gradient
+    ``2 * 4*s*b*V/t``.  This is an estimate, not a measurement."""
+    s, b, h, a = seq_len, rows_per_device, config.hidden_size, config.num_heads
+    per_layer = s * b * h * (10 + 24 / tensor + 5 * a * s / (h * tensor))
+    if remat:
+        total = config.num_layers * 2 * s * b * h + per_layer
+    else:
+        total = config.num_layers * per_layer
+    if with_logits:
+        total += 2 * 4 * s * b * config.vocab_size / tensor
+    return int(total)
+
+
+def rollout_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len: int, *, tensor: int = 1) -> int:
+    """Bytes of one device's rollout working set: the bf16 KV cache ``[L, 2, B, S, KV, hd]`` of the
+    sampler (exact for :func:`safejax.models.init_cache` with the batch split over the device's rows and
+    kv heads over ``tensor``) plus the float32 logits ``[B, S, V]`` and their log-softmax when the
+    actor and the reference score the sequences."""
+    kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
+    kv = 2 * config.num_layers * rows_per_device * seq_len * kv_heads * config.head_dim * 2
+    logits = 2 * 4 * rows_per_device * seq_len * config.vocab_size // tensor
+    return int(kv + logits)
+
+
+# ----------------------------------------------------------------------------- the six models
+
+
+@dataclasses.dataclass
+class SafeRLHFMemory:
+    """Per-device memory of the six models on one slice (all sizes in bytes)."""
+
+    slice: SliceSpec
+    mesh_shape: dict
+    models: list[ModelMemory]
+    update_activations: int      # estimate: the actor's forward+backward on one micro-batch
+    rollout_working_set: int     # KV cache + scoring logits during the rollout
+    rows_per_device: int
+    rollout_rows_per_device: int
+    seq_len: int
+    remat: bool
+
+    @property
+    def states(self) -> int:
+        """Params + grads + optimizer state of all six models on one device (computed, exact)."""
+        return sum(m.total for m in self.models)
+
+    @property
+    def working_set(self) -> int:
+        """Estimated transient bytes: the larger of the update's activations and the rollout's cache."""
+        return max(self.update_activations, self.rollout_working_set)
+
+    @property
+    def total(self) -> int:
+        return self.states + self.working_set
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.slice.hbm_bytes
+
+    @property
+    def verdict(self) -> str:
+        """``yes`` (<= 85% of HBM), ``tight`` (85-100%: XLA workspace and fragmentation may not fit), ``no``."""
+        frac = self.total / self.slice.hbm_bytes
+        return "yes" if frac <= 0.85 else "tight" if frac <= 1.0 else "no"
+
+    def as_dict(self) -> dict:
+        return {
+            "slice": dataclasses.asdict(self.slice), "mesh": dict(self.mesh_shape),
+            "models": [dict(dataclasses.asdict(m), total=m.total) for m in self.models],
+            "states_bytes": self.states, "update_activations_estimate_bytes": self.update_activations,
+            "rollout_working_set_estimate_bytes": self.rollout_working_set, "rows_per_device": self.rows_per_device,
+            "rollout_rows_per_device": self.rollout_rows_per_device, "seq_len": self.seq_len, "remat": self.remat,
+            "total_bytes": self.total, "hbm_bytes": self.slice.hbm_bytes, "fits": self.fits,
+            "verdict": self.verdict,
+        }
+
+
+def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LLAMA2_7B, *,
+                     mesh: MeshConfig | None = None, frozen_param_dtype: str = "float32",
+                     rows_per_device: int = 1, rollout_rows_per_device: int = 8, seq_len: int = 512,
+                     remat: bool = True) -> SafeRLHFMemory:
+    """Per-device bytes of actor + reference + reward model + cost model + two critics.
+
+    Args:
+      accelerator_type: e.g. ``"v4-32"`` (or a :class:`SliceSpec`); the mesh spans all its chips.
+      config: the model shape of all six models (default Llama-2-7B; params fp32 master weights).
+      mesh: axis sizes (default ``data=1, fsdp=-1, tensor=1``: FSDP over every chip).
+      frozen_param_dtype: storage dtype of the three frozen models (``run_ppo`` loads them float32).
+      rows_per_device, seq_len, remat: the update micro-batch (activation estimate).
+      rollout_rows_per_device: rollout rows per device (KV-cache estimate), prompt + response = seq_len.
+    """
+    from safejax.train.optim import make_optimizer
+    from safejax.train.ppo import PPOConfig
+
+    spec = accelerator_type if isinstance(accelerator_type, SliceSpec) else slice_spec(accelerator_type)
+    shape = resolve_mesh_shape(mesh or MeshConfig(), spec.chips)
+    amesh = abstract_mesh(shape)
+    ppo = PPOConfig()
+    actor_tx = make_optimizer(ppo.actor_optim, 1000)[0]
+    critic_tx = make_optimizer(ppo.critic_optim, 1000)[0]
+    frozen_cfg = config.replace(param_dtype=frozen_param_dtype)
+    rows = []
+    cache: dict[tuple, ModelMemory] = {}
+    for role in ROLES:
+        trainable = TRAINABLE[role]
+        cfg = config if trainable else frozen_cfg
+        tx = actor_tx if role == "actor" else critic_tx
+        key = (role in CAUSAL_ROLES, trainable, cfg.param_dtype)
+        if key not in cache:
+            cache[key] = model_memory(role, cfg, amesh, trainable=trainable, tx=tx if trainable else None)
+        rows.append(dataclasses.replace(cache[key], role=role))
+    act = activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
+    roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2])
+    return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
+                          rollout_rows_per_device, seq_len, remat)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _gib(x: int) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def to_markdown(tables: Sequence[SafeRLHFMemory], *, detail: bool = False) -> str:
+    """One summary row per slice (GiB per device); with ``detail`` a per-model table for each slice."""
+    lines = ["| slice | chips | hosts | mesh (data,fsdp,tensor) | HBM/chip | actor p+g+opt | ref | RM | CM "
+             "| reward critic | cost critic | 6 models | update act. (est.) | rollout KV+logits (est.) | total "
+             "| % HBM | fits |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | --- |"]
+    for t in tables:
+        by = {m.role: m for m in t.models}
+        mesh = ",".join(str(t.mesh_shape[a]) for a in MESH_AXES)
+        cells = [t.slice.name, str(t.slice.chips), str(t.slice.hosts), mesh, _gib(t.slice.hbm_bytes)]
+        cells += [_gib(by[r].total) for r in ROLES]
+        cells += [_gib(t.states), _gib(t.update_activations), _gib(t.rollout_working_set), _gib(t.total),
+                  f"{100 * t.total / t.slice.hbm_bytes:.0f}%", "**no**" if t.verdict == "no" else t.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    if detail:
+        for t in tables:
+            out += (f"\n\n**{t.slice.name}** (mesh {t.mesh_shape}), GiB per device\n\n"
+                    "| model | trained | params (count) | param dtype | params | grads | Adam state | total |\n"
+                    "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |\n")
+            out += "\n".join(f"| {m.role} | {'yes' if m.trainable else 'no'} | {m.num_params:,} | {m.param_dtype} "
+                             f"| {_gib(m.params)} | {_gib(m.grads)} | {_gib(m.optimizer)} | {_gib(m.total)} |"
+                             for m in t.models)
+    return out
+
+
+def _parse_mesh(text: str | None) -> MeshConfig | None:
+    if not text:
+        return None
+    kw = {}
+    for part in text.split(","):
+        k, _, v = part.partition("=")
+        k = k.strip()
+        if k not in MESH_AXES or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh: expected data=D,fsdp=F,tensor=T (one may be -1), got {part!r}")
+        kw[k] = int(v)
+    return MeshConfig(**kw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m safejax.memory_table", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--accelerator-type", action="append", default=None,
+                    help=f"slice (repeatable); default: {' '.join(DEFAULT_SLICES)}")
+    ap.add_argument("--mesh", default=None, help="axis sizes, e.g. data=1,fsdp=-1,tensor=2 (default fsdp over all)")
+    ap.add_argument("--frozen-param-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="storage dtype of reference / reward / cost models (run_ppo uses float32)")
+    ap.add_argument("--rows-per-device", type=int, default=1, help="update micro-batch rows per device (activations)")
+    ap.add_argument("--rollout-rows-per-device", type=int, default=8, help="rollout rows per device (KV cache)")
+    ap.add_argument("--seq-len", type=int, default=512, help="prompt + response tokens")
+    ap.add_argument("--no-remat", action="store_true", help="activation estimate without rematerialisation")
+    ap.add_argument("--detail", action="store_true", help="also print a per-model table for each slice")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    args = ap.parse_args(argv)
+    try:
+        mesh = _parse_mesh(args.mesh)
+        tables = [safe_rlhf_memory(a, mesh=mesh, frozen_param_dtype=args.frozen_param_dtype,
+                                   rows_per_device=args.rows_per_device, seq_len=args.seq_len,
+                                   rollout_rows_per_device=args.rollout_rows_per_device,
+                                   remat=not args.no_remat)
+                  for a in (args.accelerator_type or DEFAULT_SLICES)]
+    except ValueError as e:
+        print(f"memory_table: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps([t.as_dict() for t in tables], indent=1))
+        return 0
+    print(f"Safe RLHF PPO-Lag, six models at Llama-2-7B shape ({tables[0].models[0].num_params:,} params), "
+          f"GiB per device. Trained models: fp32 params + fp32 grads + AdamW (fp32 mu, nu); frozen models: "
+          f"{args.frozen_param_dtype} params (all computed from the sharding rules). Estimates: update "
+          f"activations (Korthikanti et al. 2022) for {args.rows_per_device} row(s) x {args.seq_len} tokens per "
+          f"device, {'no remat' if args.no_remat else 'per-layer remat'}; rollout bf16 KV cache + fp32 logits for "
+          f"{args.rollout_rows_per_device} rows x {args.seq_len} tokens per device. total = 6 models + the larger "
+          f"of the two estimates; 'tight' = 85-100% of HBM.\n")
+    print(to_markdown(tables, detail=args.detail))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
