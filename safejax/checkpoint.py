@@ -1,23 +1,48 @@
 """Orbax checkpoints of whole train states (plus a small JSON of host-side positions).
 
-Each checkpoint step holds two items: ``state`` (the train-state pytree, sharded, restored onto
-the shardings of an abstract target) and ``meta`` (JSON: data-iterator position, config
-fingerprint, metric-writer step...).  Saves are asynchronous and atomic (orbax writes to a
-temporary folder and renames it when complete), so a crash mid-save leaves the previous
-checkpoint usable.
+Each checkpoint step ``<dir>/<step>/`` holds two items: ``state`` (the train-state pytree, sharded,
+restored onto the shardings of an abstract target, so a different mesh reshards) and ``meta`` (JSON:
+data-iterator position, metric-file offset, counters...).
+
+Guarantees (see ``tests/test_resume.py``):
+
+* **atomic**: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when both
+  items are complete; unfinished folders are never listed as steps (and are removed when the next
+  :class:`Checkpointer` opens the directory), so a crash mid-save leaves the previous step usable;
+* **asynchronous**: :meth:`Checkpointer.save` returns once the arrays are copied off the devices;
+  :meth:`Checkpointer.wait` blocks until the background write is committed;
+* **keep-last-K** (``max_to_keep``);
+* **checked restore**: the on-disk tree (paths, shapes, dtypes) is compared with the target first.
+  A difference raises :class:`CheckpointMismatchError` naming the first differing array (never a
+  silent fresh start); an unreadable or partial step is skipped with a warning, moved aside to
+  ``<dir>.corrupt/``, and the previous step is used.
+* **multi-host**: every process calls the same methods; only process 0 moves folders.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("safejax")
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint (all candidates unreadable) or a bad request; the message names the folder."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's arrays do not match the model / state being trained (names the array and shapes)."""
 
 
 def abstract_like(tree: Any) -> Any:
@@ -25,49 +50,230 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{"a.b.0": (shape, dtype name)}`` for every array leaf (pytree keys joined by dots).
+
+    Works on live arrays, ``ShapeDtypeStruct`` targets and orbax metadata trees alike, so the
+    on-disk layout of a checkpoint can be compared with the state about to be restored."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for path, x in flat:
+        name = ".".join(_key_name(k) for k in path)
+        dtype = getattr(x, "dtype", None)
+        out[name] = (tuple(int(d) for d in getattr(x, "shape", ())), str(np.dtype(dtype)) if dtype is not None else "?")
+    return out
+
+
+def describe_mismatch(on_disk: dict, wanted: dict) -> str | None:
+    """First difference between two :func:`leaf_table` results, in words (None when equal)."""
+    missing = sorted(set(wanted) - set(on_disk))
+    extra = sorted(set(on_disk) - set(wanted))
+    if missing:
+        return (f"array '{missing[0]}' is not in the checkpoint"
+                + (f" ({len(missing)} missing, {len(extra)} unexpected)" if len(missing) + len(extra) > 1 else ""))
+    if extra:
+        return f"the checkpoint holds array '{extra[0]}' that the current state does not have ({len(extra)} such)"
+    for name in sorted(wanted):
+        (ws, wd), (ds, dd) = wanted[name], on_disk[name]
+        if ws != ds:
+            return f"array '{name}' has shape {list(ds)} in the checkpoint but {list(ws)} in the current state"
+        if wd != dd and "?" not in (wd, dd):
+            return f"array '{name}' has dtype {dd} in the checkpoint but {wd} in the current state"
+    return None
+
+
 class Checkpointer:
-    """Keep-last-K asynchronous checkpoints under ``directory``."""
+    """Keep-last-K asynchronous checkpoints under ``directory`` (see the module docstring).
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True):
+    ``read_only=True`` opens existing checkpoints without creating, cleaning or moving anything
+    (used by ``safejax export``)."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._mngr = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                 create=True),
-            item_names=("state", "meta"),
-        )
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no checkpoint folder")
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._mngr = self._make_manager(max_to_keep, async_save)
+        self._max_to_keep, self._async = max_to_keep, async_save
 
-    def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
-        return self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=force)
+    def _make_manager(self, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=None if self.read_only else max_to_keep, enable_async_checkpointing=async_save,
+            create=not self.read_only, read_only=self.read_only, cleanup_tmp_directories=not self.read_only)
+        return ocp.CheckpointManager(self.directory, options=opts, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
-    def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
+    # ------------------------------------------------------------------ saving
 
-    def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
+    def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = True) -> bool:  # noqa: ARG002
+        """Start an asynchronous save of ``state`` (+ JSON ``meta``) as ``step`` (waits for the previous one).
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
-        """Restore the newest complete checkpoint (or ``step``) onto ``target``'s shapes/shardings.
-
-        A corrupt or partial checkpoint is skipped with a warning and the previous one is tried."""
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        for s in steps:
-            try:
-                out = self._mngr.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
-                return out["state"], dict(out["meta"] or {}), int(s)
-            except Exception as e:  # noqa: BLE001 - fall back to an older checkpoint
-                log.warning("checkpoint step %s in %s is unreadable (%s); trying an older one", s, self.directory,
-                            str(e).splitlines()[0][:200])
-                if step is not None:
-                    raise
-        return None
+        Always saves (``force`` is accepted for compatibility); the arrays are copied off the devices
+        before this returns, so the caller may donate ``state`` to the next step right away."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only")
+        ok = self._mngr.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+        log.info("checkpoint: saving step %d to %s (async)", step, self.directory)
+        return ok
 
     def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed."""
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+    # ------------------------------------------------------------------ listing
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(int(step))
+
+    def unfinished(self) -> list[Path]:
+        """Folders of saves that never completed (``<step>.orbax-checkpoint-tmp-*``)."""
+        return sorted(p for p in self.directory.iterdir() if TMP_MARK in p.name) if self.directory.is_dir() else []
+
+    # ------------------------------------------------------------------ restoring
+
+    def on_disk_table(self, step: int) -> dict:
+        """:func:`leaf_table` of the ``state`` item of ``step`` (reads metadata only)."""
+        md = self._mngr.item_metadata(int(step))["state"]
+        if md is None:
+            raise CheckpointError(f"{self.step_dir(step)}: no 'state' metadata")
+        return leaf_table(getattr(md, "tree", md))
+
+    def restore(self, target: Any, step: int | None = None, *,
+                required_meta: Sequence[str] = ()) -> tuple[Any, dict, int] | None:
+        """Restore the newest complete checkpoint (or exactly ``step``) onto ``target``'s shapes/shardings.
+
+        Returns ``(state, meta, step)``, or None when the folder holds no checkpoint at all.
+        Raises :class:`CheckpointMismatchError` when a readable checkpoint does not fit ``target``
+        and :class:`CheckpointError` when no candidate is readable.  Unreadable steps newer than
+        the one restored are moved to ``<dir>.corrupt/`` (unless read-only) with a warning."""
+        steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+        if step is not None and int(step) not in self.all_steps():
+            raise CheckpointError(f"step {step} is not among the complete checkpoints in {self.directory}: "
+                                  f"{self.all_steps()}")
+        wanted = leaf_table(target)
+        bad: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                on_disk = self.on_disk_table(s)
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a partial / corrupt step
+                bad.append((s, _first_line(e)))
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory,
+                            bad[-1][1])
+                continue
+            diff = describe_mismatch(on_disk, wanted)
+            if diff is not None:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.step_dir(s)} does not match the model being trained: {diff}; the out_dir "
+                    "belongs to a different model or config (use a new out_dir)")
+            try:
+                out = self._mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+                meta = dict(out["meta"] or {})
+                missing = [k for k in required_meta if k not in meta]
+                if missing:
+                    raise CheckpointError(f"meta lacks {missing}")
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - corrupt data: fall back to an older checkpoint
+                bad.append((s, _first_line(e)))
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory,
+                            bad[-1][1])
+                continue
+            if bad:
+                self._quarantine([b for b, _ in bad])
+                log.warning("resuming from checkpoint step %d in %s instead of the unreadable step(s) %s",
+                            s, self.directory, [b for b, _ in bad])
+            return out["state"], meta, s
+        if bad:
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: step(s) "
+                                  + ", ".join(f"{s} ({why})" for s, why in bad)
+                                  + "; delete the folder (or use a new out_dir) to start over")
+        return None
+
+    def _quarantine(self, steps: Sequence[int]) -> None:
+        """Move unreadable step folders to ``<dir>.corrupt/<step>-<time>`` so the steps can be saved again."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            dest_root = self.directory.parent / (self.directory.name + ".corrupt")
+            dest_root.mkdir(exist_ok=True)
+            for s in steps:
+                src = self.step_dir(s)
+                if src.exists():
+                    dest = dest_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                    shutil.move(str(src), str(dest))
+                    log.warning("moved unreadable checkpoint %s to %s", src, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("safejax_checkpoint_quarantine")
+        self._mngr.reload()
+
+    def restore_subtree(self, path: Sequence[str], step: int | None = None) -> tuple[Any, dict, int]:
+        """Read only the ``state`` subtree at ``path`` (e.g. ``("actor", "params")``) as host-local arrays
+        on the first local device, whatever mesh saved it.  Unreadable newer steps fall back (no moving)."""
+        steps = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if step is not None and int(step) not in self.all_steps():
+            raise CheckpointError(f"step {step} is not among the complete checkpoints in {self.directory}: "
+                                  f"{self.all_steps()}")
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        last = ""
+        for s in steps:
+            try:
+                md = self._mngr.item_metadata(s)
+                tree = getattr(md["state"], "tree", md["state"])
+                sub = tree
+                for p in path:
+                    if not isinstance(sub, dict) or p not in sub:
+                        raise CheckpointMismatchError(
+                            f"checkpoint {self.step_dir(s)} has no '{'.'.join(path)}' (top-level keys: "
+                            f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
+                    sub = sub[p]
+                target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), sub)
+                item = target
+                for p in reversed(path):
+                    item = {p: item}
+                ckptr = ocp.PyTreeCheckpointer()
+                raw = ckptr.restore(self.step_dir(s) / "state", args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True))
+                meta = dict(self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                last = _first_line(e)
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory,
+                            last)
+                continue
+            for p in path:
+                raw = raw[p]
+            return raw, meta, s
+        raise CheckpointError(f"no readable checkpoint in {self.directory} (last error: {last})")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (type(e).__name__ + ": " + (text[0] if text else ""))[:240]

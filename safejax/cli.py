@@ -8,6 +8,11 @@ Commands:
   eval                     score / prefs / arena / elo
   export                   HF-format folder from a stage's checkpoint
 Every training command reads a YAML config and then ``key=value`` overrides (dotted keys).
+
+Rerunning a training command with the same ``out_dir`` resumes from its newest complete checkpoint.
+Exit codes: 0 done; 2 bad input, config, checkpoint or a NaN/Inf (one line ``safejax <cmd>: error: ...``
+on stderr, no traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to resume);
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from safejax.config import ConfigError, load_config
+    from safejax.train.common import Preempted
 
     try:
         if args.command == "demo":
@@ -97,9 +103,30 @@ def main(argv: list[str] | None = None) -> int:
 
             export_run(args.run, args.out, step=args.step)
         return 0
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"safejax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Preempted as e:
+        print(f"safejax {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+        print(f"safejax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"safejax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (multi-line messages joined with '; ')."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, OSError) and not text:
+        text = repr(e)
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and e.filename \
+            and str(e.filename) not in text:
+        text = f"{text}: {e.filename}"
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -131,28 +131,40 @@ def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
+@dataclasses.dataclass
+class Workspace:
+    """What every stage of a built-in-task experiment needs: the task, its files, the tokenizer,
+    the mesh, the held-out prompts (arrays aligned with their rows) and the output folder."""
+
+    cfg: DemoConfig
+    out: Path
+    seed: int
+    task: Any
+    paths: dict
+    tok: Any
+    mesh: Any
+    eval_rows: list
+    eval_arrays: dict
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    def loop(self, epochs: int, batch_size: int) -> LoopSection:
+        return LoopSection(epochs=epochs, batch_size=batch_size, log_every=10, progress=self.cfg.progress)
+
+
+def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
+    """Generate the task (data files, tokenizer) and a freshly initialised tiny Llama HF folder."""
     from flax import nnx
 
     from safejax.data import build_prompts
     from safejax.data.builtin import BuiltinTask, tiny_llama_config
     from safejax.models import CausalLM, ModelConfig, save_pretrained
     from safejax.parallel import make_mesh, use_mesh
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for, load_tokenizer_for
-    from safejax.train.ppo import LagrangeSection, PPOConfig, PPODataSection, PPOSection
-    from safejax.train.ppo_loop import run_ppo
-    from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, run_score_model
-    from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
+    from safejax.train.loading import load_tokenizer_for
 
-    t_start = time.time()
+    t = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     mesh = make_mesh(cfg.mesh)
-
-    # 1. the task: data files, tokenizer, a freshly initialised tiny Llama as an HF folder
-    t = time.time()
     task = BuiltinTask(seed, n_pref_train=cfg.pref_rows, n_pref_test=cfg.pref_test_rows, n_sft=cfg.sft_rows,
                        n_prompts_eval=cfg.eval_prompts)
     paths = task.write(out / "data")
@@ -166,89 +178,123 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
     with use_mesh(mesh):
         init_lm = CausalLM(mcfg, rngs=nnx.Rngs(seed))
     save_pretrained(init_lm, out / "init", tokenizer=tok)
-    timings["task"] = time.time() - t
-    loop = lambda epochs, bs: LoopSection(epochs=epochs, batch_size=bs, log_every=10,  # noqa: E731
-                                          progress=cfg.progress)
-
-    # 2. SFT
-    t = time.time()
-    sft_cfg = SFTConfig(out_dir=str(out / "sft"), seed=seed, model=ModelSection(path=str(out / "init")),
-                        data=SupervisedDataSection(train=[str(paths["sft"])], max_length=cfg.max_length),
-                        optim=OptimConfig(lr=cfg.sft_lr, schedule="cosine", warmup_ratio=0.05, weight_decay=0.0),
-                        train=loop(cfg.sft_epochs, cfg.batch_size), mesh=cfg.mesh)
-    _, sft_dir = run_sft(sft_cfg)
-    timings["sft"] = time.time() - t
-
-    # 3. reward model and cost model (from the SFT model, fresh heads)
-    scores = {}
-    score_dirs = {}
-    for kind, name in (("reward", "rm"), ("cost", "cm")):
-        t = time.time()
-        sc = ScoreModelConfig(out_dir=str(out / name), seed=seed, model=ModelSection(path=str(sft_dir)),
-                              data=PreferenceDataSection(train=[str(paths["preference_train"])],
-                                                         eval=[str(paths["preference_oracle"])],
-                                                         max_length=cfg.max_length),
-                              regularization=0.001,
-                              optim=OptimConfig(lr=cfg.score_lr, schedule="cosine", warmup_ratio=0.05,
-                                                weight_decay=0.0),
-                              train=loop(cfg.score_epochs, cfg.batch_size), mesh=cfg.mesh)
-        res, score_dirs[kind] = run_score_model(sc, kind)
-        scores[name] = {k.split("/")[-1]: v for k, v in res.eval_metrics.items()}
-        timings[name] = time.time() - t
-
-    threshold = cfg.threshold
-    if threshold is None:
-        threshold, calib = calibrate_threshold(score_dirs["cost"], paths["preference_train"], tok, cfg, mesh)
-        log.info("cost threshold calibrated to %.3f (%s)", threshold, calib)
-    else:
-        calib = {"source": "config"}
-
-    # 4. held-out prompts for oracle judging
+    paths["init"] = out / "init"
     eval_rows = task.prompts("eval")
     built, report = build_prompts(eval_rows, tok, prompt_width=cfg.prompt_width)
     log.info("held-out prompts: %s", report)
     eval_rows = [eval_rows[int(i)] for i in built.row_index]  # deduplicated, aligned with the arrays
-    eval_arrays = {"prompt_ids": built.prompt_ids, "prompt_mask": built.prompt_mask}
-    sft_lm = load_model_for(str(sft_dir), mesh, model_type="causal_lm", tokenizer=tok)
-    sft_def, sft_params = split_model(sft_lm)
-    policies: dict[str, dict] = {}
-    policies["sft"], _ = judge_policy(sft_def, sft_params, eval_arrays, eval_rows, tok, task.oracle, seed=seed,
-                                      max_new_tokens=cfg.max_new_tokens, mesh=mesh)
+    ws = Workspace(cfg, out, seed, task, paths, tok, mesh, eval_rows,
+                   {"prompt_ids": built.prompt_ids, "prompt_mask": built.prompt_mask})
+    ws.timings["task"] = time.time() - t
+    return ws
 
-    # 5. RL: Safe RLHF and the baselines, each from the SFT policy
-    def ppo_cfg(algorithm: str, name: str, nu: float | None = None) -> PPOConfig:
-        return PPOConfig(
-            algorithm=algorithm, out_dir=str(out / name), seed=seed, actor=ModelSection(path=str(sft_dir)),
-            reward_model=str(score_dirs["reward"]), cost_model=str(score_dirs["cost"]),
-            data=PPODataSection(prompts=[str(paths["prompts_train"])], prompt_width=cfg.prompt_width),
-            rollout=SamplingConfig(max_new_tokens=cfg.max_new_tokens),
-            ppo=PPOSection(kl_coeff=cfg.kl_coeff, micro_batch_size=cfg.ppo_batch_size, ptx_coeff=0.0,
-                           clip_range_score=50.0, clip_range_value=5.0),
-            lagrange=LagrangeSection(lambda_init=nu if nu is not None else cfg.lambda_init,
-                                     lambda_lr=cfg.lambda_lr, lambda_max=cfg.lambda_max, threshold=threshold,
-                                     episode_cost_window_size=cfg.cost_window),
-            actor_optim=OptimConfig(lr=cfg.actor_lr, schedule="constant", weight_decay=0.0),
-            critic_optim=OptimConfig(lr=cfg.critic_lr, schedule="constant", weight_decay=0.0),
-            train=LoopSection(epochs=100, batch_size=cfg.ppo_batch_size, max_steps=cfg.ppo_iterations,
-                              log_every=1, progress=cfg.progress),
-            mesh=cfg.mesh)
 
+def train_sft(ws: Workspace, name: str = "sft") -> Path:
+    from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
+
+    t = time.time()
+    cfg = ws.cfg
+    sft_cfg = SFTConfig(out_dir=str(ws.out / name), seed=ws.seed, model=ModelSection(path=str(ws.paths["init"])),
+                        data=SupervisedDataSection(train=[str(ws.paths["sft"])], max_length=cfg.max_length),
+                        optim=OptimConfig(lr=cfg.sft_lr, schedule="cosine", warmup_ratio=0.05, weight_decay=0.0),
+                        train=ws.loop(cfg.sft_epochs, cfg.batch_size), mesh=cfg.mesh)
+    _, sft_dir = run_sft(sft_cfg)
+    ws.timings[name] = time.time() - t
+    return Path(sft_dir)
+
+
+def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, suffix: str = "",
+                            eval_path: Path | None = None) -> tuple[dict, dict]:
+    """Reward model and cost model from ``init_dir`` (fresh heads) on ``pref_train``; held-out metrics
+    against oracle labels.  Returns ``({"reward": dir, "cost": dir}, {"rm": metrics, "cm": metrics})``."""
+    from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, run_score_model
+
+    cfg = ws.cfg
+    dirs, scores = {}, {}
+    for kind, name in (("reward", "rm"), ("cost", "cm")):
+        t = time.time()
+        sc = ScoreModelConfig(out_dir=str(ws.out / f"{name}{suffix}"), seed=ws.seed,
+                              model=ModelSection(path=str(init_dir)),
+                              data=PreferenceDataSection(train=[str(pref_train)],
+                                                         eval=[str(eval_path or ws.paths["preference_oracle"])],
+                                                         max_length=cfg.max_length),
+                              regularization=0.001,
+                              optim=OptimConfig(lr=cfg.score_lr, schedule="cosine", warmup_ratio=0.05,
+                                                weight_decay=0.0),
+                              train=ws.loop(cfg.score_epochs, cfg.batch_size), mesh=cfg.mesh)
+        res, dirs[kind] = run_score_model(sc, kind)
+        scores[name] = {k.split("/")[-1]: v for k, v in res.eval_metrics.items()}
+        ws.timings[f"{name}{suffix}"] = time.time() - t
+    return dirs, scores
+
+
+def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=None) -> tuple[dict, list[str]]:
+    """Oracle metrics of a policy (an HF folder, or a ModelDef + params) on the held-out prompts."""
+    from safejax.train.functional import split_model
+    from safejax.train.loading import load_model_for
+
+    if mdef is None:
+        mdef, params = split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))
+    return judge_policy(mdef, params, ws.eval_arrays, ws.eval_rows, ws.tok, ws.task.oracle, seed=ws.seed,
+                        max_new_tokens=ws.cfg.max_new_tokens, mesh=ws.mesh)
+
+
+def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_dirs: dict, threshold: float,
+           nu: float | None = None, prompts: Path | None = None, lagrange: dict | None = None):
+    """One RL run from ``actor_dir``; returns ``(oracle metrics, traces, PPOResult)``."""
+    from safejax.train.ppo import LagrangeSection, PPOConfig, PPODataSection, PPOSection
+    from safejax.train.ppo_loop import run_ppo
+
+    cfg = ws.cfg
+    t = time.time()
+    lag = dict(lambda_init=nu if nu is not None else cfg.lambda_init, lambda_lr=cfg.lambda_lr,
+               lambda_max=cfg.lambda_max, threshold=threshold, episode_cost_window_size=cfg.cost_window)
+    lag.update(lagrange or {})
+    pc = PPOConfig(
+        algorithm=algorithm, out_dir=str(ws.out / name), seed=ws.seed, actor=ModelSection(path=str(actor_dir)),
+        reward_model=str(score_dirs["reward"]), cost_model=str(score_dirs["cost"]),
+        data=PPODataSection(prompts=[str(prompts or ws.paths["prompts_train"])], prompt_width=cfg.prompt_width),
+        rollout=SamplingConfig(max_new_tokens=cfg.max_new_tokens),
+        ppo=PPOSection(kl_coeff=cfg.kl_coeff, micro_batch_size=cfg.ppo_batch_size, ptx_coeff=0.0,
+                       clip_range_score=50.0, clip_range_value=5.0),
+        lagrange=LagrangeSection(**lag),
+        actor_optim=OptimConfig(lr=cfg.actor_lr, schedule="constant", weight_decay=0.0),
+        critic_optim=OptimConfig(lr=cfg.critic_lr, schedule="constant", weight_decay=0.0),
+        train=LoopSection(epochs=100, batch_size=cfg.ppo_batch_size, max_steps=cfg.ppo_iterations,
+                          log_every=1, progress=cfg.progress),
+        mesh=cfg.mesh)
+    res = run_ppo(pc)
+    metrics, _ = judge(ws, mdef=res.models.actor, params=res.state.actor.params)
+    metrics["algorithm"] = algorithm
+    if nu is not None:
+        metrics["nu"] = nu
+    hist = [h for h in res.history if "train/reward" in h]
+    traces = {k: [float(h[f"train/{k}"]) for h in hist if f"train/{k}" in h]
+              for k in ("reward", "cost", "episode_cost", "lambda")}
+    ws.timings[name] = time.time() - t
+    return metrics, traces, res
+
+
+def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
+    """SFT -> RM + CM -> Safe RLHF, plain PPO and reward shaping at each nu; judged by the oracle."""
+    t_start = time.time()
+    ws = prepare(cfg, out_dir, seed)
+    sft_dir = train_sft(ws)
+    score_dirs, scores = train_preference_models(ws, sft_dir, ws.paths["preference_train"])
+    threshold = cfg.threshold
+    if threshold is None:
+        threshold, calib = calibrate_threshold(score_dirs["cost"], ws.paths["preference_train"], ws.tok, cfg,
+                                               ws.mesh)
+        log.info("cost threshold calibrated to %.3f (%s)", threshold, calib)
+    else:
+        calib = {"source": "config"}
+    policies: dict[str, dict] = {"sft": judge(ws, sft_dir)[0]}
     runs = [("ppo-lag", "safe_rlhf", None), ("ppo", "ppo", None)]
     runs += [("ppo-reward-shaping", f"reward_shaping_nu{nu:g}", nu) for nu in cfg.nus]
     traces: dict[str, dict] = {}
     for algorithm, name, nu in runs:
-        t = time.time()
-        res = run_ppo(ppo_cfg(algorithm, name, nu))
-        policies[name], _ = judge_policy(res.models.actor, res.state.actor.params, eval_arrays, eval_rows, tok,
-                                         task.oracle, seed=seed, max_new_tokens=cfg.max_new_tokens, mesh=mesh)
-        policies[name]["algorithm"] = algorithm
-        if nu is not None:
-            policies[name]["nu"] = nu
-        hist = [h for h in res.history if "train/reward" in h]
-        traces[name] = {k: [float(h[f"train/{k}"]) for h in hist if f"train/{k}" in h]
-                        for k in ("reward", "cost", "episode_cost", "lambda")}
-        timings[name] = time.time() - t
-
+        policies[name], traces[name], _ = run_rl(ws, algorithm, name, actor_dir=sft_dir, score_dirs=score_dirs,
+                                                 threshold=threshold, nu=nu)
     summary = {
         "seed": seed,
         "threshold": threshold,
@@ -259,11 +305,12 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
         "lambda_trace": traces["safe_rlhf"]["lambda"],
         "episode_cost_trace": traces["safe_rlhf"]["episode_cost"],
         "traces": traces,
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "timings_s": {k: round(v, 2) for k, v in ws.timings.items()},
         "total_seconds": round(time.time() - t_start, 2),
         "config": dataclasses.asdict(cfg),
     }
     summary["checks"] = demo_checks(summary)
+    out = Path(out_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     from safejax.demo_report import write_plots, write_report
 

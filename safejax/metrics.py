@@ -1,19 +1,27 @@
 """Metric logging: one JSONL line per logged step, mirrored to TensorBoard (tensorboardX).
 
-The JSONL file is the source of truth (resume-safe): ``MetricWriter(..., resume_step=s)`` first
-drops every record past step ``s`` so that a resumed run appends exactly what an uninterrupted run
-would have written.
+The JSONL file is the source of truth and is resume-safe: a checkpoint records the file's byte
+length at save time (:meth:`MetricWriter.tell`), and ``MetricWriter(..., resume_offset=n)`` cuts
+the file back to those ``n`` bytes, so a resumed run appends exactly what an uninterrupted run would
+have written (records written after the checkpoint by the killed process are dropped).
+``resume_step=s`` (drop records past step ``s``) is the fallback when no offset is known.
+TensorBoard events are append-only and may hold duplicates after a resume.
+
+Only process 0 writes (multi-host runs share one output folder).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+log = logging.getLogger("safejax")
 
 
 def _to_py(v: Any) -> Any:
@@ -26,20 +34,45 @@ def _to_py(v: Any) -> Any:
     return v
 
 
+def _is_primary() -> bool:
+    try:
+        import jax
+
+        return jax.process_index() == 0
+    except Exception:  # noqa: BLE001 - no backend: a single process
+        return True
+
+
 class MetricWriter:
-    """Write ``{"step": s, **metrics}`` lines to ``<out_dir>/metrics.jsonl`` and TensorBoard events."""
+    """Write ``{"step": s, **metrics}`` lines to ``<out_dir>/<filename>`` and TensorBoard events.
+
+    Args:
+      out_dir: the run folder.
+      tensorboard: also write TensorBoard events under ``<out_dir>/tensorboard``.
+      resume_offset: continue a run: truncate the file to this many bytes first (from :meth:`tell`
+        recorded in a checkpoint).
+      resume_step: continue a run whose checkpoint has no offset: drop records with ``step > s``.
+      enabled: write at all (default: only on process 0).
+    Without ``resume_offset``/``resume_step`` an existing file is replaced (a fresh run).
+    """
 
     def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None,
-                 filename: str = "metrics.jsonl"):
+                 resume_offset: int | None = None, filename: str = "metrics.jsonl", enabled: bool | None = None):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / filename
-        if resume_step is not None:
+        self.enabled = _is_primary() if enabled is None else bool(enabled)
+        self._fh = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_offset is not None:
+            self.truncate_to(int(resume_offset))
+        elif resume_step is not None:
             self.truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._tb = None
+        self._fh = open(self.path, "ab")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -48,7 +81,18 @@ class MetricWriter:
             except Exception:  # noqa: BLE001 - TensorBoard is optional at run time
                 self._tb = None
 
+    def truncate_to(self, offset: int) -> None:
+        """Cut the file to ``offset`` bytes (the length recorded with a checkpoint)."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < offset:
+            log.warning("%s has %d bytes but the checkpoint recorded %d; keeping it as it is (records before "
+                        "the resume point may be missing)", self.path, size, offset)
+            return
+        with open(self.path, "r+b") as fh:
+            fh.truncate(offset)
+
     def truncate_after(self, step: int) -> None:
+        """Drop records with ``step > step`` (and a torn last line)."""
         if not self.path.exists():
             return
         keep = []
@@ -61,10 +105,19 @@ class MetricWriter:
                 keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
+    def tell(self) -> int:
+        """Bytes written so far (all records flushed): store it in a checkpoint's meta."""
+        if self._fh is None:
+            return 0
+        self._fh.flush()
+        return int(self._fh.tell())
+
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         rec = {"step": int(step)}
         rec.update({k: _to_py(v) for k, v in metrics.items()})
-        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.write((json.dumps(rec) + "\n").encode("utf-8"))
         self._fh.flush()
         if self._tb is not None:
             for k, v in rec.items():
@@ -72,10 +125,13 @@ class MetricWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -51,17 +52,21 @@ class LoopSection:
     max_steps: int = -1            # stop after this many updates (-1 = epochs decide)
     log_every: int = 1
     eval_every: int = 0            # 0 = at the end of each epoch only
-    save_every: int = 0            # 0 = only at the end
+    save_every: int = 0            # 0 = only at the end (and on SIGTERM)
     keep_checkpoints: int = 2
     progress: bool = True
+    skip_nonfinite: bool = False   # True: a step with a NaN/Inf loss or gradient is skipped and counted, not fatal
+    inject_nan_step: int = 0       # fault-injection hook for tests: poison this update (1-based) with NaN; 0 = off
 
     def validate(self) -> None:
         check_range("train.epochs", self.epochs, low=1)
         check_range("train.batch_size", self.batch_size, low=1)
+        check_range("train.max_steps", self.max_steps, low=-1)   # -1 / 0: epochs decide
         check_range("train.log_every", self.log_every, low=1)
         check_range("train.eval_every", self.eval_every, low=0)
         check_range("train.save_every", self.save_every, low=0)
         check_range("train.keep_checkpoints", self.keep_checkpoints, low=1)
+        check_range("train.inject_nan_step", self.inject_nan_step, low=0)
 
 
 # ----------------------------------------------------------------------------- train state
@@ -153,8 +158,12 @@ def put_batch(batch: dict, mesh) -> dict:
 # ----------------------------------------------------------------------------- run directory
 
 
-# config keys whose change makes a resumed run differ from the original
-RESUME_CRITICAL = ("model", "data", "train.batch_size", "optim", "seed", "algorithm", "ppo", "lagrange", "rollout")
+# config keys that may change between a run and its resumption: they do not change the training
+# trajectory (logging, checkpoint cadence, the mesh layout, remat, fault handling).  Every other key
+# (model, data, batch size, optimizer, schedule length, seed, algorithm...) must stay the same.
+RESUME_IGNORED = ("out_dir", "allow_config_change", "train.log_every", "train.eval_every", "train.save_every",
+                  "train.keep_checkpoints", "train.progress", "train.skip_nonfinite", "train.inject_nan_step",
+                  "mesh", "eval_batch_size", "*.remat")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -167,35 +176,79 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(old: dict, new: dict, keys=RESUME_CRITICAL) -> list[str]:
+def _ignored(key: str, ignore) -> bool:
+    for c in ignore:
+        if c.startswith("*."):
+            if key.endswith(c[1:]) or key == c[2:]:
+                return True
+        elif key == c or key.startswith(c + "."):
+            return True
+    return False
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def config_differences(old: dict, new: dict, ignore=RESUME_IGNORED) -> list[str]:
+    """``["key: old -> new", ...]`` for every flattened key that differs and is not in ``ignore``
+    (keys missing on one side count as ``None``)."""
     fo, fn = _flatten(old), _flatten(new)
     diffs = []
     for k in sorted(set(fo) | set(fn)):
-        if any(k == c or k.startswith(c + ".") for c in keys) and fo.get(k) != fn.get(k):
+        if _ignored(k, ignore):
+            continue
+        if not _same(fo.get(k), fn.get(k)):
             diffs.append(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}")
     return diffs
 
 
 class RunDir:
-    """Output folder of one stage: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``,
-    ``checkpoints/``, ``hf/`` (exported model)."""
+    """Output folder of one stage: ``config.yaml``/``config.json`` (snapshot), ``metrics.jsonl``,
+    ``tensorboard/``, ``checkpoints/``, ``hf/`` (exported model).
+
+    Creating a RunDir over a folder that already holds a checkpoint checks that the config would
+    continue the same run (see :data:`RESUME_IGNORED`) and raises :class:`ConfigError` listing the
+    differences otherwise (``allow_config_change=True`` resumes anyway).  The snapshot is written by
+    :meth:`write_config` once the stage has loaded its inputs, so a run that fails on bad input never
+    replaces the snapshot of the run it was meant to continue."""
 
     def __init__(self, out_dir: str | Path, cfg: Any, *, allow_config_change: bool = False):
         self.path = Path(out_dir)
-        self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
+        self.checkpoints = None
         snap = self.path / "config.json"
-        new = to_dict(cfg)
-        if snap.exists() and (self.path / "checkpoints").exists():
-            old = json.loads(snap.read_text())
-            diffs = config_differences(old, new)
+        if snap.exists() and self.has_checkpoint():
+            try:
+                old = json.loads(snap.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{snap}: unreadable config snapshot of the run to resume ({e}); "
+                                  "use a new out_dir") from None
+            diffs = config_differences(old, to_dict(cfg))
             if diffs and not allow_config_change:
                 raise ConfigError(
-                    f"{self.path} holds a run with a different config; resuming would not continue it:\n  "
-                    + "\n  ".join(diffs) + "\nUse a new out_dir, or pass allow_config_change=true to resume anyway.")
-        snap.write_text(json.dumps(new, indent=1))
-        dump_yaml(cfg, self.path / "config.yaml")
-        self.checkpoints = None
+                    f"{self.path} holds a checkpointed run with a different config, so resuming would not continue "
+                    f"it; differences: {'; '.join(diffs)}. Use a new out_dir, or pass allow_config_change=true to "
+                    "resume anyway.")
+            if diffs:
+                log.warning("resuming %s with a changed config (allow_config_change): %s", self.path, "; ".join(diffs))
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def has_checkpoint(self) -> bool:
+        """True when ``checkpoints/`` holds at least one step folder (complete or not)."""
+        d = self.path / "checkpoints"
+        return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+    def write_config(self) -> None:
+        """Write ``config.json`` / ``config.yaml`` (process 0)."""
+        if jax.process_index() != 0:
+            return
+        tmp = self.path / "config.json.tmp"
+        tmp.write_text(json.dumps(to_dict(self.cfg), indent=1))
+        os.replace(tmp, self.path / "config.json")
+        dump_yaml(self.cfg, self.path / "config.yaml")
 
     def checkpointer(self, keep: int) -> Checkpointer:
         if self.checkpoints is None:
@@ -210,20 +263,125 @@ class NonFiniteError(FloatingPointError):
     """A loss, gradient norm or multiplier became NaN/Inf; the message names the step and quantity."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM stopped the run after a checkpoint was saved (the CLI exits with 143)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+SKIP_KEY = "nonfinite_skipped"
+# which quantity to name first when several are non-finite
+_PRIORITY = ("loss", "grad_norm", "lambda")
+
+
+def _rank(key: str) -> int:
+    for i, p in enumerate(_PRIORITY):
+        if p in key:
+            return i
+    return len(_PRIORITY)
+
+
+def nonfinite_keys(metrics: dict) -> list[str]:
+    """Keys of non-finite float metrics, losses first, then gradient norms, then lambda, then the rest."""
+    bad = [k for k, v in metrics.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)]
+    return sorted(bad, key=lambda k: (_rank(k), k))
+
+
 def check_finite(step: int, metrics: dict, keys: Iterable[str] | None = None) -> None:
-    for k, v in metrics.items():
-        if keys is not None and k not in keys:
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
-            raise NonFiniteError(f"step {step}: '{k}' is {v}; stopping (the last checkpoint is intact)")
+    """Raise :class:`NonFiniteError` naming ``step`` and the non-finite quantity (losses named first)."""
+    if keys is not None:
+        keys = set(keys)
+        metrics = {k: v for k, v in metrics.items() if k in keys}
+    bad = nonfinite_keys(metrics)
+    if bad:
+        k = bad[0]
+        others = f" (also non-finite: {', '.join(bad[1:6])}{' ...' if len(bad) > 6 else ''})" if len(bad) > 1 else ""
+        raise NonFiniteError(f"step {step}: '{k}' is {metrics[k]}{others}; stopped without saving this state "
+                             "(the last checkpoint is intact; train.skip_nonfinite=true skips such steps instead)")
 
 
 def host_metrics(metrics: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
+class MetricGuard:
+    """Per-step device metrics waiting for the host, checked for NaN/Inf in step order.
+
+    The loop calls :meth:`add` after every step (no device sync) and :meth:`drain` when it logs or
+    saves: all pending steps come back in one transfer, the first non-finite one raises
+    :class:`NonFiniteError` (unless the step reported ``*nonfinite_skipped = 1``, i.e. it was skipped
+    on device with ``train.skip_nonfinite``; those are counted in :attr:`skipped`)."""
+
+    def __init__(self, skipped: int = 0):
+        self.pending: list[tuple[int, Any]] = []
+        self.skipped = int(skipped)
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((int(step), metrics))
+
+    def drain(self) -> dict[int, dict]:
+        if not self.pending:
+            return {}
+        steps = [s for s, _ in self.pending]
+        values = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        out = {}
+        for s, m in zip(steps, values):
+            hm = {k: float(np.asarray(v)) for k, v in m.items()}
+            if any(k.endswith(SKIP_KEY) and v > 0 for k, v in hm.items()):
+                self.skipped += 1
+                bad = nonfinite_keys(hm)
+                log.warning("step %d: non-finite %s; update skipped (train.skip_nonfinite; %d skipped so far)",
+                            s, ", ".join(bad[:4]) or "state", self.skipped)
+            else:
+                check_finite(s, hm)
+            out[s] = hm
+        return out
+
+
+@jax.jit
+def _finite_flags(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.ones((0,), bool)
+
+
+def nonfinite_state_leaves(state: Any) -> list[str]:
+    """Dotted paths of float arrays in ``state`` holding a NaN/Inf (one jitted reduction, one transfer)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    floats = [(p, x) for p, x in flat if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not floats:
+        return []
+    flags = np.asarray(jax.device_get(_finite_flags([x for _, x in floats])))
+    from safejax.checkpoint import _key_name
+
+    return [".".join(_key_name(k) for k in p) for (p, _), ok in zip(floats, flags) if not ok]
+
+
+def check_state_finite(step: int, state: Any) -> None:
+    """Raise :class:`NonFiniteError` if any float array of ``state`` is non-finite (never checkpoint it)."""
+    bad = nonfinite_state_leaves(state)
+    if bad:
+        raise NonFiniteError(f"step {step}: the train state holds NaN/Inf in '{bad[0]}'"
+                             + (f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else "")
+                             + "; stopped without saving it (the last checkpoint is intact)")
+
+
+def save_checkpoint(ckpt: Checkpointer, step: int, state: Any, guard: MetricGuard, writer, meta: dict) -> None:
+    """Check every pending metric and the state for NaN/Inf, then start an async save of ``state``
+    with ``meta`` plus the metric file's offset and the skip counter."""
+    guard.drain()
+    check_state_finite(step, state)
+    meta = dict(meta, step=int(step), metrics_offset=writer.tell(), nonfinite_skipped=guard.skipped)
+    ckpt.save(step, state, meta)
+
+
 class GracefulStop:
-    """Turn SIGTERM (preemption notice) into a flag the loop checks to save and exit cleanly."""
+    """Turn SIGTERM (preemption notice) into a flag the loop checks to save and exit cleanly.
+
+    :meth:`requested_now` agrees across processes (any host's flag stops all), so every host saves
+    the same step."""
 
     def __init__(self):
         self.requested = False
@@ -238,6 +396,14 @@ class GracefulStop:
 
     def _handler(self, signum, frame):  # noqa: ARG002
         self.requested = True
+
+    def requested_now(self) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            self.requested = bool(np.any(flags))
+        return self.requested
 
     def __exit__(self, *exc):
         if self._old is not None:

@@ -1,8 +1,12 @@
-"""``safejax export --run DIR --out HF_DIR``: an HF folder from any checkpoint of a stage.
+"""``safejax export --run DIR --out HF_DIR [--step N]``: an HF folder from any checkpoint of a stage.
 
-The stage is recognised from ``DIR/config.json``: PPO runs export the actor (causal LM), SFT runs
-the causal LM, RM/CM runs the score model.  The checkpoint is restored without a target (plain
-arrays) and its params are poured into the stage's model definition.
+The stage is recognised from ``DIR/config.json`` (the snapshot every stage writes): PPO runs export
+the actor (a causal LM that transformers loads), SFT runs the causal LM, RM/CM runs the score model
+(that :func:`safejax.models.load_pretrained` loads).  Only the needed params subtree of the
+checkpoint is read (``("actor", "params")`` or ``("params",)``), onto one device whatever mesh
+saved it; its arrays are checked against the stage's model definition (built from the config's
+model folder and tokenizer exactly as the stage built it) and poured into it.  The result equals the
+stage's own ``hf/`` export for the final step.
 """
 
 from __future__ import annotations
@@ -11,14 +15,28 @@ import json
 import logging
 from pathlib import Path
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
+from safejax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table
 
 log = logging.getLogger("safejax")
 
 
+def stage_of(cfg: dict) -> tuple[str, dict, str, tuple[str, ...]]:
+    """``(stage, model section dict, model_type, params path in the state)`` of a config snapshot."""
+    if "algorithm" in cfg and "actor" in cfg:
+        return str(cfg["algorithm"]), cfg["actor"], "causal_lm", ("actor", "params")
+    if "loss_type" in cfg:
+        return "score-model", cfg["model"], "score", ("params",)
+    if "model" in cfg:
+        return "sft", cfg["model"], "causal_lm", ("params",)
+    raise ValueError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
+
+
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
+    """Write an HF folder (weights + config + tokenizer) for checkpoint ``step`` (default: the newest
+    readable one) of the stage run in ``run_dir``.  Returns ``Path(out_dir)``."""
+    import jax
+    import jax.numpy as jnp
+
     from safejax.models import save_pretrained
     from safejax.train.common import ModelSection
     from safejax.train.functional import split_model
@@ -27,33 +45,31 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     run = Path(run_dir)
     cfg_path = run / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: --run must be a stage's out_dir")
-    cfg = json.loads(cfg_path.read_text())
-    if "algorithm" in cfg:
-        section, model_type, key = cfg["actor"], "causal_lm", ("actor", "params")
-    elif "loss_type" in cfg:
-        section, model_type, key = cfg["model"], "score", ("params",)
-    else:
-        section, model_type, key = cfg["model"], "causal_lm", ("params",)
+        raise FileNotFoundError(f"{cfg_path} not found: --run must be the out_dir of a training stage")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        stage, section, model_type, key = stage_of(cfg)
+    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     ckpt_dir = run / "checkpoints"
-    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "meta"))
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    s = step if step is not None else steps[-1]
-    if s not in steps:
-        raise ValueError(f"step {s} is not among the checkpoints in {ckpt_dir}: {steps}")
-    raw = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    params = raw["state"]
-    for k in key:
-        params = params[k]
-    sec = ModelSection(**section)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir} not found: the run saved no checkpoint")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        if not ckpt.all_steps():
+            raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+        params, _, s = ckpt.restore_subtree(key, step=step)
+    finally:
+        ckpt.close()
+
+    sec = ModelSection(**{k: v for k, v in section.items() if k in ModelSection.__dataclass_fields__})
     tok = load_tokenizer_for(sec)
     model = load_model_for(sec, None, model_type=model_type, tokenizer=tok)
-    mdef, template_params = split_model(model)
-    got = jax.tree.structure(jax.tree.map(np.asarray, params))
-    if got != jax.tree.structure(template_params):
-        raise ValueError(f"checkpoint {ckpt_dir}/{s} does not match the model at {sec.path}")
+    mdef, template = split_model(model)
+    diff = describe_mismatch(leaf_table(params), leaf_table(template))
+    if diff is not None:
+        raise CheckpointMismatchError(f"checkpoint {ckpt_dir / str(s)} does not match the model at {sec.path}: {diff}")
+    params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)
     save_pretrained(mdef.merge(params), out_dir, tokenizer=tok)
-    log.info("exported %s step %d -> %s", run, s, out_dir)
+    log.info("exported %s (%s) step %d -> %s", run, stage, s, out_dir)
     return Path(out_dir)

@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
 from safejax.parallel import make_mesh
-from safejax.train.common import (GracefulStop, RunDir, check_finite, host_metrics, progress, scalar_on_mesh)
+from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, progress, save_checkpoint,
+                                  scalar_on_mesh)
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
 from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
@@ -141,25 +142,30 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
 
     bsh = parallel.batch_sharding(mesh, 2)
     rollout_fn = jax.jit(trainer.rollout, in_shardings=(state_sh, frozen_sh, bsh, bsh))
-    update_fn = jax.jit(trainer.update, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
-                        donate_argnums=(0,))
+    update_fn = jax.jit(guarded_update(trainer.update, skip_nonfinite=cfg.train.skip_nonfinite,
+                                       inject_nan_step=cfg.train.inject_nan_step, lag=lag),
+                        in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=(0,))
 
     # ---- resume
     prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)
     ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
                 if ptx_arrays is not None else None)
     ckpt = run.checkpointer(cfg.train.keep_checkpoints)
-    restored = ckpt.restore(state)
-    start = 0
+    restored = ckpt.restore(state, required_meta=("prompts",) + (("ptx",) if ptx_iter is not None else ()))
+    start, meta = 0, {}
+    guard = MetricGuard()
     if restored is not None:
         state, meta, start = restored
         prompt_iter.restore(meta["prompts"])
         if ptx_iter is not None:
             ptx_iter.restore(meta["ptx"])
-        log.info("%s: resumed from iteration %d", cfg.algorithm, start)
+        guard.skipped = int(meta.get("nonfinite_skipped", 0))
+        log.info("%s: resumed from iteration %d in %s", cfg.algorithm, start, ckpt.directory)
+    run.write_config()
     from safejax.metrics import MetricWriter
 
-    writer = MetricWriter(run.path, resume_step=start if restored is not None else None)
+    writer = MetricWriter(run.path, resume_step=start if restored is not None else None,
+                          resume_offset=meta.get("metrics_offset"))
 
     history: list[dict] = []
     result = PPOResult(state, models, trainer, tok, history, None, 0.0, mesh)
@@ -167,45 +173,82 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     it = iter(prompt_iter)
     ptx_it = iter(ptx_iter) if ptx_iter is not None else None
     step = start
-    with GracefulStop() as stop:
-        while step < iterations:
-            batch = next(it)
-            batch = parallel.host_local_to_global(batch, mesh)
-            exp = rollout_fn(state, frozen, batch["prompt_ids"], batch["prompt_mask"])
-            ptx = parallel.host_local_to_global(next(ptx_it), mesh) if ptx_it is not None else None
-            state, m = update_fn(state, exp, ptx)
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == iterations:
-                metrics = host_metrics(m)
-                check_finite(step, metrics)
-                writer.write(step, metrics)
-                history.append(dict(metrics, step=step))
-                bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", cost=f"{metrics['train/cost']:.2f}",
-                                lam=f"{metrics.get('train/lambda', 0.0):.2f}")
-            if eval_hook is not None and eval_every and step % eval_every == 0 and step != iterations:
-                result.state = state
-                em = eval_hook(step, result)
-                writer.write(step, em)
-                history.append(dict(em, step=step))
-            save_now = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == iterations
-            if save_now or stop.requested:
-                meta = {"prompts": prompt_iter.state(), "step": step}
-                if ptx_iter is not None:
-                    meta["ptx"] = ptx_iter.state()
-                ckpt.save(step, state, meta, force=True)
-            if stop.requested:
-                log.warning("%s: SIGTERM received; saved iteration %d and stopping", cfg.algorithm, step)
-                break
-    bar.close()
-    result.state = state
-    if eval_hook is not None:
-        em = eval_hook(step, result)
-        writer.write(step, em)
-        history.append(dict(em, step=step))
-    ckpt.wait()
-    writer.close()
+    try:
+        with GracefulStop() as stop:
+            while step < iterations:
+                batch = next(it)
+                batch = parallel.host_local_to_global(batch, mesh)
+                exp = rollout_fn(state, frozen, batch["prompt_ids"], batch["prompt_mask"])
+                ptx = parallel.host_local_to_global(next(ptx_it), mesh) if ptx_it is not None else None
+                state, m = update_fn(state, exp, ptx)
+                step += 1
+                guard.add(step, m)
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == iterations:
+                    metrics = guard.drain()[step]
+                    if cfg.train.skip_nonfinite:
+                        metrics["train/" + SKIP_KEY + "_total"] = guard.skipped
+                    writer.write(step, metrics)
+                    history.append(dict(metrics, step=step))
+                    bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", cost=f"{metrics['train/cost']:.2f}",
+                                    lam=f"{metrics.get('train/lambda', 0.0):.2f}")
+                if eval_hook is not None and eval_every and step % eval_every == 0 and step != iterations:
+                    result.state = state
+                    em = eval_hook(step, result)
+                    writer.write(step, em)
+                    history.append(dict(em, step=step))
+                stop_now = stop.requested_now()
+                save_now = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == iterations
+                if save_now or stop_now:
+                    meta = {"prompts": prompt_iter.state()}
+                    if ptx_iter is not None:
+                        meta["ptx"] = ptx_iter.state()
+                    save_checkpoint(ckpt, step, state, guard, writer, meta)
+                if stop_now:
+                    raise Preempted(f"{cfg.algorithm}: SIGTERM received; saved a checkpoint at iteration {step}/"
+                                    f"{iterations} in {ckpt.directory}; rerun the same command to resume", step)
+        bar.close()
+        result.state = state
+        if eval_hook is not None:
+            em = eval_hook(step, result)
+            writer.write(step, em)
+            history.append(dict(em, step=step))
+    finally:
+        bar.close()
+        ckpt.close()
+        run.checkpoints = None
+        writer.close()
     if export:
         result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
     result.seconds = time.time() - t0
     return result
+
+
+def guarded_update(update: Callable, *, skip_nonfinite: bool, inject_nan_step: int, lag: bool) -> Callable:
+    """Wrap ``Trainer.update(state, exp, ptx) -> (state, metrics)`` with the numerics options.
+
+    ``inject_nan_step`` (> 0, a test hook): at that iteration (1-based) the experience's episode costs
+    (PPO-Lag; else the rewards) are NaN, which poisons the cost window, lambda, advantages, losses and
+    params.  ``skip_nonfinite``: an iteration whose metrics are not all finite keeps the previous
+    state (only ``step`` advances) and reports ``train/nonfinite_skipped = 1``.  With both off the
+    update is returned unchanged."""
+    if not skip_nonfinite and inject_nan_step <= 0:
+        return update
+
+    def wrapped(state, exp, ptx):
+        if inject_nan_step > 0:
+            hit = state.step + 1 == inject_nan_step
+            if lag:
+                exp = exp.replace(cost=jnp.where(hit, jnp.float32(jnp.nan), exp.cost))
+            else:
+                exp = exp.replace(reward=jnp.where(hit, jnp.float32(jnp.nan), exp.reward))
+        new, metrics = update(state, exp, ptx)
+        if skip_nonfinite:
+            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)
+                                    if jnp.issubdtype(v.dtype, jnp.inexact)]))
+            kept = state.replace(step=state.step + 1)
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
+            metrics = dict(metrics, **{"train/" + SKIP_KEY: (~ok).astype(jnp.float32)})
+        return new, metrics
+
+    return wrapped

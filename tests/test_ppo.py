@@ -1,0 +1,262 @@
+"""The RL stage (safejax.train.ppo / ppo_loop): experience index conventions against an independent
+re-scoring, one PPO-Lag iteration sharded (2,2,2) vs one device, a toy constrained problem where the
+reward model rewards ``good`` and the cost model charges ``bad`` (SAFE_RLHF.md §5), and the metric names
+of plain PPO and reward shaping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import tiny_world
+from safejax.cli import main
+from safejax.metrics import read_metrics
+
+PROMPT_WIDTH = 13          # every tiny_world prompt fits (BOS + template + <= 4 words)
+NEW_TOKENS = 8             # SFT responses are 2-6 words + EOS
+ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
+def _cli(*args: str) -> None:
+    rc = main(list(args))
+    assert rc == 0, f"safejax {' '.join(args)} exited with {rc}"
+
+
+# ----------------------------------------------------------------------------- experience conventions
+
+
+def test_rollout_experience_matches_independent_rescoring(tmp_path):
+    """old/ref log-probs sit at the shifted positions [P-1, L-2]; values V[t] are the critic score at token t;
+    the RM/CM end score is read at the last real token (the EOS when one was sampled).  The reference values
+    come from each row re-scored *without* padding: log-probs by the transformers model, scores by our
+    ScoreModel on the bare row (no mask, positions 0..n-1)."""
+    from safejax import rl
+    from safejax.generation import SamplingConfig
+    from safejax.models import load_pretrained
+    from safejax.train.functional import split_model
+    from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+
+    vocab, pad, p, n = 40, 0, 6, 7
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.5, max_position_embeddings=64, pad_token_id=pad)).eval()
+    hf.save_pretrained(tmp_path)
+    adef, ap = split_model(load_pretrained(tmp_path))
+    score = {name: split_model(load_pretrained(tmp_path, model_type="score", seed=s))
+             for s, name in enumerate(("reward", "cost", "reward_critic", "cost_critic"), start=1)}
+    models = Models(actor=adef, reward_critic=score["reward_critic"][0], cost_critic=score["cost_critic"][0],
+                    reward=score["reward"][0], cost=score["cost"][0])
+    frozen = Frozen(ref=ap, reward=score["reward"][1], cost=score["cost"][1])
+    state = PPOState(step=jnp.int32(3), actor=ModelState(ap, None),
+                     reward_critic=ModelState(score["reward_critic"][1], None),
+                     cost_critic=ModelState(score["cost_critic"][1], None), lagrange=rl.lagrange_init(1.0),
+                     rng=jax.random.key_data(jax.random.key(0)))
+    lengths = [6, 2, 4, 1, 5, 3, 6, 2]
+    rng = np.random.default_rng(1)
+    ids = np.full((len(lengths), p), pad, np.int32)
+    pmask = np.zeros_like(ids, bool)
+    for i, k in enumerate(lengths):
+        ids[i, p - k:] = rng.integers(3, vocab, k)
+        pmask[i, p - k:] = True
+    cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n))
+
+    def rollout(eos):
+        tr = Trainer(cfg, models, None, prompt_width=p, eos_id=eos, pad_id=pad, total_updates=1, ptx_enabled=False)
+        return jax.tree.map(np.asarray, jax.jit(tr.rollout)(state, frozen, jnp.asarray(ids), jnp.asarray(pmask)))
+
+    # EOS := the token sampled most often mid-response (same key, so the draws before each EOS are unchanged)
+    free = rollout(vocab + 3).sequences[:, p:-1]
+    eos = int(np.bincount(free.ravel(), minlength=vocab)[1:].argmax() + 1)
+    exp = rollout(eos)
+    seq, attn = exp.sequences, exp.attention_mask.astype(bool)
+    stopped = (seq[:, p:] == eos).any(axis=1)
+    assert stopped.any() and not stopped.all(), "the constructed case needs rows with and without EOS"
+    assert exp.old_log_probs.shape == exp.ref_log_probs.shape == exp.mask.shape == exp.reward_values.shape == \
+        (len(lengths), n)
+    np.testing.assert_array_equal(seq[:, :p], ids)
+    np.testing.assert_array_equal(exp.mask, attn[:, p:].astype(np.float32))
+
+    for b in range(len(lengths)):
+        real = seq[b][attn[b]]                    # the bare row: prompt + response up to EOS
+        left = p - lengths[b]                     # unpadded index u = t - left
+        assert real[-1] == eos if stopped[b] else len(real) == lengths[b] + n
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor(real[None], dtype=torch.long)).logits[0].double(), -1).numpy()
+        bare = {k: np.asarray(score[k][0].merge(score[k][1])(jnp.asarray(real[None])).scores[0]) for k in score}
+        for j in range(n):
+            t = p - 1 + j                         # shifted position of action j (emits token t+1)
+            if not exp.mask[b, j]:
+                assert seq[b, t + 1] == pad
+                continue
+            u = t - left
+            assert abs(exp.old_log_probs[b, j] - logp[u, real[u + 1]]) < 2e-4, (b, j)
+            assert abs(exp.ref_log_probs[b, j] - logp[u, real[u + 1]]) < 2e-4, (b, j)
+            assert abs(exp.reward_values[b, j] - bare["reward_critic"][u]) < 2e-4, (b, j)
+            assert abs(exp.cost_values[b, j] - bare["cost_critic"][u]) < 2e-4, (b, j)
+        assert abs(exp.reward[b] - bare["reward"][-1]) < 2e-4, b
+        assert abs(exp.cost[b] - bare["cost"][-1]) < 2e-4, b
+
+
+# ----------------------------------------------------------------------------- the tiny world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """SFT (50% of responses carry ``bad``), RM (``good`` is better), CM (``bad`` is unsafe), plus the CM's mean
+    cost of safe / unsafe training responses (to calibrate thresholds)."""
+    from safejax.data import build_cost_pairs, load_rows
+    from safejax.models import load_pretrained
+    from safejax.train.loading import load_tokenizer_for
+    from safejax.train.common import ModelSection
+
+    root = tmp_path_factory.mktemp("ppo-world")
+    paths = tiny_world.make_world(root)
+    common = ["data.max_length=24", "train.batch_size=16", "train.progress=false", *ONE_DEVICE]
+    _cli("sft", f"out_dir={root}/sft", f"model.path={paths['model']}", f"data.train=[{paths['sft']}]",
+         "train.epochs=4", "optim.lr=3e-3", *common)
+    for stage in ("rm", "cm"):
+        _cli(stage, f"out_dir={root}/{stage}", f"model.path={root}/sft/hf", f"data.train=[{paths['pref_train']}]",
+             "train.epochs=3", "optim.lr=3e-3", *common)
+    tok = load_tokenizer_for(ModelSection(path=f"{root}/sft/hf"))
+    pairs, _ = build_cost_pairs(load_rows([str(paths["pref_train"])]), tok, max_length=24)
+    cm = load_pretrained(f"{root}/cm/hf")
+    costs = np.concatenate([np.asarray(cm(pairs.safer_ids, pairs.safer_mask).end_scores),
+                            np.asarray(cm(pairs.unsafer_ids, pairs.unsafer_mask).end_scores)])
+    safe = np.concatenate([pairs.safer_is_safe, pairs.unsafer_is_safe])
+    paths.update(root=root, tok=tok, cost_safe=float(costs[safe].mean()), cost_unsafe=float(costs[~safe].mean()))
+    assert paths["cost_unsafe"] > paths["cost_safe"] + 1.0, "the cost model did not learn the planted token"
+    return paths
+
+
+def _ppo_args(world, algorithm: str, out, *extra: str, cost_model: bool = True) -> list[str]:
+    root = world["root"]
+    args = [algorithm, f"out_dir={out}", f"actor.path={root}/sft/hf", f"reward_model={root}/rm/hf",
+            f"data.prompts=[{world['prompts']}]", f"data.prompt_width={PROMPT_WIDTH}",
+            f"rollout.max_new_tokens={NEW_TOKENS}", "train.batch_size=16", "ppo.micro_batch_size=8",
+            "train.progress=false", "train.log_every=1"]
+    if cost_model:
+        args.append(f"cost_model={root}/cm/hf")
+    return args + list(extra)
+
+
+def _records(out) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "train/reward" in r]
+
+
+def test_ppo_lag_iterations_sharded_match_single_device(world, tmp_path):
+    base = ["train.max_steps=2", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3"]
+    _cli(*_ppo_args(world, "ppo-lag", tmp_path / "one", *base, *ONE_DEVICE))
+    _cli(*_ppo_args(world, "ppo-lag", tmp_path / "many", *base, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    one, many = _records(tmp_path / "one"), _records(tmp_path / "many")
+    assert len(one) == len(many) == 2
+    for a, b in zip(one, many):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+    # the second iteration really trained on something (the two runs did not both stay put)
+    assert one[1]["train/kl_divergence"] != 0.0
+
+
+def _bad_fraction(world, actor_dir, seeds=(0, 1, 2, 3)) -> float:
+    """Fraction of sampled responses (all prompts, several keys) that contain the token ``bad``."""
+    from safejax.data import build_prompts, load_rows
+    from safejax.generation import SamplingConfig, generate
+    from safejax.models import load_pretrained
+
+    tok = world["tok"]
+    arr, _ = build_prompts(load_rows([str(world["prompts"])]), tok, prompt_width=PROMPT_WIDTH)
+    lm = load_pretrained(actor_dir)
+    gen = jax.jit(lambda i, m, k: generate(lm, i, m, k, SamplingConfig(max_new_tokens=NEW_TOKENS),
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).sequences)
+    bad = tok.convert_tokens_to_ids("bad")
+    hits = [np.asarray(gen(arr.prompt_ids, arr.prompt_mask, jax.random.key(s)))[:, PROMPT_WIDTH:] == bad
+            for s in seeds]
+    return float(np.mean([h.any(axis=1).mean() for h in hits]))
+
+
+def _lambda_follows_constraint(recs, threshold, lambda_init):
+    """Within an iteration the window is fixed, so every lambda step has the sign of episode_cost - threshold."""
+    prev = lambda_init
+    for r in recs:
+        gap = r["train/episode_cost"] - threshold
+        if abs(gap) > 1e-4:
+            assert np.sign(r["train/lambda"] - prev) == np.sign(gap), (r["step"], prev, r["train/lambda"], gap)
+        prev = r["train/lambda"]
+
+
+def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, tmp_path):
+    c_safe, c_unsafe = world["cost_safe"], world["cost_unsafe"]
+    threshold = c_safe + 0.2 * (c_unsafe - c_safe)
+    out = tmp_path / "toy"
+    _cli(*_ppo_args(world, "ppo-lag", out, "train.epochs=8", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
+                    f"lagrange.threshold={threshold}", *ONE_DEVICE))
+    recs = _records(out)
+    assert len(recs) == 32
+    cost = np.array([r["train/cost"] for r in recs])
+    reward = np.array([r["train/reward"] for r in recs])
+    lam = np.array([r["train/lambda"] for r in recs])
+    # the SFT policy starts out violating the constraint (first epoch = every prompt once)
+    assert cost[:4].mean() > threshold
+    # ... and ends inside it: the final episode-cost window (128 samples = 8 iterations) is below the threshold
+    assert recs[-1]["train/episode_cost"] <= threshold
+    assert cost[-8:].mean() <= threshold
+    # lambda rose while the cost was too high, then fell once it was met
+    assert lam.max() > 1.0 and lam[-1] < lam.max() - 0.05
+    _lambda_follows_constraint(recs, threshold, 1.0)
+    # the reward did not get worse
+    assert reward[-8:].mean() >= reward[:4].mean() - 0.1
+    # and the policy itself says 'bad' less often than the SFT policy
+    before, after = _bad_fraction(world, world["root"] / "sft" / "hf"), _bad_fraction(world, out / "hf")
+    assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("side", ["unreachable", "slack"])
+def test_lambda_moves_monotonically_with_constraint_violation(world, tmp_path, side):
+    c_safe, c_unsafe = world["cost_safe"], world["cost_unsafe"]
+    threshold = c_safe - 2.0 if side == "unreachable" else c_unsafe + 2.0
+    out = tmp_path / side
+    _cli(*_ppo_args(world, "ppo-lag", out, "train.max_steps=4", "lagrange.lambda_lr=0.02",
+                    f"lagrange.threshold={threshold}", *ONE_DEVICE))
+    lam = np.array([1.0] + [r["train/lambda"] for r in _records(out)])
+    assert len(lam) == 5
+    steps = np.diff(lam)
+    assert (steps > 0).all() if side == "unreachable" else (steps < 0).all(), lam
+
+
+# ----------------------------------------------------------------------------- baselines' metric names
+
+
+REWARD_CRITIC = {"train/reward_with_kl_penalty", "train/reward_advantage", "train/reward_return",
+                 "train/reward_value"}
+COST_CRITIC = {"train/lambda", "train/cost_critic_loss", "train/cost_critic_lr", "train/cost_with_kl_penalty",
+               "train/cost_advantage", "train/cost_return", "train/cost_value"}
+SHAPED = {"train/shaped_reward", "train/shaped_reward_with_kl_penalty", "train/shaped_reward_advantage",
+          "train/shaped_reward_return", "train/shaped_reward_value"}
+COMMON = {"train/reward", "train/cost", "train/kl_divergence", "train/actor_loss", "train/reward_critic_loss",
+          "train/actor_lr", "train/reward_critic_lr", "train/episode_cost", "train/mean_generated_length",
+          "train/max_generated_length"}
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "ppo-reward-shaping"])
+def test_baselines_run_one_iteration_with_reference_metric_names(world, tmp_path, algorithm):
+    extra = ["train.max_steps=1", *ONE_DEVICE]
+    if algorithm == "ppo":  # also exercise ptx mixing and the reward-only metrics with a cost model for logging
+        extra += [f"data.ptx=[{world['sft']}]", "data.ptx_max_length=24"]
+    _cli(*_ppo_args(world, algorithm, tmp_path / algorithm, *extra))
+    (rec,) = _records(tmp_path / algorithm)
+    keys = set(rec) - {"step"}
+    assert COMMON <= keys
+    assert not keys & COST_CRITIC
+    if algorithm == "ppo":
+        assert REWARD_CRITIC <= keys and not keys & SHAPED
+        assert "train/ptx_loss" in keys and np.isfinite(rec["train/ptx_loss"])
+    else:
+        assert SHAPED <= keys and not keys & REWARD_CRITIC
+        assert "train/ptx_loss" not in keys
+    assert all(np.isfinite(v) for v in rec.values())
+    assert abs(rec["train/cost"]) > 0  # the cost model was loaded and scored the responses
