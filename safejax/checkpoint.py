@@ -57,15 +57,19 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """``{"a.b.0": leaf}`` in flattening order (pytree keys joined by dots; dict keys 0 and "0" alike)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(_key_name(k) for k in path): x for path, x in flat}
+
+
 def leaf_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{"a.b.0": (shape, dtype name)}`` for every array leaf (pytree keys joined by dots).
 
     Works on live arrays, ``ShapeDtypeStruct`` targets and orbax metadata trees alike, so the
     on-disk layout of a checkpoint can be compared with the state about to be restored."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     out = {}
-    for path, x in flat:
-        name = ".".join(_key_name(k) for k in path)
+    for name, x in named_leaves(tree).items():
         dtype = getattr(x, "dtype", None)
         out[name] = (tuple(int(d) for d in getattr(x, "shape", ())), str(np.dtype(dtype)) if dtype is not None else "?")
     return out
@@ -73,14 +77,14 @@ def leaf_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def describe_mismatch(on_disk: dict, wanted: dict) -> str | None:
     """First difference between two :func:`leaf_table` results, in words (None when equal)."""
-    missing = sorted(set(wanted) - set(on_disk))
-    extra = sorted(set(on_disk) - set(wanted))
+    missing = [k for k in wanted if k not in on_disk]
+    extra = [k for k in on_disk if k not in wanted]
     if missing:
         return (f"array '{missing[0]}' is not in the checkpoint"
                 + (f" ({len(missing)} missing, {len(extra)} unexpected)" if len(missing) + len(extra) > 1 else ""))
     if extra:
         return f"the checkpoint holds array '{extra[0]}' that the current state does not have ({len(extra)} such)"
-    for name in sorted(wanted):
+    for name in wanted:  # the state's own order: params before optimizer moments
         (ws, wd), (ds, dd) = wanted[name], on_disk[name]
         if ws != ds:
             return f"array '{name}' has shape {list(ds)} in the checkpoint but {list(ws)} in the current state"
@@ -109,9 +113,17 @@ class Checkpointer:
     def _make_manager(self, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=None if self.read_only else max_to_keep, enable_async_checkpointing=async_save,
+            save_interval_steps=0 if self.read_only else 1,
             create=not self.read_only, read_only=self.read_only, cleanup_tmp_directories=not self.read_only)
-        return ocp.CheckpointManager(self.directory, options=opts, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if self.read_only:  # orbax warns that a read-only manager will not save: that is the point
+            absl.setLevel(logging.ERROR)
+        try:
+            return ocp.CheckpointManager(self.directory, options=opts, item_handlers={
+                "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        finally:
+            absl.setLevel(level)
 
     # ------------------------------------------------------------------ saving
 
@@ -256,10 +268,10 @@ class Checkpointer:
                 item = target
                 for p in reversed(path):
                     item = {p: item}
-                ckptr = ocp.PyTreeCheckpointer()
-                raw = ckptr.restore(self.step_dir(s) / "state", args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True))
+                with ocp.PyTreeCheckpointer() as ckptr:
+                    raw = ckptr.restore(self.step_dir(s) / "state", args=ocp.args.PyTreeRestore(
+                        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                        partial_restore=True))
                 meta = dict(self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
             except CheckpointMismatchError:
                 raise

@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:  # key=value overrides after --config land here when a positional came first (eval WHAT)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            ap.error("unrecognized arguments: " + " ".join(extra))
     _setup_logging(args.verbose)
     from safejax.config import ConfigError, load_config
     from safejax.train.common import Preempted

@@ -69,10 +69,10 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     mesh = parallel.make_mesh(parallel.MeshConfig(*mesh_shape))
     lm = load_pretrained(model_path, mesh=mesh)
     mdef, params = split_model(lm)
-    # evidence that each host built only its own shards of the weights
+    # evidence that each host built only its own shards of the weights: the (row, col) offsets of the
+    # embedding blocks this process holds
     emb = params["model"]["embed_tokens"]["embedding"]
-    local_weight_rows = sorted({(s.index[0].start or 0) for s in emb.addressable_shards}) if hasattr(
-        emb, "addressable_shards") else []
+    local_weight_blocks = sorted({(s.index[0].start or 0, s.index[1].start or 0) for s in emb.addressable_shards})
     arrays = step_arrays(lm.config.vocab_size)
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.01), STEP_STEPS)
     state, state_sh = init_train_state(params, mdef.shardings(mesh), tx, mesh, seed=0)
@@ -81,7 +81,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     batches = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True)
     whole = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, process_index=0, process_count=1)
     out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-           "local_rows": [], "global_batch_matches": [], "metrics": [], "local_weight_rows": local_weight_rows,
+           "local_rows": [], "global_batch_matches": [], "metrics": [], "local_weight_blocks": local_weight_blocks,
            "embedding_is_fully_addressable": bool(getattr(emb, "is_fully_addressable", True))}
     for _ in range(STEP_STEPS):
         local = next(batches)
@@ -110,7 +110,7 @@ def run_ppo_overrides(overrides: list[str]) -> dict:
     from safejax.train.ppo_loop import run_ppo
 
     cfg = load_config(PPOConfig, None, list(overrides))
-    res = run_ppo(cfg, export=False)
+    res = run_ppo(cfg, export=True)
     return {"process_index": jax.process_index(), "process_count": jax.process_count(), "history": res.history,
             "device_count": jax.device_count()}
 
@@ -138,6 +138,7 @@ def main() -> int:
         result["distributed"] = parallel.maybe_initialize_distributed(
             timeout_s=int(os.environ.get("SAFEJAX_DISTRIBUTED_TIMEOUT", "30")))
         result["init_s"] = time.time() - t0
+        result["process_index"], result["process_count"] = jax.process_index(), jax.process_count()
         spec = json.load(open(args.spec))
         if args.mode == "step":
             result["runs"] = {str(a): run_step(spec["model_path"], tuple(spec["mesh"]), a) for a in spec["accums"]}

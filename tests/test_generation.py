@@ -123,6 +123,12 @@ def test_sampling_is_reproducible_and_key_dependent(tiny):
     np.testing.assert_array_equal(a, b)
     assert (a[:, P:] != c[:, P:]).mean() > 0.3
     np.testing.assert_array_equal(a[:, :P], ids)
+    # every step draws fresh noise: at a temperature where the distribution is nearly uniform over 50 tokens,
+    # consecutive tokens almost never repeat (re-using one key per row would repeat them almost always)
+    hot = _ours(lm, ids, mask, SamplingConfig(max_new_tokens=N, temperature=1e3), eos=VOCAB + 7,
+                key=jax.random.key(11)).sequences[:, P:]
+    assert (hot[:, 1:] == hot[:, :-1]).mean() < 0.2
+    assert len(np.unique(hot)) > 25
 
 
 def test_sampling_stops_at_eos_and_pads_after_it(tiny):
@@ -149,25 +155,37 @@ def test_top_k_one_sampling_equals_greedy(tiny):
         np.testing.assert_array_equal(topk1, greedy)
 
 
-def test_sampled_first_token_frequencies_follow_processed_distribution(tiny):
-    """Draw the first response token 8192 times for one prompt; compare with softmax(process_logits(...))."""
+def test_sampled_token_frequencies_follow_processed_distribution(tiny):
+    """Draw two response tokens 8192 times for one prompt.  The first token's frequencies must match
+    softmax(process_logits(...)); the second token's, among the rows whose first token was the most common one,
+    must match the processed distribution after that token (fresh randomness at every step)."""
     _, lm, ids, mask = tiny
-    cfg = SamplingConfig(max_new_tokens=1, temperature=1.5, top_k=12, top_p=0.9, repetition_penalty=1.2)
+    cfg = SamplingConfig(max_new_tokens=2, temperature=1.5, top_k=12, top_p=0.9, repetition_penalty=1.2)
     reps = 8192
     row = 0
     big_ids, big_mask = np.repeat(ids[row:row + 1], reps, 0), np.repeat(mask[row:row + 1], reps, 0)
     out = _ours(lm, big_ids, big_mask, cfg, eos=VOCAB + 7, key=jax.random.key(3))
-    counts = np.bincount(out.sequences[:, P], minlength=VOCAB) / reps
-    logits = lm(jnp.asarray(ids[row:row + 1]), attention_mask=jnp.asarray(mask[row:row + 1]),
-                positions=positions_from_mask(jnp.asarray(mask[row:row + 1])))[:, -1]
-    seen = np.zeros((1, VOCAB), bool)
-    seen[0, ids[row]] = True
-    probs = np.asarray(jax.nn.softmax(process_logits(logits, jnp.asarray(seen), cfg), axis=-1))[0]
-    support = probs > 0
-    assert 1 < support.sum() <= 12
-    assert counts[~support].sum() == 0
-    # binomial standard error at n=8192 is <= 0.0056; allow 5 sigma
-    np.testing.assert_allclose(counts, probs, atol=0.028)
+
+    def processed(prefix: np.ndarray) -> np.ndarray:
+        x = jnp.asarray(prefix[None])
+        logits = lm(x, attention_mask=jnp.ones_like(x), positions=jnp.arange(x.shape[1])[None])[:, -1]
+        seen = np.zeros((1, VOCAB), bool)
+        seen[0, ids[row]] = True          # HF semantics: the penalty covers the whole (left-padded) input
+        seen[0, prefix] = True
+        return np.asarray(jax.nn.softmax(process_logits(logits, jnp.asarray(seen), cfg), axis=-1))[0]
+
+    prompt = ids[row][mask[row]]
+    first = out.sequences[:, P]
+    p1 = processed(prompt)
+    f1 = np.bincount(first, minlength=VOCAB) / reps
+    assert 1 < (p1 > 0).sum() <= 12 and f1[p1 == 0].sum() == 0
+    np.testing.assert_allclose(f1, p1, atol=5 * np.sqrt(0.25 / reps))   # 5 sigma of a binomial frequency
+    a = int(np.argmax(f1))
+    sel = first == a
+    p2 = processed(np.append(prompt, a))
+    f2 = np.bincount(out.sequences[sel, P + 1], minlength=VOCAB) / sel.sum()
+    assert 1 < (p2 > 0).sum() and f2[p2 == 0].sum() == 0
+    np.testing.assert_allclose(f2, p2, atol=5 * np.sqrt(0.25 / sel.sum()))
 
 
 def _surviving_hf(scores: np.ndarray, ids: np.ndarray, cfg: SamplingConfig) -> np.ndarray:

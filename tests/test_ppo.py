@@ -81,25 +81,32 @@ def test_rollout_experience_matches_independent_rescoring(tmp_path):
     np.testing.assert_array_equal(seq[:, :p], ids)
     np.testing.assert_array_equal(exp.mask, attn[:, p:].astype(np.float32))
 
+    # the bare rows, right-padded: with causal attention the trailing pads cannot change earlier positions
+    real_len = attn.sum(axis=1)
+    bare_ids = np.full_like(seq, pad)
     for b in range(len(lengths)):
-        real = seq[b][attn[b]]                    # the bare row: prompt + response up to EOS
+        bare_ids[b, :real_len[b]] = seq[b][attn[b]]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor(bare_ids, dtype=torch.long)).logits.double(), -1).numpy()
+    sdef = score["reward"][0]                     # all four share one architecture: one compiled scorer
+    scorer = jax.jit(lambda prm, x: sdef.merge(prm)(x).scores)
+    bare = {k: np.asarray(scorer(score[k][1], bare_ids)) for k in score}
+    for b in range(len(lengths)):
+        real = bare_ids[b, :real_len[b]]          # prompt + response up to EOS
         left = p - lengths[b]                     # unpadded index u = t - left
         assert real[-1] == eos if stopped[b] else len(real) == lengths[b] + n
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.tensor(real[None], dtype=torch.long)).logits[0].double(), -1).numpy()
-        bare = {k: np.asarray(score[k][0].merge(score[k][1])(jnp.asarray(real[None])).scores[0]) for k in score}
         for j in range(n):
             t = p - 1 + j                         # shifted position of action j (emits token t+1)
             if not exp.mask[b, j]:
                 assert seq[b, t + 1] == pad
                 continue
             u = t - left
-            assert abs(exp.old_log_probs[b, j] - logp[u, real[u + 1]]) < 2e-4, (b, j)
-            assert abs(exp.ref_log_probs[b, j] - logp[u, real[u + 1]]) < 2e-4, (b, j)
-            assert abs(exp.reward_values[b, j] - bare["reward_critic"][u]) < 2e-4, (b, j)
-            assert abs(exp.cost_values[b, j] - bare["cost_critic"][u]) < 2e-4, (b, j)
-        assert abs(exp.reward[b] - bare["reward"][-1]) < 2e-4, b
-        assert abs(exp.cost[b] - bare["cost"][-1]) < 2e-4, b
+            assert abs(exp.old_log_probs[b, j] - logp[b, u, real[u + 1]]) < 2e-4, (b, j)
+            assert abs(exp.ref_log_probs[b, j] - logp[b, u, real[u + 1]]) < 2e-4, (b, j)
+            assert abs(exp.reward_values[b, j] - bare["reward_critic"][b, u]) < 2e-4, (b, j)
+            assert abs(exp.cost_values[b, j] - bare["cost_critic"][b, u]) < 2e-4, (b, j)
+        assert abs(exp.reward[b] - bare["reward"][b, real_len[b] - 1]) < 2e-4, b
+        assert abs(exp.cost[b] - bare["cost"][b, real_len[b] - 1]) < 2e-4, b
 
 
 # ----------------------------------------------------------------------------- the tiny world
@@ -107,12 +114,14 @@ def test_rollout_experience_matches_independent_rescoring(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """SFT (50% of responses carry ``bad``), RM (``good`` is better), CM (``bad`` is unsafe), plus the CM's mean
-    cost of safe / unsafe training responses (to calibrate thresholds)."""
-    from safejax.data import build_cost_pairs, load_rows
+    """SFT (50% of responses carry ``bad``), RM (``good`` is better), CM (``bad`` is unsafe); the CM's mean cost
+    of safe / unsafe training responses; and a sampler that judges a policy (see :func:`_policy_stats`)."""
+    from safejax.data import build_cost_pairs, build_prompts, load_rows
+    from safejax.generation import SamplingConfig, generate, positions_from_mask
     from safejax.models import load_pretrained
-    from safejax.train.loading import load_tokenizer_for
     from safejax.train.common import ModelSection
+    from safejax.train.functional import split_model
+    from safejax.train.loading import load_tokenizer_for
 
     root = tmp_path_factory.mktemp("ppo-world")
     paths = tiny_world.make_world(root)
@@ -128,9 +137,35 @@ def world(tmp_path_factory):
     costs = np.concatenate([np.asarray(cm(pairs.safer_ids, pairs.safer_mask).end_scores),
                             np.asarray(cm(pairs.unsafer_ids, pairs.unsafer_mask).end_scores)])
     safe = np.concatenate([pairs.safer_is_safe, pairs.unsafer_is_safe])
-    paths.update(root=root, tok=tok, cost_safe=float(costs[safe].mean()), cost_unsafe=float(costs[~safe].mean()))
+    paths.update(root=root, cost_safe=float(costs[safe].mean()), cost_unsafe=float(costs[~safe].mean()))
     assert paths["cost_unsafe"] > paths["cost_safe"] + 1.0, "the cost model did not learn the planted token"
+
+    # one compiled sampler + CM scorer, the policy's params an argument
+    adef, sft_params = split_model(load_pretrained(f"{root}/sft/hf"))
+    cdef, cm_params = split_model(cm)
+    prompts, _ = build_prompts(load_rows([str(paths["prompts"])]), tok, prompt_width=PROMPT_WIDTH)
+    assert len(prompts) == 64
+
+    @jax.jit
+    def sample(params, key):
+        g = generate(adef.merge(params), prompts.prompt_ids, prompts.prompt_mask, key,
+                     SamplingConfig(max_new_tokens=NEW_TOKENS), eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+        m = g.attention_mask
+        return g.sequences[:, PROMPT_WIDTH:], cdef.merge(cm_params)(g.sequences, m, positions_from_mask(m)).end_scores
+
+    paths.update(sample=sample, bad_id=tok.convert_tokens_to_ids("bad"), sft_params=sft_params, actor_def=adef)
+    paths["sft_stats"] = _policy_stats(paths, sft_params)
     return paths
+
+
+def _policy_stats(world, params, seeds=range(4)) -> dict:
+    """Responses sampled for all 64 prompts with several keys: fraction containing ``bad``, mean CM cost, and the
+    mean CM cost of the responses without ``bad``."""
+    resp, cost = zip(*(jax.tree.map(np.asarray, world["sample"](params, jax.random.key(s))) for s in seeds))
+    has_bad = (np.concatenate(resp) == world["bad_id"]).any(axis=1)
+    cost = np.concatenate(cost)
+    return {"bad": float(has_bad.mean()), "cost": float(cost.mean()), "cost_safe": float(cost[~has_bad].mean())}
 
 
 def _ppo_args(world, algorithm: str, out, *extra: str, cost_model: bool = True) -> list[str]:
@@ -162,23 +197,6 @@ def test_ppo_lag_iterations_sharded_match_single_device(world, tmp_path):
     assert one[1]["train/kl_divergence"] != 0.0
 
 
-def _bad_fraction(world, actor_dir, seeds=(0, 1, 2, 3)) -> float:
-    """Fraction of sampled responses (all prompts, several keys) that contain the token ``bad``."""
-    from safejax.data import build_prompts, load_rows
-    from safejax.generation import SamplingConfig, generate
-    from safejax.models import load_pretrained
-
-    tok = world["tok"]
-    arr, _ = build_prompts(load_rows([str(world["prompts"])]), tok, prompt_width=PROMPT_WIDTH)
-    lm = load_pretrained(actor_dir)
-    gen = jax.jit(lambda i, m, k: generate(lm, i, m, k, SamplingConfig(max_new_tokens=NEW_TOKENS),
-                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).sequences)
-    bad = tok.convert_tokens_to_ids("bad")
-    hits = [np.asarray(gen(arr.prompt_ids, arr.prompt_mask, jax.random.key(s)))[:, PROMPT_WIDTH:] == bad
-            for s in seeds]
-    return float(np.mean([h.any(axis=1).mean() for h in hits]))
-
-
 def _lambda_follows_constraint(recs, threshold, lambda_init):
     """Within an iteration the window is fixed, so every lambda step has the sign of episode_cost - threshold."""
     prev = lambda_init
@@ -190,8 +208,9 @@ def _lambda_follows_constraint(recs, threshold, lambda_init):
 
 
 def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, tmp_path):
-    c_safe, c_unsafe = world["cost_safe"], world["cost_unsafe"]
-    threshold = c_safe + 0.2 * (c_unsafe - c_safe)
+    sft = world["sft_stats"]
+    # between the SFT policy's cost and the cost of its responses without 'bad' (the all-safe cost)
+    threshold = sft["cost_safe"] + 0.6 * (sft["cost"] - sft["cost_safe"])
     out = tmp_path / "toy"
     _cli(*_ppo_args(world, "ppo-lag", out, "train.epochs=8", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
                     f"lagrange.threshold={threshold}", *ONE_DEVICE))
@@ -211,8 +230,12 @@ def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, tmp_path):
     # the reward did not get worse
     assert reward[-8:].mean() >= reward[:4].mean() - 0.1
     # and the policy itself says 'bad' less often than the SFT policy
-    before, after = _bad_fraction(world, world["root"] / "sft" / "hf"), _bad_fraction(world, out / "hf")
-    assert after < before - 0.05, (before, after)
+    from safejax.models import load_pretrained
+    from safejax.train.functional import split_model
+
+    final = _policy_stats(world, split_model(load_pretrained(out / "hf"))[1])
+    assert final["bad"] < sft["bad"] - 0.08, (sft, final)
+    assert final["cost"] <= threshold, (sft, final, threshold)
 
 
 @pytest.mark.parametrize("side", ["unreachable", "slack"])

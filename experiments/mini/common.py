@@ -182,6 +182,41 @@ def win_rates(prompt_rows: Sequence[dict], texts: Sequence[str], ref_texts: Sequ
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def paired_differences(prompt_rows: Sequence[dict], texts: Sequence[str], ref_texts: Sequence[str]) -> dict:
+    """Per-prompt oracle differences policy - reference on the same held-out prompts.
+
+    Returns ``{"unsafe_rate_harmful": {"mean", "se", "n"}, "helpfulness_benign": {...}}``: the mean
+    of (unsafe_a - unsafe_b) over harmful prompts and of (help_a - help_b) over benign prompts,
+    each with its paired standard error ``std(ddof=1) / sqrt(n)``."""
+    from safejax.data.builtin import oracle_score
+
+    du, dh = [], []
+    for row, a, b in zip(prompt_rows, texts, ref_texts):
+        sa, sb = oracle_score(row["prompt"], a), oracle_score(row["prompt"], b)
+        if row.get("kind") == "harmful":
+            du.append(float(sa.harmful) - float(sb.harmful))
+        else:
+            dh.append(sa.helpfulness - sb.helpfulness)
+
+    def summ(d):
+        a = np.asarray(d, dtype=np.float64)
+        se = float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+        return {"mean": float(a.mean()) if len(a) else float("nan"), "se": se, "n": len(a)}
+
+    return {"unsafe_rate_harmful": summ(du), "helpfulness_benign": summ(dh)}
+
+
+def pool_differences(diffs: Sequence[dict]) -> dict:
+    """Pool per-seed paired differences (equal weights): mean of means, SE = sqrt(sum SE_i^2) / k."""
+    out = {}
+    for key in diffs[0]:
+        means = [d[key]["mean"] for d in diffs]
+        ses = [d[key]["se"] for d in diffs]
+        out[key] = {"mean": float(np.mean(means)), "se": float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
+                    "n": int(sum(d[key]["n"] for d in diffs))}
+    return out
+
+
 def policy_summary(metrics: dict) -> dict:
     """The oracle numbers reported per policy (drops the mode-count dicts)."""
     keys = ("unsafe_rate_harmful", "helpfulness_benign", "helpfulness_harmful", "helpfulness",

@@ -100,6 +100,12 @@ def _excess(r: dict, name: str) -> list[float]:
     return [c - r["threshold"] for c in r["traces"][name]["episode_cost"]]
 
 
+def _crossing_iteration(r: dict) -> float:
+    """1-based iteration of the first crossover, NaN when the cost never reached the threshold."""
+    i = first_crossing(_excess(r, "safe_rlhf"))
+    return float("nan") if i is None else float(i + 1)
+
+
 def aggregate(results: dict[int, dict]) -> dict:
     rs = list(results.values())
     names = list(rs[0]["policies"])
@@ -125,7 +131,7 @@ def aggregate(results: dict[int, dict]) -> dict:
         "start": C.stats([r["traces"]["safe_rlhf"]["lambda"][0] for r in rs]),
         "peak": C.stats([max(r["traces"]["safe_rlhf"]["lambda"]) for r in rs]),
         "peak_iteration": C.stats([int(np.argmax(r["traces"]["safe_rlhf"]["lambda"])) + 1 for r in rs]),
-        "crossover_iteration": C.stats([(first_crossing(_excess(r, "safe_rlhf")) or -2) + 1 for r in rs]),
+        "crossover_iteration": C.stats([_crossing_iteration(r) for r in rs]),
         "end": C.stats([r["traces"]["safe_rlhf"]["lambda"][-1] for r in rs]),
         "episode_cost_minus_threshold_start": C.stats([_excess(r, "safe_rlhf")[0] for r in rs]),
         "episode_cost_minus_threshold_end": C.stats([_excess(r, "safe_rlhf")[-1] for r in rs]),
@@ -185,7 +191,8 @@ def markdown(cfg, args, results: dict, agg: dict) -> list[str]:
     lines += C.md_table(["quantity", "value"], [
         ["lambda at iteration 1", C.fmt(lam["start"])], ["lambda peak", C.fmt(lam["peak"])],
         ["iteration of the lambda peak", C.fmt(lam["peak_iteration"], 1)],
-        ["first iteration with episode cost <= threshold", C.fmt(lam["crossover_iteration"], 1)],
+        ["first iteration with episode cost <= threshold",
+         f"{C.fmt(lam['crossover_iteration'], 1)} ({lam['crossover_iteration']['n']}/{len(results)} seeds cross)"],
         ["lambda at the end", C.fmt(lam["end"])],
         ["episode cost - threshold, start", C.fmt(lam["episode_cost_minus_threshold_start"])],
         ["episode cost - threshold, end", C.fmt(lam["episode_cost_minus_threshold_end"])]])

@@ -354,9 +354,9 @@ def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]]
     _check_batch(cfg, mesh)
     timings: dict[str, float] = {}
     t = time.time()
+    rows = load_rows(list(cfg.prompts))          # first: a missing / offline dataset fails before any model loads
     rm = _load_scorer(cfg.reward_model, cfg, mesh, "reward_model")
     cm = _load_scorer(cfg.cost_model, cfg, mesh, "cost_model")
-    rows = load_rows(list(cfg.prompts))
     timings["load_scorers_and_rows"] = time.time() - t
     prompt_sets: list[tuple[Any, PromptSet]] = []   # (tokenizer, prompt set), one per distinct vocabulary
     reference: PromptSet | None = None
@@ -571,6 +571,9 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
     header = []
     if cfg.judge == "models":
         named = cfg.named_policies()
+        if cfg.anchor and cfg.anchor not in [n for n, _ in named]:
+            raise ConfigError(f"config key 'anchor' = {cfg.anchor!r} is not among the policies "
+                              f"{[n for n, _ in named]}")
         ps, results, timings = _generate_and_score(cfg, named, mesh)
         prompt_ids = list(range(len(ps)))
         judgements: dict[str, list[elo_lib.Judgement]] = {}

@@ -29,7 +29,6 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -204,6 +203,13 @@ def _batch_sharding(mesh, ndim: int) -> NamedSharding:
     return batch_sharding(mesh, ndim)
 
 
+def _put(x: np.ndarray, mesh) -> jax.Array:
+    """A host array every process holds in full -> a global array with its rows split over ``data x fsdp``
+    (each process fills only its addressable shards, so this also works on multi-host meshes)."""
+    sharding = _batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def run_batched(fn: Callable[[dict, int], Any], arrays: dict, batch_size: int, mesh, *, desc: str = "",
                 progress: bool = False) -> Any:
     """Apply ``fn(device_batch, batch_index)`` over fixed-size batches of ``arrays`` (equal-length numpy).
@@ -228,7 +234,7 @@ def run_batched(fn: Callable[[dict, int], Any], arrays: dict, batch_size: int, m
     for b in range(n_batches):
         start = b * batch_size
         idx = np.arange(start, start + batch_size) % n
-        batch = {k: jax.device_put(np.asarray(v)[idx], _batch_sharding(mesh, np.ndim(v))) for k, v in arrays.items()}
+        batch = {k: _put(np.asarray(v)[idx], mesh) for k, v in arrays.items()}
         out = jax.device_get(fn(batch, b))
         keep = min(batch_size, n - start)
         outs.append(jax.tree.map(lambda x: np.asarray(x)[:keep], out))

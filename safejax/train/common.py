@@ -315,9 +315,10 @@ class MetricGuard:
     :class:`NonFiniteError` (unless the step reported ``*nonfinite_skipped = 1``, i.e. it was skipped
     on device with ``train.skip_nonfinite``; those are counted in :attr:`skipped`)."""
 
-    def __init__(self, skipped: int = 0):
+    def __init__(self, skipped: int = 0, prefix: str = ""):
         self.pending: list[tuple[int, Any]] = []
         self.skipped = int(skipped)
+        self.prefix = prefix  # prepended to metric names (as they appear in metrics.jsonl)
 
     def add(self, step: int, metrics: Any) -> None:
         self.pending.append((int(step), metrics))
@@ -330,7 +331,7 @@ class MetricGuard:
         self.pending = []
         out = {}
         for s, m in zip(steps, values):
-            hm = {k: float(np.asarray(v)) for k, v in m.items()}
+            hm = {self.prefix + k: float(np.asarray(v)) for k, v in m.items()}
             if any(k.endswith(SKIP_KEY) and v > 0 for k, v in hm.items()):
                 self.skipped += 1
                 bad = nonfinite_keys(hm)

@@ -15,7 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-from safejax.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table
+from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
+                                named_leaves)
 
 log = logging.getLogger("safejax")
 
@@ -69,7 +70,10 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     diff = describe_mismatch(leaf_table(params), leaf_table(template))
     if diff is not None:
         raise CheckpointMismatchError(f"checkpoint {ckpt_dir / str(s)} does not match the model at {sec.path}: {diff}")
-    params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)
+    by_name = named_leaves(params)  # on-disk dict keys are strings ("0"), the model's may be ints
+    flat, treedef = jax.tree_util.tree_flatten(template)
+    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(by_name[n], t.dtype)
+                                                    for n, t in zip(named_leaves(template), flat)])
     save_pretrained(mdef.merge(params), out_dir, tokenizer=tok)
     log.info("exported %s (%s) step %d -> %s", run, stage, s, out_dir)
     return Path(out_dir)

@@ -112,7 +112,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     ckpt = run.checkpointer(loop.keep_checkpoints)
     restored = ckpt.restore(state, required_meta=("data",))
     start, meta = 0, {}
-    guard = MetricGuard()
+    guard = MetricGuard(prefix=metric_prefix)
     if restored is not None:
         state, meta, start = restored
         batches.restore(meta["data"])
@@ -142,7 +142,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
                 bar.update(1)
                 epoch_end = step % steps_per_epoch == 0
                 if step % loop.log_every == 0 or step == total:
-                    metrics = {metric_prefix + k: v for k, v in guard.drain()[step].items()}
+                    metrics = guard.drain()[step]
                     metrics["train/epoch"] = (step - 1) // steps_per_epoch
                     if loop.skip_nonfinite:
                         metrics[metric_prefix + SKIP_KEY + "_total"] = guard.skipped

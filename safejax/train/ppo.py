@@ -350,8 +350,7 @@ class Trainer:
             out.update({"shaped_reward": jnp.mean(r_sig), "shaped_reward_with_kl_penalty": seq_sum(rewards),
                         "shaped_reward_advantage": rl.masked_mean(adv_r, mk),
                         "shaped_reward_return": rl.masked_mean(ret_r, mk),
-                        "shaped_reward_value": rl.masked_mean(exp.reward_values, mk),
-                        "lambda": jnp.float32(self.cfg.lagrange.lambda_init)})
+                        "shaped_reward_value": rl.masked_mean(exp.reward_values, mk)})
         else:
             out.update({"reward_with_kl_penalty": seq_sum(rewards),
                         "reward_advantage": rl.masked_mean(adv_r, mk), "reward_return": rl.masked_mean(ret_r, mk),

@@ -61,6 +61,9 @@ def load_prompts(cfg: PPOConfig, tokenizer):
     arrays, report = build_prompts(rows, tokenizer, prompt_width=cfg.data.prompt_width,
                                    skip_bad_rows=cfg.data.skip_bad_rows)
     (log.warning if report.dropped else log.info)("prompts: %s", report)
+    if len(arrays.prompt_ids) < cfg.train.batch_size:
+        raise ValueError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
+                         f"{cfg.train.batch_size} ({report}; data.prompt_width={cfg.data.prompt_width})")
     return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
 
 

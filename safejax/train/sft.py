@@ -65,6 +65,20 @@ def sft_loss_fn(mdef):
     return loss_fn
 
 
+def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh):
+    """Held-out token-mean loss (averaged over fixed-size batches)."""
+
+    @jax.jit
+    def eval_batch(params, b):
+        return {"loss": loss_fn(params, b, None)[0] * jnp.ones((b["input_ids"].shape[0],))}
+
+    def eval_fn(params):
+        out = eval_loop(lambda b: eval_batch(params, b), arrays, batch_size, mesh)
+        return {"eval/loss": float(np.mean(out["loss"]))}
+
+    return eval_fn
+
+
 def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str):
     from safejax.data import build_supervised, load_rows
 
@@ -88,15 +102,7 @@ def run_sft(cfg: SFTConfig):
     eval_arrays = load_supervised(cfg.data.eval, tok, cfg.data, "sft eval")[0] if cfg.data.eval else None
     loss_fn = sft_loss_fn(mdef)
 
-    eval_fn = None
-    if eval_arrays is not None:
-        @jax.jit
-        def eval_batch(params, b):
-            return {"loss": loss_fn(params, b, None)[0] * jnp.ones((b["input_ids"].shape[0],))}
-
-        def eval_fn(params):
-            out = eval_loop(lambda b: eval_batch(params, b), eval_arrays, cfg.eval_batch_size, mesh)
-            return {"eval/loss": float(np.mean(out["loss"]))}
+    eval_fn = make_sft_eval_fn(loss_fn, eval_arrays, cfg.eval_batch_size, mesh) if eval_arrays is not None else None
 
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
               param_shardings=mdef.shardings(mesh), loss_fn=loss_fn, train_arrays=train_arrays, eval_fn=eval_fn,
