@@ -118,6 +118,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def _parse_scalar(text: str) -> Any:
+    if text.strip() == "":
+        return ""  # `key=` means an empty value, not YAML null
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -223,9 +223,7 @@ CASES = [
         tiny_world.build_tiny_llama(t / "small", hidden=16)), ALLOW),
          ("checkpoints/2 does not match the model", "array 'params.", "in the checkpoint but")),
     Case("tokenizer_larger_than_model_vocab", sft(lambda w, t: f"model.tokenizer={big_tokenizer(t)}"),
-         ("tokenizer", "136"), base=False,
-         marks=(pytest.mark.xfail(strict=True, reason="safejax/train/loading.py grows the embeddings to any larger "
-                                  "tokenizer instead of naming the mismatch (reported to the lead)"),)),
+         ("tokenizer", "136"), base=False),
     # ---- data
     Case("data_file_missing", sft("data.train=[/nonexistent/rows.jsonl]", ALLOW), ("/nonexistent/rows.jsonl",)),
     Case("malformed_json_row", sft(lambda w, t: "data.train=[" + write_rows(
@@ -303,6 +301,8 @@ def test_corpus_has_at_least_twenty_cases():
     assert len(CASES) >= 20
 
 
+# orbax/tensorstore may leave a callback for its closed event loop after reading the damaged step
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning_and_continues_exactly(world, base_run, tmp_path, caplog):
     out = tmp_path / "run"
     shutil.copytree(base_run[0], out)

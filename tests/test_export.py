@@ -26,12 +26,16 @@ def world(tmp_path_factory):
     return paths
 
 
+def _sft_argv(world, run):
+    return ["sft", f"out_dir={run}", f"model.path={world['model']}", f"data.train=[{world['sft']}]",
+            "data.max_length=24", "train.batch_size=16", "train.max_steps=3", "train.save_every=1",
+            "train.keep_checkpoints=5", "optim.lr=3e-3", "train.progress=false"]
+
+
 @pytest.fixture(scope="module")
 def sft_run(world):
     run = world["root"] / "sft"
-    _cli("sft", f"out_dir={run}", f"model.path={world['model']}", f"data.train=[{world['sft']}]",
-         "data.max_length=24", "train.batch_size=16", "train.max_steps=3", "train.save_every=1",
-         "train.keep_checkpoints=5", "optim.lr=3e-3", "train.progress=false")
+    _cli(*_sft_argv(world, run))
     return run
 
 
@@ -118,3 +122,16 @@ def test_export_refuses_a_checkpoint_that_does_not_fit_the_configured_model(sft_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("safejax export: error: checkpoint") and "does not match the model at" in err
     assert "in the checkpoint but" in err and not (tmp_path / "hf").exists()
+
+
+def test_rerunning_a_finished_stage_changes_neither_metrics_nor_export(world, sft_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "sft"
+    shutil.copytree(sft_run, run)
+    _cli(*_sft_argv(world, run))
+    assert (run / "metrics.jsonl").read_bytes() == (sft_run / "metrics.jsonl").read_bytes()
+    got, want = _tensors(run / "hf"), _tensors(sft_run / "hf")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "3"]

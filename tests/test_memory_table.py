@@ -4,7 +4,6 @@ and the Llama-2-7B numbers follow from the parameter count and the FSDP split.""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -63,16 +63,17 @@ def test_rollout_experience_matches_independent_rescoring(tmp_path):
     for i, k in enumerate(lengths):
         ids[i, p - k:] = rng.integers(3, vocab, k)
         pmask[i, p - k:] = True
-    cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n))
-
-    def rollout(eos):
-        tr = Trainer(cfg, models, None, prompt_width=p, eos_id=eos, pad_id=pad, total_updates=1, ptx_enabled=False)
-        return jax.tree.map(np.asarray, jax.jit(tr.rollout)(state, frozen, jnp.asarray(ids), jnp.asarray(pmask)))
-
-    # EOS := the token sampled most often mid-response (same key, so the draws before each EOS are unchanged)
-    free = rollout(vocab + 3).sequences[:, p:-1]
-    eos = int(np.bincount(free.ravel(), minlength=vocab)[1:].argmax() + 1)
-    exp = rollout(eos)
+    # greedy rollouts (= transformers greedy, tests/test_generation.py); EOS := a token that HF's greedy decoding
+    # emits mid-response in as many rows as possible but not in all, so some rows stop early and some do not
+    with torch.no_grad():
+        free = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(pmask, dtype=torch.long),
+                           do_sample=False, max_new_tokens=n, pad_token_id=pad, eos_token_id=vocab + 3
+                           ).numpy()[:, p:-1]
+    hits = [(free == tok).any(axis=1).sum() for tok in range(vocab)]
+    eos = max((tok for tok in range(1, vocab) if hits[tok] < len(lengths)), key=lambda tok: hits[tok])
+    cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n, greedy=True))
+    trainer = Trainer(cfg, models, None, prompt_width=p, eos_id=eos, pad_id=pad, total_updates=1, ptx_enabled=False)
+    exp = jax.tree.map(np.asarray, jax.jit(trainer.rollout)(state, frozen, jnp.asarray(ids), jnp.asarray(pmask)))
     seq, attn = exp.sequences, exp.attention_mask.astype(bool)
     stopped = (seq[:, p:] == eos).any(axis=1)
     assert stopped.any() and not stopped.all(), "the constructed case needs rows with and without EOS"
@@ -183,20 +184,6 @@ def _records(out) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "train/reward" in r]
 
 
-def test_ppo_lag_iterations_sharded_match_single_device(world, tmp_path):
-    base = ["train.max_steps=2", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3"]
-    _cli(*_ppo_args(world, "ppo-lag", tmp_path / "one", *base, *ONE_DEVICE))
-    _cli(*_ppo_args(world, "ppo-lag", tmp_path / "many", *base, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
-    one, many = _records(tmp_path / "one"), _records(tmp_path / "many")
-    assert len(one) == len(many) == 2
-    for a, b in zip(one, many):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
-    # the second iteration really trained on something (the two runs did not both stay put)
-    assert one[1]["train/kl_divergence"] != 0.0
-
-
 def _lambda_follows_constraint(recs, threshold, lambda_init):
     """Within an iteration the window is fixed, so every lambda step has the sign of episode_cost - threshold."""
     prev = lambda_init
@@ -207,13 +194,29 @@ def _lambda_follows_constraint(recs, threshold, lambda_init):
         prev = r["train/lambda"]
 
 
-def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, tmp_path):
+# constant learning rates: the schedule then does not depend on the run length, so the first iterations of
+# the long toy run are also the reference for the short sharded run (every optimizer key is spelled out)
+TOY = ["actor_optim.lr=1e-3", "actor_optim.schedule=constant", "actor_optim.weight_decay=0.0",
+       "critic_optim.lr=1e-3", "critic_optim.schedule=constant", "critic_optim.weight_decay=0.0", "train.epochs=8"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(world, tmp_path_factory):
+    """32 PPO-Lag iterations on one device with a threshold between the SFT policy's cost and the cost of its
+    responses without ``bad`` (the all-safe cost).  Returns (run dir, threshold)."""
     sft = world["sft_stats"]
-    # between the SFT policy's cost and the cost of its responses without 'bad' (the all-safe cost)
     threshold = sft["cost_safe"] + 0.6 * (sft["cost"] - sft["cost_safe"])
-    out = tmp_path / "toy"
-    _cli(*_ppo_args(world, "ppo-lag", out, "train.epochs=8", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
-                    f"lagrange.threshold={threshold}", *ONE_DEVICE))
+    out = tmp_path_factory.mktemp("toy") / "run"
+    _cli(*_ppo_args(world, "ppo-lag", out, *TOY, f"lagrange.threshold={threshold}", *ONE_DEVICE))
+    return out, threshold
+
+
+def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, toy_run):
+    from safejax.models import load_pretrained
+    from safejax.train.functional import split_model
+
+    out, threshold = toy_run
+    sft = world["sft_stats"]
     recs = _records(out)
     assert len(recs) == 32
     cost = np.array([r["train/cost"] for r in recs])
@@ -229,13 +232,25 @@ def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, tmp_path):
     _lambda_follows_constraint(recs, threshold, 1.0)
     # the reward did not get worse
     assert reward[-8:].mean() >= reward[:4].mean() - 0.1
-    # and the policy itself says 'bad' less often than the SFT policy
-    from safejax.models import load_pretrained
-    from safejax.train.functional import split_model
-
+    # and the exported policy itself says 'bad' less often than the SFT policy, within the cost budget
     final = _policy_stats(world, split_model(load_pretrained(out / "hf"))[1])
     assert final["bad"] < sft["bad"] - 0.08, (sft, final)
     assert final["cost"] <= threshold, (sft, final, threshold)
+
+
+def test_ppo_lag_iterations_sharded_match_single_device(world, toy_run, tmp_path):
+    """The first two iterations of the toy run again on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 devices:
+    same samples, same losses, same lambda."""
+    one_dir, threshold = toy_run
+    _cli(*_ppo_args(world, "ppo-lag", tmp_path / "many", *TOY, f"lagrange.threshold={threshold}",
+                    "train.max_steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+    one, many = _records(one_dir)[:2], _records(tmp_path / "many")
+    assert len(many) == 2
+    for a, b in zip(one, many):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+    assert one[1]["train/kl_divergence"] != 0.0  # the first update really moved the actor
 
 
 @pytest.mark.parametrize("side", ["unreachable", "slack"])

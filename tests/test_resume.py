@@ -10,7 +10,6 @@ The kill points are random: set ``SAFEJAX_KILL_SEED`` to replay a failing draw.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -39,7 +38,8 @@ KILL_SEED = int(os.environ.get("SAFEJAX_KILL_SEED", time.time_ns() % 100_000))
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device: the fake 8-device flag is for in-process tests only
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    # SAFEJAX_RESUME_TEST_PLATFORM=cuda runs the stages on a GPU (a device check; the exactness promise is CPU's)
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS=os.environ.get("SAFEJAX_RESUME_TEST_PLATFORM", "cpu"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                JAX_COMPILATION_CACHE_DIR=os.environ.get("SAFEJAX_TEST_JAX_CACHE", str(Path(
                    os.environ.get("TMPDIR", "/tmp")) / "safejax-test-jax-cache")),

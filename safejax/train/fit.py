@@ -110,27 +110,28 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
 
     batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True)
     ckpt = run.checkpointer(loop.keep_checkpoints)
-    restored = ckpt.restore(state, required_meta=("data",))
-    start, meta = 0, {}
-    guard = MetricGuard(prefix=metric_prefix)
-    if restored is not None:
-        state, meta, start = restored
-        batches.restore(meta["data"])
-        guard.skipped = int(meta.get("nonfinite_skipped", 0))
-        log.info("%s: resumed from step %d in %s", desc, start, ckpt.directory)
-    run.write_config()
-    writer = run_writer(run, start if restored is not None else None, meta.get("metrics_offset"))
-
-    example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
-    step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh),
-                              skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step)
-
+    writer = None
     t0 = time.time()
     metrics: dict = {}
     eval_metrics: dict = {}
-    bar = progress(total, desc, loop.progress, initial=start)
-    step = start
+    bar = None
     try:
+        restored = ckpt.restore(state, required_meta=("data",))
+        start, meta = 0, {}
+        guard = MetricGuard(prefix=metric_prefix)
+        if restored is not None:
+            state, meta, start = restored
+            batches.restore(meta["data"])
+            guard.skipped = int(meta.get("nonfinite_skipped", 0))
+            log.info("%s: resumed from step %d in %s", desc, start, ckpt.directory)
+        run.write_config()
+        writer = run_writer(run, start if restored is not None else None, meta.get("metrics_offset"))
+
+        example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
+        step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh),
+                                  skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step)
+        bar = progress(total, desc, loop.progress, initial=start)
+        step = start
         with GracefulStop() as stop:
             it = iter(batches)
             while step < total:
@@ -161,10 +162,12 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
                     raise Preempted(f"{desc}: SIGTERM received; saved a checkpoint at step {step}/{total} in "
                                     f"{ckpt.directory}; rerun the same command to resume", step)
     finally:
-        bar.close()
-        ckpt.close()
+        if bar is not None:
+            bar.close()
+        ckpt.close()  # waits for the in-flight save: the last good checkpoint is always committed
         run.checkpoints = None
-        writer.close()
+        if writer is not None:
+            writer.close()
     return FitResult(state=state, last_metrics=metrics, eval_metrics=eval_metrics, steps=step,
                      seconds=time.time() - t0)
 

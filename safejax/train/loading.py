@@ -35,7 +35,13 @@ def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None,
     model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh,
                             remat=section.remat, scan_layers=section.scan_layers)
     if tokenizer is not None:
-        if len(tokenizer) > model.config.vocab_size:
+        base = int(getattr(tokenizer, "vocab_size", len(tokenizer)))
+        if base > model.config.vocab_size:
+            # a different tokenizer, not just added special tokens: never paper over it by resizing
+            raise ValueError(f"tokenizer {section.tokenizer or section.path} has a base vocabulary of {base} "
+                             f"tokens but the model at {section.path} has {model.config.vocab_size} embedding "
+                             "rows: the tokenizer does not belong to this model")
+        if len(tokenizer) > model.config.vocab_size:  # special tokens added by prepare_tokenizer
             model = resize_token_embeddings(model, len(tokenizer))
         check_tokenizer_fits(tokenizer, model.config, section.path)
     return model

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
@@ -154,29 +153,31 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
                 if ptx_arrays is not None else None)
     ckpt = run.checkpointer(cfg.train.keep_checkpoints)
-    restored = ckpt.restore(state, required_meta=("prompts",) + (("ptx",) if ptx_iter is not None else ()))
-    start, meta = 0, {}
-    guard = MetricGuard()
-    if restored is not None:
-        state, meta, start = restored
-        prompt_iter.restore(meta["prompts"])
-        if ptx_iter is not None:
-            ptx_iter.restore(meta["ptx"])
-        guard.skipped = int(meta.get("nonfinite_skipped", 0))
-        log.info("%s: resumed from iteration %d in %s", cfg.algorithm, start, ckpt.directory)
-    run.write_config()
-    from safejax.metrics import MetricWriter
-
-    writer = MetricWriter(run.path, resume_step=start if restored is not None else None,
-                          resume_offset=meta.get("metrics_offset"))
-
-    history: list[dict] = []
-    result = PPOResult(state, models, trainer, tok, history, None, 0.0, mesh)
-    bar = progress(iterations, cfg.algorithm, cfg.train.progress, initial=start)
-    it = iter(prompt_iter)
-    ptx_it = iter(ptx_iter) if ptx_iter is not None else None
-    step = start
+    writer = None
+    bar = None
     try:
+        restored = ckpt.restore(state, required_meta=("prompts",) + (("ptx",) if ptx_iter is not None else ()))
+        start, meta = 0, {}
+        guard = MetricGuard()
+        if restored is not None:
+            state, meta, start = restored
+            prompt_iter.restore(meta["prompts"])
+            if ptx_iter is not None:
+                ptx_iter.restore(meta["ptx"])
+            guard.skipped = int(meta.get("nonfinite_skipped", 0))
+            log.info("%s: resumed from iteration %d in %s", cfg.algorithm, start, ckpt.directory)
+        run.write_config()
+        from safejax.metrics import MetricWriter
+
+        writer = MetricWriter(run.path, resume_step=start if restored is not None else None,
+                              resume_offset=meta.get("metrics_offset"))
+
+        history: list[dict] = []
+        result = PPOResult(state, models, trainer, tok, history, None, 0.0, mesh)
+        bar = progress(iterations, cfg.algorithm, cfg.train.progress, initial=start)
+        it = iter(prompt_iter)
+        ptx_it = iter(ptx_iter) if ptx_iter is not None else None
+        step = start
         with GracefulStop() as stop:
             while step < iterations:
                 batch = next(it)
@@ -210,17 +211,18 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
                 if stop_now:
                     raise Preempted(f"{cfg.algorithm}: SIGTERM received; saved a checkpoint at iteration {step}/"
                                     f"{iterations} in {ckpt.directory}; rerun the same command to resume", step)
-        bar.close()
         result.state = state
         if eval_hook is not None:
             em = eval_hook(step, result)
             writer.write(step, em)
             history.append(dict(em, step=step))
     finally:
-        bar.close()
-        ckpt.close()
+        if bar is not None:
+            bar.close()
+        ckpt.close()  # waits for the in-flight save: the last good checkpoint is always committed
         run.checkpoints = None
-        writer.close()
+        if writer is not None:
+            writer.close()
     if export:
         result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
     result.seconds = time.time() - t0
