@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ap.error("unrecognized arguments: " + " ".join(extra))
     _setup_logging(args.verbose)
+    if args.command != "export":
+        from safejax.parallel import maybe_initialize_distributed
+
+        maybe_initialize_distributed()  # multi-host: a no-op unless the environment describes a slice
     from safejax.config import ConfigError, load_config
     from safejax.train.common import Preempted
 

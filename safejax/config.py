@@ -112,9 +112,27 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], prefix + f.name)
+            value = data[f.name]
+            default = _field_default(f)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                # a partial section keeps the parent's defaults for the keys it does not set
+                value = _deep_merge(dataclasses.asdict(default), value)
+            kwargs[f.name] = _coerce(value, hints[f.name], prefix + f.name)
     obj = cls(**kwargs)
     return obj
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_scalar(text: str) -> Any:

@@ -60,8 +60,8 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
 
     from safejax.data.batching import BatchIterator
     from safejax.models import load_pretrained
-    from safejax.train.common import init_train_state, put_batch, split_micro
-    from safejax.train.fit import _batch_shardings, make_train_step
+    from safejax.train.common import init_train_state, micro_batch_sharding, put_batch, split_micro
+    from safejax.train.fit import make_train_step
     from safejax.train.functional import split_model
     from safejax.train.optim import OptimConfig, make_optimizer
     from safejax.train.sft import sft_loss_fn
@@ -77,9 +77,11 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.01), STEP_STEPS)
     state, state_sh = init_train_state(params, mdef.shardings(mesh), tx, mesh, seed=0)
     example = split_micro({k: v[:STEP_BATCH] for k, v in arrays.items()}, accum)
-    step = make_train_step(sft_loss_fn(mdef), tx, schedule, state_sh, _batch_shardings(example, mesh))
-    batches = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True)
-    whole = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, process_index=0, process_count=1)
+    batch_sh = {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+    step = make_train_step(sft_loss_fn(mdef), tx, schedule, state_sh, batch_sh)
+    batches = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, micro_batches=accum)
+    whole = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, process_index=0, process_count=1,
+                          micro_batches=accum)
     out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
            "local_rows": [], "global_batch_matches": [], "metrics": [], "local_weight_blocks": local_weight_blocks,
            "embedding_is_fully_addressable": bool(getattr(emb, "is_fully_addressable", True))}

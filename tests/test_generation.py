@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from safejax.generation import SamplingConfig, generate, positions_from_mask, process_logits
+from safejax.generation import SamplingConfig, generate, process_logits
 from safejax.models import load_pretrained
 
 VOCAB = 50

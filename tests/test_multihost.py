@@ -139,9 +139,6 @@ def test_each_host_loads_only_its_rows_and_weight_shards(step_runs):
     assert b0 and b1 and not b0 & b1
 
 
-@pytest.mark.xfail(strict=True, reason="multi-host bug: with grad_accum > 1 each host splits its own rows into "
-                   "micro-batches, so a global micro-batch mixes rows differently than on one host (fix: interleave "
-                   "host rows per micro-batch in BatchIterator/fit, see the multi-host report)")
 def test_two_process_grad_accumulation_matches_one_process(world, step_runs):
     one = worker.run_step(str(world["model"]), (1, 2, 2), accum=2)
     two = step_runs[0]["runs"]["2"]

@@ -31,7 +31,7 @@ def _cli(*args: str) -> None:
 
 def test_rollout_experience_matches_independent_rescoring(tmp_path):
     """old/ref log-probs sit at the shifted positions [P-1, L-2]; values V[t] are the critic score at token t;
-    the RM/CM end score is read at the last real token (the EOS when one was sampled).  The reference values
+    the RM/CM end score is read at the last real token (the EOS when one was generated).  The reference values
     come from each row re-scored *without* padding: log-probs by the transformers model, scores by our
     ScoreModel on the bare row (no mask, positions 0..n-1)."""
     from safejax import rl
@@ -155,7 +155,7 @@ def world(tmp_path_factory):
         m = g.attention_mask
         return g.sequences[:, PROMPT_WIDTH:], cdef.merge(cm_params)(g.sequences, m, positions_from_mask(m)).end_scores
 
-    paths.update(sample=sample, bad_id=tok.convert_tokens_to_ids("bad"), sft_params=sft_params, actor_def=adef)
+    paths.update(sample=sample, bad_id=tok.convert_tokens_to_ids("bad"))
     paths["sft_stats"] = _policy_stats(paths, sft_params)
     return paths
 

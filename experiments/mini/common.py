@@ -491,8 +491,8 @@ def band(ax, traces: Sequence[Sequence[float]], *, color: str, label: str, per_s
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18)
 
 
-def config_line(cfg, seeds: Sequence[int], quick: bool) -> str:
-    return (f"Seeds {list(seeds)}{' (--quick smoke variant)' if quick else ''}; {cfg.ppo_iterations} PPO iterations of "
-            f"{cfg.ppo_batch_size} prompts; {cfg.pref_rows} preference rows; tiny Llama on the built-in task.  "
-            "Policy numbers are judged by the task's oracle on held-out prompts; cells are "
-            "mean ± std [min, max] across seeds.")
+def config_line(cfg, seeds: Sequence[int], quick: bool, rl: bool = True) -> str:
+    rl_part = f"{cfg.ppo_iterations} PPO iterations of {cfg.ppo_batch_size} prompts per RL run; " if rl else ""
+    return (f"Seeds {list(seeds)}{' (--quick smoke variant)' if quick else ''}; {rl_part}{cfg.pref_rows} preference "
+            f"rows, {cfg.sft_rows} SFT rows; tiny Llama on the built-in task.  Policy and pair numbers are judged by "
+            "the task's oracle on held-out prompts; cells are mean ± std [min, max] across seeds.")

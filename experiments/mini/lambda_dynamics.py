@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 import common as C  # noqa: E402
 
+SIGN_AGREE = 0.9  # lambda moves with the sign of (episode cost - threshold) in >= 90% of iterations
 HELP_KEEP = 0.9  # "reward does not collapse": Safe RLHF keeps >= 90% of SFT's oracle helpfulness (benign)
 
 
@@ -57,6 +58,13 @@ def first_crossing(excess: list[float]) -> int | None:
     return None
 
 
+def sign_agreement(lam: list[float], excess: list[float]) -> float:
+    """Fraction of iterations t >= 2 where lambda moved in the direction of the constraint violation:
+    up while the episode cost is above the threshold, down while below."""
+    pairs = [(b - a, e) for a, b, e in zip(lam[:-1], lam[1:], excess[1:]) if e != 0 and b != a]
+    return float(np.mean([(d > 0) == (e > 0) for d, e in pairs])) if pairs else 0.0
+
+
 def checks_of(lam: list[float], excess: list[float], lag_reward: list[float], ppo_reward: list[float],
               ppo_cost: list[float], pol: dict) -> dict[str, bool]:
     """The paper's qualitative findings on one set of traces (``excess`` = episode cost - threshold)."""
@@ -68,7 +76,7 @@ def checks_of(lam: list[float], excess: list[float], lag_reward: list[float], pp
     c0, c1 = C.trace_slope_summary(ppo_cost)
     return {
         "lambda_rises_while_cost_above_threshold": excess[0] > 0 and lam[peak] > lam[0]
-        and all(x > 0 for x in excess[:peak]),
+        and sign_agreement(lam, excess) >= SIGN_AGREE,
         "lambda_peaks_near_crossover": cross is not None and abs(peak - cross) <= near,
         "lambda_falls_after_crossover": lam[-1] < lam[peak] and cross is not None and peak < n - 1,
         "episode_cost_ends_below_threshold": excess[-1] <= 0,
@@ -80,7 +88,9 @@ def checks_of(lam: list[float], excess: list[float], lag_reward: list[float], pp
 
 
 CHECK_TEXT = {
-    "lambda_rises_while_cost_above_threshold": "lambda rises while the episode cost is above the threshold",
+    "lambda_rises_while_cost_above_threshold": "lambda rises from its start while the episode cost is above the "
+                                               f"threshold (and falls while below: same sign in >= {SIGN_AGREE:.0%} "
+                                               "of iterations)",
     "lambda_peaks_near_crossover": "lambda peaks within max(3, 10% of iterations) of the first crossover",
     "lambda_falls_after_crossover": "lambda falls after the crossover (final < peak)",
     "episode_cost_ends_below_threshold": "episode cost ends below the threshold",

@@ -123,7 +123,7 @@ def plots(out: Path, results: dict, agg: dict) -> None:
 def markdown(cfg, args, results: dict, agg: dict) -> list[str]:
     s = agg["summary"]
     lines = ["# Table 1 (miniature): preference-model accuracy on held-out pairs", "",
-             C.config_line(cfg, args.seeds, args.quick), ""]
+             C.config_line(cfg, args.seeds, args.quick, rl=False), ""]
     lines += C.md_table(["model", "metric", "mini: oracle labels", "mini: noisy labels (15% / 3% flips)",
                          "paper Beaver-v1"],
                         [[t.split()[0], " ".join(t.split()[1:]), C.fmt(s["oracle"][m], pct=True),

@@ -34,14 +34,15 @@ class BatchIterator:
       num_epochs: stop after this many epochs (None: never stop).
       process_index, process_count: this host's index and the number of hosts (default
         ``jax.process_index()`` / ``jax.process_count()``).
+      micro_batches: A, the gradient-accumulation micro-batches the global batch is split into.
 
-    Each item is ``{name: [B / process_count, ...] array}``: this host's contiguous slice of the
-    global batch.
+    Each item is ``{name: [B / process_count, ...] array}``: this host's rows of the global batch —
+    its contiguous slice of each of the A global micro-batches (one contiguous slice when A = 1).
     """
 
     def __init__(self, arrays: Mapping[str, Any], batch_size: int, *, seed: int, shuffle: bool = True,
                  drop_last: bool = True, num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, micro_batches: int = 1):
         if not arrays:
             raise ValueError("BatchIterator: no arrays given")
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -76,8 +77,15 @@ class BatchIterator:
         self.process_index = int(process_index)
         self.process_count = int(process_count)
         self.local_batch_size = self.batch_size // self.process_count
-        self.host_rows = slice(self.process_index * self.local_batch_size,
-                               (self.process_index + 1) * self.local_batch_size)
+        # With gradient accumulation the global batch is A micro-batches; each host takes its slice of
+        # *every* micro-batch, so that a global micro-batch holds the same rows whatever the host count.
+        a = int(micro_batches)
+        if a < 1 or self.batch_size % (a * self.process_count):
+            raise ValueError(f"BatchIterator: global batch {batch_size} must be divisible by micro_batches={a} x "
+                             f"{self.process_count} processes")
+        per = self.batch_size // (a * self.process_count)
+        self.host_rows = (np.arange(self.batch_size).reshape(a, self.process_count, per)[:, self.process_index]
+                          .reshape(-1))
         if drop_last:
             self.steps_per_epoch = self.num_rows // self.batch_size
         else:

@@ -108,7 +108,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     tx, schedule = make_optimizer(optim, total)
     state, state_sh = init_train_state(params, param_shardings, tx, mesh, seed)
 
-    batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True)
+    batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True,
+                            micro_batches=optim.grad_accum)
     ckpt = run.checkpointer(loop.keep_checkpoints)
     writer = None
     t0 = time.time()
@@ -185,10 +186,19 @@ def batched_apply(fn: Callable, arrays: dict, batch_size: int) -> list:
     for i in range(0, n, batch_size):
         idx = np.arange(i, i + batch_size) % n
         b = {k: v[idx] for k, v in arrays.items()}
-        out = jax.device_get(fn(b))
+        out = jax.tree.map(_fetch, fn(b))
         k = min(batch_size, n - i)
         outs.append(jax.tree.map(lambda x: np.asarray(x)[:k], out))
     return outs
+
+
+def _fetch(x):
+    """Device array -> numpy, gathering batch-sharded outputs from every host when multi-host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def concat_outputs(outs: list) -> Any:

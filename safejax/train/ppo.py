@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from safejax import parallel, rl
+from safejax import rl
 from safejax.config import ConfigError, check_range
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
-from safejax.train.common import (GracefulStop, LoopSection, ModelSection, RunDir, check_finite, host_metrics,
-                                  progress, scalar_on_mesh)
-from safejax.train.functional import ModelDef, split_model
+from safejax.train.common import LoopSection, ModelSection
+from safejax.train.functional import ModelDef
 from safejax.train.optim import OptimConfig, make_optimizer
 
 log = logging.getLogger("safejax")
