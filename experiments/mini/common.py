@@ -283,6 +283,26 @@ def sample_responses(ws, mdef, params, prompt_rows: Sequence[dict], *, seed: int
     return texts
 
 
+def judge_samples(ws, mdef, params, k: int, *, seed: int) -> tuple[dict, list[str], list[dict]]:
+    """Oracle metrics of a policy from ``k`` sampled answers per held-out prompt (``k * N`` answers).
+
+    With the same ``seed`` every policy is sampled with the same random keys (common random
+    numbers).  Returns ``(metrics, texts, rows)`` with ``rows = eval_rows * k`` aligned to texts."""
+    from safejax.data.builtin import evaluate_responses
+
+    rows = list(ws.eval_rows) * k
+    texts = sample_responses(ws, mdef, params, rows, seed=seed)
+    return evaluate_responses(rows, texts, ws.task.oracle), texts, rows
+
+
+def load_policy(ws, policy_dir: Path):
+    """``(ModelDef, params)`` of a causal-LM HF folder on the workspace's mesh."""
+    from safejax.train.functional import split_model
+    from safejax.train.loading import load_model_for
+
+    return split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))
+
+
 def oracle_label_pairs(prompt_rows: Sequence[dict], r0: Sequence[str], r1: Sequence[str], *, seed: int,
                        label_noise: float, safety_label_noise: float) -> tuple[list[dict], dict]:
     """Label response pairs with the oracle in the PKU-SafeRLHF schema, with annotator noise.

@@ -22,7 +22,8 @@ lambda_init 1, lambda_lr 0.01; v2 / v3 threshold -3 (stricter), lambda_init 0.5 
 tolerance; lambda_init is scaled by (1, 0.5, 1) and lambda_lr by (1, 4, 4) from the demo's values.
 
 Reported per round (mean ± std [min, max] across seeds): the harmful ratio = oracle unsafe rate on
-held-out harmful prompts of SFT, v1, v2, v3 (paper: 53.08% for Alpaca-7B -> 2.45% for Beaver-v3),
+held-out harmful prompts (four sampled answers per prompt, the same sampling keys for every policy)
+of SFT, v1, v2, v3 (paper: 53.08% for Alpaca-7B -> 2.45% for Beaver-v3),
 helpfulness on benign and harmful prompts, and Table 1 per round (RM / CM accuracy on that round's
 held-out pairs: two samples per held-out prompt from the policy that generated the round's data,
 oracle labels without noise).
@@ -44,6 +45,7 @@ import numpy as np  # noqa: E402
 import common as C  # noqa: E402
 
 N_ROUNDS = 3
+EVAL_SAMPLES = 4  # sampled answers per held-out prompt when judging a policy (about 4 x 128 harmful answers)
 # miniature analogue of the paper's per-round table: (unsafe-tolerance factor, lambda_init factor, lambda_lr factor)
 ROUND_FACTORS = {1: (1.0, 1.0, 1.0), 2: (0.5, 0.5, 4.0), 3: (0.5, 1.0, 4.0)}
 PAPER = {"threshold": {1: 0.0, 2: -3.0, 3: -3.0}, "lambda_init": {1: 1.0, 2: 0.5, 3: 1.0},
@@ -75,11 +77,17 @@ def policy_pairs(ws, mdef, params, prompt_rows: list[dict], *, seed: int, label_
 
 
 def one_seed(cfg, seed_dir: Path, seed: int) -> dict:
-    from safejax.demo import calibrate_threshold, judge, run_rl, train_preference_models
+    from safejax.demo import calibrate_threshold, run_rl, train_preference_models
 
     base = C.build_base(cfg, seed_dir, seed)
     ws = base.ws
-    res: dict = {"seed": seed, "policies": {"sft": C.policy_summary(base.sft)}, "rounds": {}}
+    # the harmful ratio sits near 1% after round 1: judge EVAL_SAMPLES answers per held-out prompt,
+    # every policy with the same sampling keys
+    judge_seed = 7919 + seed
+    sft_metrics, sft_texts, eval_rows = C.judge_samples(ws, *C.load_policy(ws, base.sft_dir), EVAL_SAMPLES,
+                                                        seed=judge_seed)
+    res: dict = {"seed": seed, "policies": {"sft": C.policy_summary(sft_metrics)}, "rounds": {},
+                 "eval_samples": EVAL_SAMPLES}
     task = ws.task
     train_prompts = task.prompts("train")
     train_path = Path(ws.paths["preference_train"])
@@ -87,7 +95,7 @@ def one_seed(cfg, seed_dir: Path, seed: int) -> dict:
     scores = {"rm": base.scores["rm"], "cm": base.scores["cm"]}
     actor_dir = base.sft_dir
     data_counts = {"rows": len(C.read_jsonl(train_path)), "source": "task generator (round-1 data)"}
-    res["policies"]["sft"].update(C.win_rates(ws.eval_rows, base.sft_texts, base.sft_texts))
+    res["policies"]["sft"].update(C.win_rates(eval_rows, sft_texts, sft_texts))
     for k in range(1, N_ROUNDS + 1):
         st = round_settings(cfg, k)
         rdir = seed_dir / f"round{k}"
@@ -125,9 +133,11 @@ def one_seed(cfg, seed_dir: Path, seed: int) -> dict:
                                       threshold=threshold,
                                       lagrange={"lambda_init": st["lambda_init"], "lambda_lr": st["lambda_lr"]})
         actor_dir = Path(out.export_dir)
-        _, texts = judge(ws, mdef=out.models.actor, params=out.state.actor.params)
+        metrics, texts, _ = C.judge_samples(ws, out.models.actor, out.state.actor.params, EVAL_SAMPLES,
+                                            seed=judge_seed)
+        metrics["algorithm"] = "ppo-lag"
         pol = C.policy_summary(metrics)
-        pol.update(C.win_rates(ws.eval_rows, texts, base.sft_texts))
+        pol.update(C.win_rates(eval_rows, texts, sft_texts))
         res["policies"][f"v{k}"] = pol
         res["rounds"][str(k)] = {
             "settings": st, "threshold": threshold, "data": data_counts,
@@ -249,7 +259,8 @@ def markdown(cfg, args, agg: dict) -> list[str]:
              C.config_line(cfg, args.seeds, args.quick),
              "Rounds 2-3: preference data = two samples per train prompt from the previous policy, oracle labels + "
              "noise, added to the earlier rounds' data; RM/CM retrained from the SFT model; PPO-Lag continues from "
-             "the previous policy.", ""]
+             f"the previous policy.  Each policy is judged on {EVAL_SAMPLES} sampled answers per held-out prompt "
+             "(the same sampling keys for every policy).", ""]
     lines += C.md_table(["policy"] + [t for _, t, _ in POLICY_KEYS] + ["help win vs SFT", "harmless win vs SFT"],
                         [[n] + [C.fmt(p[n][k], pct=pct) for k, _, pct in POLICY_KEYS]
                          + [C.fmt(p[n]["help_win_rate"], pct=True), C.fmt(p[n]["harmless_win_rate"], pct=True)]
@@ -285,7 +296,8 @@ def main(argv=None) -> int:
     args = C.parse_args(__doc__.splitlines()[0], argv)
     C.setup_runtime(args.verbose)
     cfg = C.make_config(args)
-    results = C.run_seeds(args, cfg, "rounds", one_seed, {"round_factors": ROUND_FACTORS})
+    results = C.run_seeds(args, cfg, "rounds", one_seed, {"round_factors": ROUND_FACTORS,
+                                                           "eval_samples": EVAL_SAMPLES, "version": 2})
     agg = aggregate(results)
     out = Path(args.out)
     plots(out, results, agg)

@@ -25,7 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safejax import parallel
 from safejax.checkpoint import Checkpointer
 from safejax.config import ConfigError, check_range, dump_yaml, to_dict
-from safejax.metrics import MetricWriter
 
 log = logging.getLogger("safejax")
 
@@ -43,6 +42,19 @@ class ModelSection:
 
     def validate(self) -> None:
         check_range("model.dtype", self.dtype, choices=("float32", "bfloat16"))
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Datasets of a supervised stage (SFT, RM, CM): specs ``name[:proportion[:path]]``."""
+
+    train: list[str] = dataclasses.field(default_factory=list)
+    eval: list[str] = dataclasses.field(default_factory=list)
+    max_length: int = 512
+    skip_bad_rows: bool = False
+
+    def validate(self) -> None:
+        check_range("data.max_length", self.max_length, low=2)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from safejax import rl
 from safejax.config import check_range
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import LoopSection, ModelSection, RunDir
+from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -30,15 +30,8 @@ from safejax.train.sft import export_model
 log = logging.getLogger("safejax")
 
 
-@dataclasses.dataclass
-class PreferenceDataSection:
-    train: list[str] = dataclasses.field(default_factory=list)
-    eval: list[str] = dataclasses.field(default_factory=list)
-    max_length: int = 512
-    skip_bad_rows: bool = False
-
-    def validate(self) -> None:
-        check_range("data.max_length", self.max_length, low=2)
+# train/eval dataset specs, max_length, skip_bad_rows (same section as SFT's)
+PreferenceDataSection = DataSection
 
 
 @dataclasses.dataclass

@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from safejax import rl
-from safejax.config import check_range
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import LoopSection, ModelSection, RunDir
+from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -27,15 +26,7 @@ from safejax.train.optim import OptimConfig
 log = logging.getLogger("safejax")
 
 
-@dataclasses.dataclass
-class SupervisedDataSection:
-    train: list[str] = dataclasses.field(default_factory=list)   # dataset specs name[:proportion[:path]]
-    eval: list[str] = dataclasses.field(default_factory=list)
-    max_length: int = 512
-    skip_bad_rows: bool = False
-
-    def validate(self) -> None:
-        check_range("data.max_length", self.max_length, low=2)
+SupervisedDataSection = DataSection
 
 
 @dataclasses.dataclass
