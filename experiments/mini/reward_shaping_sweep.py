@@ -25,8 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common as C  # noqa: E402
 
 NUS = (0.01, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0)
@@ -182,10 +180,13 @@ def markdown(cfg, args, agg: dict, nus) -> list[str]:
                         [[n] + [C.fmt(agg["policies"][n][k], pct=pct) for k, _, pct in AXES] for n in order])
     lines += ["", "Paired oracle differences against Safe RLHF on the same held-out prompts (policy - Safe RLHF; "
               "pooled over seeds, ± 1 SE):", ""]
+    rows = []
+    for n, d in agg["vs_safe_rlhf"].items():
+        u, h = d["unsafe_rate_harmful"], d["helpfulness_benign"]
+        rows.append([n, f"{u['mean'] * 100:+.1f} ± {u['se'] * 100:.1f} pts", f"{h['mean']:+.3f} ± {h['se']:.3f}",
+                     "yes" if clearly_dominates(d) else "no"])
     lines += C.md_table(["policy", "unsafe rate (harmful)", "helpfulness (benign)", "clearly dominates Safe RLHF"],
-                        [[n, f"{d['unsafe_rate_harmful']['mean'] * 100:+.1f} ± {d['unsafe_rate_harmful']['se'] * 100:.1f}"
-                          " pts", f"{d['helpfulness_benign']['mean']:+.3f} ± {d['helpfulness_benign']['se']:.3f}",
-                          "yes" if clearly_dominates(d) else "no"] for n, d in agg["vs_safe_rlhf"].items()])
+                        rows)
     lines += ["", "## Checks", ""] + C.checks_table(agg["checks"], check_text(nus))
     lines += ["", "![trade-off](tradeoff.png)", "", "![win rates](win_rates.png)"]
     return lines
