@@ -307,12 +307,10 @@ def oracle_label_pairs(prompt_rows: Sequence[dict], r0: Sequence[str], r1: Seque
                        label_noise: float, safety_label_noise: float) -> tuple[list[dict], dict]:
     """Label response pairs with the oracle in the PKU-SafeRLHF schema, with annotator noise.
 
-    The rules are those of :func:`safejax.data.builtin.generate_preference_rows`: ``better`` = higher
-    oracle helpfulness (ties at random, else flipped with ``label_noise``); ``is_safe`` = the oracle's
-    verdict flipped with ``safety_label_noise``; ``safer`` = the one labelled safe when exactly one
-    is, else lower oracle harmfulness (ties at random, else flipped with ``label_noise``).  Pairs with
-    identical texts or an empty response are dropped.  Returns ``(rows, counts)``."""
+    Each pair is labelled by :func:`safejax.data.builtin.task.label_pair`, the rule the built-in task's
+    own preference rows use.  Pairs with identical texts or an empty response are dropped.  Returns ``(rows, counts)``."""
     from safejax.data.builtin import oracle_score
+    from safejax.data.builtin.task import label_pair
 
     rng = random.Random(f"safejax-mini-labels/{seed}")
     rows, counts = [], {"pairs": len(r0), "dropped_identical": 0, "dropped_empty": 0, "unsafe_responses": 0}
@@ -323,28 +321,9 @@ def oracle_label_pairs(prompt_rows: Sequence[dict], r0: Sequence[str], r1: Seque
         if a == b:
             counts["dropped_identical"] += 1
             continue
-        p = row["prompt"]
-        s0, s1 = oracle_score(p, a), oracle_score(p, b)
-        counts["unsafe_responses"] += int(s0.harmful) + int(s1.harmful)
-        if s0.helpfulness == s1.helpfulness:
-            better = rng.randrange(2)
-        else:
-            better = 0 if s0.helpfulness > s1.helpfulness else 1
-            if rng.random() < label_noise:
-                better = 1 - better
-        safe0 = (not s0.harmful) != (rng.random() < safety_label_noise)
-        safe1 = (not s1.harmful) != (rng.random() < safety_label_noise)
-        if safe0 != safe1:
-            safer = 0 if safe0 else 1
-        elif s0.harmfulness == s1.harmfulness:
-            safer = rng.randrange(2)
-        else:
-            safer = 0 if s0.harmfulness < s1.harmfulness else 1
-            if rng.random() < label_noise:
-                safer = 1 - safer
-        rows.append({"prompt": p, "response_0": a, "response_1": b, "is_response_0_safe": bool(safe0),
-                     "is_response_1_safe": bool(safe1), "better_response_id": int(better),
-                     "safer_response_id": int(safer)})
+        rec = label_pair(row["prompt"], a, b, rng, label_noise=label_noise, safety_label_noise=safety_label_noise)
+        counts["unsafe_responses"] += sum(int(oracle_score(row["prompt"], r).harmful) for r in (a, b))
+        rows.append({k: v for k, v in rec.items() if not k.endswith("severity_level")})
     counts["kept"] = len(rows)
     return rows, counts
 

@@ -222,6 +222,46 @@ def _pair_modes(rng: random.Random) -> tuple[str, str]:
     return a, b
 
 
+def label_pair(prompt: str, r0: str, r1: str, rng: random.Random, *, label_noise: float,
+               safety_label_noise: float) -> dict[str, Any]:
+    """One PKU-SafeRLHF-schema row for two responses, labelled by the oracle with annotator noise.
+
+    ``better`` = higher oracle helpfulness (ties at random, else flipped with ``label_noise``);
+    ``is_safe`` = the oracle's verdict flipped with ``safety_label_noise``; ``safer`` = the one
+    labelled safe when exactly one is (as in the real data), else lower oracle harmfulness (ties at
+    random, else flipped with ``label_noise``).  Severity is 0 exactly for responses labelled safe."""
+    s0, s1 = O.oracle_score(prompt, r0), O.oracle_score(prompt, r1)
+    if s0.helpfulness == s1.helpfulness:
+        better = rng.randrange(2)
+    else:
+        better = 0 if s0.helpfulness > s1.helpfulness else 1
+        if rng.random() < label_noise:
+            better = 1 - better
+    safe0 = (not s0.harmful) != (rng.random() < safety_label_noise)
+    safe1 = (not s1.harmful) != (rng.random() < safety_label_noise)
+    if safe0 != safe1:
+        safer = 0 if safe0 else 1
+    elif s0.harmfulness == s1.harmfulness:
+        safer = rng.randrange(2)
+    else:
+        safer = 0 if s0.harmfulness < s1.harmfulness else 1
+        if rng.random() < label_noise:
+            safer = 1 - safer
+    sev0 = 0 if safe0 else max(1, O.severity_level(s0, O.response_features(prompt, r0)))
+    sev1 = 0 if safe1 else max(1, O.severity_level(s1, O.response_features(prompt, r1)))
+    return {
+        "prompt": prompt,
+        "response_0": r0,
+        "response_1": r1,
+        "is_response_0_safe": bool(safe0),
+        "is_response_1_safe": bool(safe1),
+        "better_response_id": int(better),
+        "safer_response_id": int(safer),
+        "response_0_severity_level": int(sev0),
+        "response_1_severity_level": int(sev1),
+    }
+
+
 def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noise: float = 0.15,
                              safety_label_noise: float = 0.03, harmful_fraction: float = 0.5,
                              eval_fraction: float = 0.25) -> list[dict[str, Any]]:
@@ -262,36 +302,8 @@ def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noi
             r1 = generate_response(t, m1, rng)
         if r1 == r0:  # a mode with a single possible text: pair it with another mode
             r1 = generate_response(t, rng.choice([m for m in V.MODES if m != m0]), rng)
-        s0, s1 = O.oracle_score(prompt, r0), O.oracle_score(prompt, r1)
-        if s0.helpfulness == s1.helpfulness:
-            better = rng.randrange(2)
-        else:
-            better = 0 if s0.helpfulness > s1.helpfulness else 1
-            if rng.random() < label_noise:
-                better = 1 - better
-        safe0 = (not s0.harmful) != (rng.random() < safety_label_noise)
-        safe1 = (not s1.harmful) != (rng.random() < safety_label_noise)
-        if safe0 != safe1:
-            safer = 0 if safe0 else 1
-        elif s0.harmfulness == s1.harmfulness:
-            safer = rng.randrange(2)
-        else:
-            safer = 0 if s0.harmfulness < s1.harmfulness else 1
-            if rng.random() < label_noise:
-                safer = 1 - safer
-        sev0 = 0 if safe0 else max(1, O.severity_level(s0, O.response_features(prompt, r0)))
-        sev1 = 0 if safe1 else max(1, O.severity_level(s1, O.response_features(prompt, r1)))
-        rows.append({
-            "prompt": prompt,
-            "response_0": r0,
-            "response_1": r1,
-            "is_response_0_safe": bool(safe0),
-            "is_response_1_safe": bool(safe1),
-            "better_response_id": int(better),
-            "safer_response_id": int(safer),
-            "response_0_severity_level": int(sev0),
-            "response_1_severity_level": int(sev1),
-        })
+        rows.append(label_pair(prompt, r0, r1, rng, label_noise=label_noise,
+                               safety_label_noise=safety_label_noise))
     return rows
 
 
