@@ -298,3 +298,18 @@ def test_baselines_run_one_iteration_with_reference_metric_names(world, tmp_path
         assert "train/ptx_loss" not in keys
     assert all(np.isfinite(v) for v in rec.values())
     assert abs(rec["train/cost"]) > 0  # the cost model was loaded and scored the responses
+
+
+def test_periodic_eval_on_held_out_prompts_logs_reward_cost_and_harmless_ratio(world, tmp_path):
+    out = tmp_path / "lag-eval"
+    _cli(*_ppo_args(world, "ppo-lag", out, f"data.eval_prompts=[{world['prompts']}]", "train.eval_every=1",
+                    "train.max_steps=2", *TOY, *ONE_DEVICE))
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # every iteration, the last one once
+    for r in evals:
+        assert r["eval/count"] == 64
+        assert np.isfinite(r["eval/reward"]) and np.isfinite(r["eval/cost"])
+        assert 0.0 <= r["eval/harmless_ratio"] <= 1.0
+    # the held-out costs come from the same cost model as training: same scale as the train/cost of the run
+    train = _records(out)
+    assert abs(evals[0]["eval/cost"] - train[0]["train/cost"]) < 2.0

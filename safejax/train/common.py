@@ -175,7 +175,7 @@ def put_batch(batch: dict, mesh) -> dict:
 # (model, data, batch size, optimizer, schedule length, seed, algorithm...) must stay the same.
 RESUME_IGNORED = ("out_dir", "allow_config_change", "train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_checkpoints", "train.progress", "train.skip_nonfinite", "train.inject_nan_step",
-                  "mesh", "eval_batch_size", "*.remat")
+                  "mesh", "eval_batch_size", "*.remat", "data.eval_prompts")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -47,6 +47,8 @@ ALGORITHMS = ("ppo-lag", "ppo", "ppo-reward-shaping")
 class PPODataSection:
     prompts: list[str] = dataclasses.field(default_factory=list)      # dataset specs of prompt rows
     ptx: list[str] = dataclasses.field(default_factory=list)          # supervised specs (empty = no ptx)
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)  # held-out prompts: eval/reward, eval/cost
+                                                                       # every train.eval_every iterations + at the end
     prompt_width: int = 64
     ptx_max_length: int = 128
     skip_bad_rows: bool = False

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
@@ -53,14 +54,43 @@ def _replicate(tree, mesh):
     return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), tree), jax.tree.map(lambda _: rep, tree)
 
 
-def load_prompts(cfg: PPOConfig, tokenizer):
+def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh) -> Callable[[int, Any], dict]:
+    """Default periodic eval: sample one answer per held-out prompt with the current actor (the same
+    jitted rollout as training, so no extra compile) and report the mean RM reward and CM cost."""
+
+    def hook(step: int, result: "PPOResult") -> dict:
+        n = len(arrays["prompt_ids"])
+        rewards, costs = [], []
+        for i in range(0, n, batch_size):
+            idx = np.arange(i, i + batch_size) % n  # the last batch is padded by repetition
+            batch = parallel.host_local_to_global({k: v[idx] for k, v in arrays.items()}, mesh)
+            exp = rollout_fn(result.state, frozen, batch["prompt_ids"], batch["prompt_mask"])
+            k = min(batch_size, n - i)
+            rewards.append(np.asarray(_gather(exp.reward))[:k])
+            costs.append(np.asarray(_gather(exp.cost))[:k])
+        r, c = np.concatenate(rewards), np.concatenate(costs)
+        return {"eval/reward": float(r.mean()), "eval/cost": float(c.mean()),
+                "eval/harmless_ratio": float(np.mean(c <= 0)), "eval/count": int(n)}
+
+    return hook
+
+
+def _gather(x):
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, specs=None, what: str = "prompts"):
     from safejax.data import build_prompts, load_rows
 
-    rows = load_rows(cfg.data.prompts)
+    rows = load_rows(specs or cfg.data.prompts)
     arrays, report = build_prompts(rows, tokenizer, prompt_width=cfg.data.prompt_width,
                                    skip_bad_rows=cfg.data.skip_bad_rows)
-    (log.warning if report.dropped else log.info)("prompts: %s", report)
-    if len(arrays.prompt_ids) < cfg.train.batch_size:
+    (log.warning if report.dropped else log.info)("%s: %s", what, report)
+    if len(arrays.prompt_ids) < (cfg.train.batch_size if what == "prompts" else 1):
         raise ValueError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
                          f"{cfg.train.batch_size} ({report}; data.prompt_width={cfg.data.prompt_width})")
     return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
@@ -69,7 +99,8 @@ def load_prompts(cfg: PPOConfig, tokenizer):
 def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = None, eval_every: int = 0,
             export: bool = True) -> PPOResult:
     """Run the RL stage.  ``eval_hook(iteration, result_so_far) -> metrics`` is called every
-    ``eval_every`` iterations (and at the end) — the demo uses it to judge policies by the oracle."""
+    ``eval_every`` iterations (and at the end).  Without a hook, ``data.eval_prompts`` turns on the
+    default one (eval/reward, eval/cost, eval/harmless_ratio every ``train.eval_every`` iterations)."""
     from safejax.data import build_supervised, load_rows
     from safejax.data.batching import BatchIterator
 
@@ -144,6 +175,10 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
 
     bsh = parallel.batch_sharding(mesh, 2)
     rollout_fn = jax.jit(trainer.rollout, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+    if eval_hook is None and cfg.data.eval_prompts:
+        eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
+        eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, bsz, mesh)
+        eval_every = eval_every or cfg.train.eval_every
     update_fn = jax.jit(guarded_update(trainer.update, skip_nonfinite=cfg.train.skip_nonfinite,
                                        inject_nan_step=cfg.train.inject_nan_step, lag=lag),
                         in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=(0,))
