@@ -504,30 +504,11 @@ def read_verdicts(spec: str) -> dict[str, list[elo_lib.Judgement]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"judge file {path!r} does not exist")
     out: dict[str, list[elo_lib.Judgement]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            axis = row.get("axis")
-            if axis not in AXES:
-                raise ValueError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
-            for field in ("model_a", "model_b", "winner"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {row.get(field)!r}")
-            pid = row.get("prompt_id")
-            try:
-                j = elo_lib.Judgement(row["model_a"], row["model_b"], row["winner"].strip().lower(),
-                                      tuple(pid) if isinstance(pid, list) else pid)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            out.setdefault(axis, []).append(j)
+    for where, row, j in elo_lib.judgement_rows(path):
+        axis = row.get("axis")
+        if axis not in AXES:
+            raise ValueError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
+        out.setdefault(axis, []).append(j)
     if not out:
         raise ValueError(f"{path}: no verdicts in this file")
     return out

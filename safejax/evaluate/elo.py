@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterator, Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -152,14 +152,12 @@ def judge_pairs(
     return out
 
 
-def judgements_from_file(path: str | os.PathLike) -> list[Judgement]:
-    """Read cached verdicts from a JSONL file.
-
-    Each non-blank line is an object ``{"prompt_id": ..., "model_a": str, "model_b": str, "winner": "a"|"b"|"tie"}``
-    (``prompt_id`` optional; ``winner`` case-insensitive). Raises ``ValueError`` naming the file, line and field.
-    """
+def judgement_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict, Judgement]]:
+    """Parse a verdict JSONL file: ``(where, row, Judgement)`` per non-blank line, where ``where`` is
+    ``"file:line"``.  Each line is an object ``{"prompt_id": ..., "model_a": str, "model_b": str,
+    "winner": "a"|"b"|"tie"}`` (``prompt_id`` optional; ``winner`` case-insensitive; other fields are
+    kept in ``row`` for the caller).  Raises ``ValueError`` naming the file, line and field."""
     path = os.fspath(path)
-    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -183,10 +181,14 @@ def judgements_from_file(path: str | os.PathLike) -> list[Judgement]:
             if isinstance(pid, list):
                 pid = tuple(pid)
             try:
-                out.append(Judgement(row["model_a"], row["model_b"], winner, pid))
+                yield where, row, Judgement(row["model_a"], row["model_b"], winner, pid)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-    return out
+
+
+def judgements_from_file(path: str | os.PathLike) -> list[Judgement]:
+    """Read cached verdicts from a JSONL file (format: :func:`judgement_rows`)."""
+    return [j for _, _, j in judgement_rows(path)]
 
 
 def write_judgements(path: str | os.PathLike, judgements: Iterable[Judgement]) -> None:

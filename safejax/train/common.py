@@ -429,3 +429,15 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
 
     return tqdm(total=total, desc=desc, initial=initial, disable=not enabled or jax.process_index() != 0,
                 dynamic_ncols=True, leave=False)
+
+
+def close_stage(run: "RunDir", bar=None, writer=None) -> None:
+    """End of a stage loop (also on errors): close the progress bar, wait for the in-flight save so the
+    last good checkpoint is always committed, and close the metric writer."""
+    if bar is not None:
+        bar.close()
+    if run.checkpoints is not None:
+        run.checkpoints.close()
+        run.checkpoints = None
+    if writer is not None:
+        writer.close()

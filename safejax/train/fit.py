@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from safejax.train.common import (SKIP_KEY, GracefulStop, LoopSection, MetricGuard, Preempted, RunDir, TrainState,
-                                  accumulate_gradients, init_train_state, progress, put_batch, save_checkpoint,
-                                  split_micro)
+                                  accumulate_gradients, close_stage, init_train_state, progress, put_batch,
+                                  save_checkpoint, split_micro)
 from safejax.train.optim import OptimConfig, make_optimizer
 
 log = logging.getLogger("safejax")
@@ -163,12 +163,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
                     raise Preempted(f"{desc}: SIGTERM received; saved a checkpoint at step {step}/{total} in "
                                     f"{ckpt.directory}; rerun the same command to resume", step)
     finally:
-        if bar is not None:
-            bar.close()
-        ckpt.close()  # waits for the in-flight save: the last good checkpoint is always committed
-        run.checkpoints = None
-        if writer is not None:
-            writer.close()
+        close_stage(run, bar, writer)
     return FitResult(state=state, last_metrics=metrics, eval_metrics=eval_metrics, steps=step,
                      seconds=time.time() - t0)
 

@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
 from safejax.parallel import make_mesh
-from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, progress, save_checkpoint,
-                                  scalar_on_mesh)
+from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, close_stage, progress,
+                                  save_checkpoint, scalar_on_mesh)
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
 from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
@@ -252,12 +252,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
             writer.write(step, em)
             history.append(dict(em, step=step))
     finally:
-        if bar is not None:
-            bar.close()
-        ckpt.close()  # waits for the in-flight save: the last good checkpoint is always committed
-        run.checkpoints = None
-        if writer is not None:
-            writer.close()
+        close_stage(run, bar, writer)
     if export:
         result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
     result.seconds = time.time() - t0
