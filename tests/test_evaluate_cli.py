@@ -22,9 +22,7 @@ import tiny_world
 from safejax.cli import main
 
 
-def _cli(*args: str) -> None:
-    rc = main([str(a) for a in args])
-    assert rc == 0, f"safejax {' '.join(map(str, args))} exited with {rc}"
+_cli = tiny_world.run_cli
 
 
 def _read_jsonl(path) -> list[dict]:

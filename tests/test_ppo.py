@@ -13,7 +13,6 @@ import torch
 import transformers
 
 import tiny_world
-from safejax.cli import main
 from safejax.metrics import read_metrics
 
 PROMPT_WIDTH = 13          # every tiny_world prompt fits (BOS + template + <= 4 words)
@@ -21,9 +20,7 @@ NEW_TOKENS = 8             # SFT responses are 2-6 words + EOS
 ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
 
 
-def _cli(*args: str) -> None:
-    rc = main(list(args))
-    assert rc == 0, f"safejax {' '.join(args)} exited with {rc}"
+_cli = tiny_world.run_cli
 
 
 # ----------------------------------------------------------------------------- experience conventions

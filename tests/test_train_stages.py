@@ -13,9 +13,7 @@ from safejax.cli import main
 from safejax.metrics import read_metrics
 
 
-def _cli(*args: str) -> None:
-    rc = main(list(args))
-    assert rc == 0, f"safejax {' '.join(args)} exited with {rc}"
+_cli = tiny_world.run_cli
 
 
 @pytest.fixture(scope="session")

@@ -111,3 +111,11 @@ def make_world(root: str | Path, *, seed: int = 0) -> dict[str, Path]:
     }
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return paths
+
+
+def run_cli(*args) -> None:
+    """Run ``safejax <args>`` in-process and require exit code 0."""
+    from safejax.cli import main
+
+    rc = main([str(a) for a in args])
+    assert rc == 0, f"safejax {' '.join(map(str, args))} exited with {rc}"

@@ -106,6 +106,21 @@ def _pair_texts(recs, keep, choose_field, eos):
     return first, second, swapped
 
 
+def _encode_pairs(tokenizer, first_txt, second_txt, max_length, pad_id, report):
+    """Tokenize both sides (right-truncated), drop pairs whose ids are identical (counted in
+    ``report``), right-pad the rest.  Returns ``(kept positions, (ids, mask) first, (ids, mask) second)``."""
+    first = encode_texts(tokenizer, first_txt, max_length=max_length)
+    second = encode_texts(tokenizer, second_txt, max_length=max_length)
+    sel = []
+    for j in range(len(first)):
+        if first[j] == second[j]:
+            report.add(IDENTICAL)
+        else:
+            sel.append(j)
+    return (sel, pad_sequences([first[j] for j in sel], length=max_length, pad_id=pad_id),
+            pad_sequences([second[j] for j in sel], length=max_length, pad_id=pad_id))
+
+
 def build_reward_pairs(rows: Any, tokenizer, *, max_length: int, skip_bad_rows: bool = False,
                        source_name: str | None = None) -> tuple[PreferenceArrays, DropReport]:
     """Helpfulness preference pairs for the reward model.
@@ -127,16 +142,7 @@ def build_reward_pairs(rows: Any, tokenizer, *, max_length: int, skip_bad_rows: 
     report = DropReport(source=name, total=len(recs))
     keep = validate_rows(recs, REWARD_CHECKS, skip_bad_rows=skip_bad_rows, source_name=name, report=report)
     better_txt, worse_txt, _ = _pair_texts(recs, keep, "better_response_id", eos)
-    better = encode_texts(tokenizer, better_txt, max_length=max_length)
-    worse = encode_texts(tokenizer, worse_txt, max_length=max_length)
-    sel = []
-    for j in range(len(keep)):
-        if better[j] == worse[j]:
-            report.add(IDENTICAL)
-        else:
-            sel.append(j)
-    bi, bm = pad_sequences([better[j] for j in sel], length=max_length, pad_id=pad_id)
-    wi, wm = pad_sequences([worse[j] for j in sel], length=max_length, pad_id=pad_id)
+    sel, (bi, bm), (wi, wm) = _encode_pairs(tokenizer, better_txt, worse_txt, max_length, pad_id, report)
     report.kept = len(sel)
     row_index = np.asarray([keep[j] for j in sel], dtype=np.int64)
     return PreferenceArrays(bi, bm, wi, wm, row_index), report
@@ -165,16 +171,7 @@ def build_cost_pairs(rows: Any, tokenizer, *, max_length: int, skip_bad_rows: bo
         keep.append(i)
         safe_pairs.append((safer_safe, unsafer_safe))
     safer_txt, unsafer_txt, _ = _pair_texts(recs, keep, "safer_response_id", eos)
-    safer = encode_texts(tokenizer, safer_txt, max_length=max_length)
-    unsafer = encode_texts(tokenizer, unsafer_txt, max_length=max_length)
-    sel = []
-    for j in range(len(keep)):
-        if safer[j] == unsafer[j]:
-            report.add(IDENTICAL)
-        else:
-            sel.append(j)
-    si, sm = pad_sequences([safer[j] for j in sel], length=max_length, pad_id=pad_id)
-    ui, um = pad_sequences([unsafer[j] for j in sel], length=max_length, pad_id=pad_id)
+    sel, (si, sm), (ui, um) = _encode_pairs(tokenizer, safer_txt, unsafer_txt, max_length, pad_id, report)
     safer_is_safe = np.asarray([safe_pairs[j][0] for j in sel], dtype=bool).reshape(-1)
     unsafer_is_safe = np.asarray([safe_pairs[j][1] for j in sel], dtype=bool).reshape(-1)
     report.kept = len(sel)
