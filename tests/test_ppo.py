@@ -26,25 +26,24 @@ _cli = tiny_world.run_cli
 # ----------------------------------------------------------------------------- experience conventions
 
 
-def test_rollout_experience_matches_independent_rescoring(tmp_path):
-    """old/ref log-probs sit at the shifted positions [P-1, L-2]; values V[t] are the critic score at token t;
-    the RM/CM end score is read at the last real token (the EOS when one was generated).  The reference values
-    come from each row re-scored *without* padding: log-probs by the transformers model, scores by our
-    ScoreModel on the bare row (no mask, positions 0..n-1)."""
+@pytest.fixture(scope="module")
+def rollout_world(tmp_path_factory):
+    """A random transformers Llama (actor = reference) and four score models from the same folder, with
+    left-padded prompts and the rows HF greedy decoding produces when no EOS is ever emitted."""
     from safejax import rl
-    from safejax.generation import SamplingConfig
     from safejax.models import load_pretrained
     from safejax.train.functional import split_model
-    from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+    from safejax.train.ppo import Frozen, Models, ModelState, PPOState
 
     vocab, pad, p, n = 40, 0, 6, 7
+    tmp_dir = tmp_path_factory.mktemp("rollout_world")
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=0.5, max_position_embeddings=64, pad_token_id=pad)).eval()
-    hf.save_pretrained(tmp_path)
-    adef, ap = split_model(load_pretrained(tmp_path))
-    score = {name: split_model(load_pretrained(tmp_path, model_type="score", seed=s))
+    hf.save_pretrained(tmp_dir)
+    adef, ap = split_model(load_pretrained(tmp_dir))
+    score = {name: split_model(load_pretrained(tmp_dir, model_type="score", seed=s))
              for s, name in enumerate(("reward", "cost", "reward_critic", "cost_critic"), start=1)}
     models = Models(actor=adef, reward_critic=score["reward_critic"][0], cost_critic=score["cost_critic"][0],
                     reward=score["reward"][0], cost=score["cost"][0])
@@ -66,6 +65,22 @@ def test_rollout_experience_matches_independent_rescoring(tmp_path):
         free = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(pmask, dtype=torch.long),
                            do_sample=False, max_new_tokens=n, pad_token_id=pad, eos_token_id=vocab + 3
                            ).numpy()[:, p:-1]
+    return dict(vocab=vocab, pad=pad, p=p, n=n, hf=hf, models=models, frozen=frozen, state=state, ids=ids,
+                pmask=pmask, lengths=lengths, score=score, free=free)
+
+
+def test_rollout_experience_matches_independent_rescoring(rollout_world):
+    """old/ref log-probs sit at the shifted positions [P-1, L-2]; values V[t] are the critic score at token t;
+    the RM/CM end score is read at the last real token (the EOS when one was generated).  The reference values
+    come from each row re-scored *without* padding: log-probs by the transformers model, scores by our
+    ScoreModel on the bare row (no mask, positions 0..n-1)."""
+    from safejax.generation import SamplingConfig
+    from safejax.train.ppo import PPOConfig, Trainer
+
+    w = rollout_world
+    vocab, pad, p, n, hf, models = w["vocab"], w["pad"], w["p"], w["n"], w["hf"], w["models"]
+    frozen, state, ids, pmask, lengths, score, free = (w[k] for k in ("frozen", "state", "ids", "pmask", "lengths",
+                                                                        "score", "free"))
     hits = [(free == tok).any(axis=1).sum() for tok in range(vocab)]
     eos = max((tok for tok in range(1, vocab) if hits[tok] < len(lengths)), key=lambda tok: hits[tok])
     cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n, greedy=True))
@@ -106,6 +121,51 @@ def test_rollout_experience_matches_independent_rescoring(tmp_path):
         assert abs(exp.reward[b] - bare["reward"][b, real_len[b] - 1]) < 2e-4, b
         assert abs(exp.cost[b] - bare["cost"][b, real_len[b] - 1]) < 2e-4, b
 
+
+
+def test_rollout_masks_sampled_pad_and_unk_tokens_like_the_reference(rollout_world):
+    """[code] mask_t = (x_t != pad) and (x_t != unk): a pad or unk token the actor samples mid-response leaves a
+    hole in the experience mask (tokens after it stay real), and the RM/CM end score is read at the last token
+    that is still real.  ``ppo.mask_sampled_special=false`` keeps every generated token."""
+    from safejax.generation import SamplingConfig
+    from safejax.train.ppo import PPOConfig, PPOSection, Trainer
+
+    w = rollout_world
+    p, n, models, frozen, state = w["p"], w["n"], w["models"], w["frozen"], w["state"]
+    ids, pmask = jnp.asarray(w["ids"]), jnp.asarray(w["pmask"])
+
+    def rollout(pad_id, unk_id, mask_special):
+        cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n, greedy=True),
+                        ppo=PPOSection(mask_sampled_special=mask_special))
+        tr = Trainer(cfg, models, None, prompt_width=p, eos_id=-1, pad_id=pad_id, unk_id=unk_id, total_updates=1,
+                     ptx_enabled=False)
+        return jax.tree.map(np.asarray, jax.jit(tr.rollout)(state, frozen, ids, pmask))
+
+    plain = rollout(w["pad"], None, False)          # EOS never sampled: every row has n real response tokens
+    seq = plain.sequences
+    assert plain.mask.all()
+    sampled_pad = int(seq[0, -1])                   # row 0 *ends* with it: its end score must move back
+    unk = next(int(t) for t in seq[1, p:-1] if t != sampled_pad)
+    masked = rollout(sampled_pad, unk, True)
+    np.testing.assert_array_equal(masked.sequences, seq)   # masking changes the experience, not the samples
+    expect = np.concatenate([w["pmask"], np.ones((len(seq), n), bool)], axis=1) & (seq != sampled_pad) & (seq != unk)
+    np.testing.assert_array_equal(masked.attention_mask.astype(bool), expect)
+    np.testing.assert_array_equal(masked.mask, expect[:, p:].astype(np.float32))
+    holes = (~expect[:, p:]).any(axis=1)
+    assert holes[0] and holes[1]
+    kept = rollout(sampled_pad, unk, False)
+    np.testing.assert_array_equal(kept.mask, plain.mask)
+
+    # end scores: the reward model on each row with its masked tokens removed (bare, right-padded), last real token
+    sdef, rm = w["score"]["reward"]
+    scorer = jax.jit(lambda prm, x: sdef.merge(prm)(x).scores)
+    bare = np.zeros_like(seq)
+    for b in range(len(seq)):
+        bare[b, :expect[b].sum()] = seq[b][expect[b]]
+    s = np.asarray(scorer(rm, bare))
+    ends = s[np.arange(len(seq)), expect.sum(axis=1) - 1]
+    np.testing.assert_allclose(masked.reward, ends, atol=2e-4)
+    assert abs(masked.reward[0] - plain.reward[0]) > 1e-4, "row 0's end score must move off the sampled pad"
 
 # ----------------------------------------------------------------------------- the tiny world
 

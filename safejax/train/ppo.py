@@ -65,6 +65,10 @@ class PPOSection:
     update_iters: int = 1
     micro_batch_size: int = 16        # rows per mini-batch update (M)
     ptx_coeff: float = 16.0
+    # [code] mask_t = (x_t != pad) and (x_t != unk): a pad or unk token the actor *samples* inside a response
+    # is masked out of the experience (log-probs, values, end-score index), as in the reference.  False keeps
+    # every generated token up to EOS.
+    mask_sampled_special: bool = True
 
     def validate(self) -> None:
         check_range("ppo.kl_coeff", self.kl_coeff, low=0.0)
@@ -194,6 +198,14 @@ def scalar_signals(algorithm: str, reward, cost, nu: float):
 # ----------------------------------------------------------------------------- pure pieces
 
 
+def special_token_mask(seq, pad_id: int, unk_id: int | None):
+    """``[B, L]`` bool: ``(seq != pad) & (seq != unk)`` -- the reference's rollout mask rule (unk skipped if None)."""
+    keep = seq != pad_id
+    if unk_id is not None:
+        keep = keep & (seq != unk_id)
+    return keep
+
+
 def _token_log_probs(lm, seq, mask, start):
     logits = lm(seq, attention_mask=mask, positions=positions_from_mask(mask))
     return rl.log_probs_from_logits(logits[:, start:-1], seq[:, start + 1:])
@@ -212,12 +224,13 @@ class Trainer:
     """Builds the jitted phases for one config; holds no mutable training state itself."""
 
     def __init__(self, cfg: PPOConfig, models: Models, mesh, prompt_width: int, eos_id: int, pad_id: int,
-                 total_updates: int, ptx_enabled: bool):
+                 total_updates: int, ptx_enabled: bool, unk_id: int | None = None):
         self.cfg = cfg
         self.models = models
         self.mesh = mesh
         self.P = prompt_width
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.unk_id = None if unk_id is None or unk_id == eos_id else unk_id
         self.algorithm = cfg.algorithm
         self.lag = cfg.algorithm == "ppo-lag"
         self.ptx_enabled = ptx_enabled
@@ -232,6 +245,8 @@ class Trainer:
         gen = generate(actor, prompt_ids, prompt_mask, key, cfg.rollout, eos_token_id=self.eos_id,
                        pad_token_id=self.pad_id)
         seq, mask = gen.sequences, gen.attention_mask
+        if cfg.ppo.mask_sampled_special:
+            mask = mask & special_token_mask(seq, self.pad_id, self.unk_id)
         start = self.P - 1
         old_lp = _token_log_probs(actor, seq, mask, start)
         ref_lp = _token_log_probs(m.actor.merge(frozen.ref), seq, mask, start)

@@ -146,7 +146,8 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     updates = iterations * cfg.ppo.update_iters * (bsz // cfg.ppo.micro_batch_size)
 
     trainer = Trainer(cfg, models, mesh, prompt_width=cfg.data.prompt_width, eos_id=tok.eos_token_id,
-                      pad_id=tok.pad_token_id, total_updates=updates, ptx_enabled=ptx_arrays is not None)
+                      pad_id=tok.pad_token_id, total_updates=updates, ptx_enabled=ptx_arrays is not None,
+                      unk_id=tok.unk_token_id)
 
     # ---- state (sharded) and frozen models
     actor_s, actor_sh = _model_state(actor_def, actor_params, trainer.actor_tx, mesh)
