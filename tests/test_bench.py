@@ -56,6 +56,7 @@ def test_tiny_bench_reports_every_section_with_positive_numbers(tiny_result):
                   "compile_s"],
         "decode": ["new_tokens_per_s", "ms_per_decode_step", "floor_ms_per_step", "floor_fraction", "compile_s"],
         "decode_fp32": ["new_tokens_per_s", "ms_per_decode_step", "floor_fraction"],
+        "train_fused_attn": ["step_ms_median", "tokens_per_s", "mfu_vs_989"],
         "ppo": ["rollout_s", "update_s", "iteration_s", "iteration_tokens_per_s", "rollout_compile_s",
                 "update_compile_s", "update_model_flops"],
     }
@@ -64,13 +65,16 @@ def test_tiny_bench_reports_every_section_with_positive_numbers(tiny_result):
             v = S[sec].get(k)
             assert isinstance(v, (int, float)) and v > 0, f"{sec}.{k} = {v!r}"
     assert S["ppo"]["iteration_s"] == pytest.approx(S["ppo"]["rollout_s"] + S["ppo"]["update_s"])
+    assert S["train"]["attention_impl"] == "einsum" and S["train_fused_attn"]["attention_impl"] == "xla"  # CPU
+    # the fp32-master decode casts its weights once: the loop reads bf16, as in the PPO rollout
+    assert S["decode_fp32"]["cast_weights"] is True and S["decode_fp32"]["weights_read_in_loop"] == "bfloat16"
     assert S["train"]["n_timed"] >= 1 and len(S["train"]["losses"]) == S["train"]["n_warmup"] + S["train"]["n_timed"]
     # the PPO-Lag update really ran: the multiplier moved away from lambda_init = 1 and metrics are finite
     m = S["ppo"]["metrics_last"]
     assert m["train/lambda"] != pytest.approx(1.0) and all(v is not None for v in m.values())
     names = {row["name"] for row in res["summary"]}
     assert {"train.tokens_per_s", "train.mfu_vs_989", "decode.new_tokens_per_s", "decode.floor_fraction",
-            "ppo.iteration_s"} <= names
+            "ppo.iteration_s", "train_fused_attn.speedup"} <= names
     assert "| train.tokens_per_s" in proc.stdout
 
 

@@ -36,6 +36,8 @@ def test_yaml_file_then_overrides(tmp_path):
     (["train.progress=maybe"], ["train.progress", "true/false"]),
     (["modle.path=x"], ["modle", "did you mean 'model'"]),
     (["noequals"], ["noequals", "key=value"]),
+    (["model.attention=flash"], ["model.attention", "cudnn"]),
+    (["model.attention=cudnn"], ["model.attention", "bfloat16"]),
 ])
 def test_bad_keys_and_values_are_named(override, words):
     with pytest.raises(ConfigError) as e:
@@ -61,3 +63,9 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(SFTConfig, bad)
+
+
+def test_attention_key_is_read_from_model_sections():
+    cfg = load_config(PPOConfig, None, ["actor.attention=cudnn", "actor.dtype=bfloat16", *PPO_REQUIRED])
+    assert cfg.actor.attention == "cudnn"
+    assert load_config(SFTConfig, None, ["model.attention=xla"]).model.attention == "xla"

@@ -237,3 +237,55 @@ def test_sampling_config_rejects_bad_values():
                 SamplingConfig(top_k=-1), SamplingConfig(repetition_penalty=0.0)):
         with pytest.raises((ConfigError, ValueError)):
             bad.validate()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cast_matmul_weights_is_exact_and_halves_what_the_decode_loop_reads(scan_layers):
+    """fp32 master weights + bf16 compute: ``cast_matmul_weights`` stores every kernel/embedding in bf16 (norm
+    scales stay fp32), the forward logits are bit-identical, sampling with ``cast_weights`` on or off gives the
+    same tokens, and the decode ``while`` loop then carries no fp32 weight matrix (2 bytes read per weight)."""
+    import re
+
+    from flax import nnx
+
+    from safejax.generation import cast_matmul_weights
+    from safejax.models import CausalLM, ModelConfig
+    from safejax.parallel import MeshConfig, make_mesh, use_mesh
+    from safejax.train.functional import split_model
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16", param_dtype="float32",
+                      scan_layers=scan_layers, initializer_range=0.3)
+    with use_mesh(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])):
+        mdef, params = split_model(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (4, P)), jnp.int32)
+    mask = jnp.ones_like(ids)
+
+    dtypes = jax.eval_shape(lambda p: nnx.state(cast_matmul_weights(mdef.merge(p)), nnx.Param).to_pure_dict(), params)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
+            for path, x in jax.tree_util.tree_leaves_with_path(dtypes)}
+    assert {v for k, v in flat.items() if k.endswith(("kernel", "embedding"))} == {jnp.dtype(jnp.bfloat16)}
+    assert {v for k, v in flat.items() if k.endswith("weight")} == {jnp.dtype(jnp.float32)}
+
+    logits = jax.jit(lambda p, cast: (cast_matmul_weights(mdef.merge(p)) if cast else mdef.merge(p))(ids, mask),
+                     static_argnums=1)
+    np.testing.assert_array_equal(np.asarray(logits(params, True)), np.asarray(logits(params, False)))
+
+    def sample(cast):
+        sc = SamplingConfig(max_new_tokens=6, temperature=1.0, cast_weights=cast)
+        fn = jax.jit(lambda p, key: generate(mdef.merge(p), ids, mask, key, sc, eos_token_id=-1, pad_token_id=PAD))
+        return fn, np.asarray(fn(params, jax.random.key(3)).sequences)
+
+    fn_cast, seq_cast = sample(True)
+    _, seq_plain = sample(False)
+    np.testing.assert_array_equal(seq_cast, seq_plain)
+
+    # the lowered program: the decode loop's carried operands hold no f32 array of a weight matrix's shape
+    hlo = fn_cast.lower(params, jax.random.key(3)).as_text()
+    loops = [line for line in hlo.splitlines() if "stablehlo.while" in line]
+    assert loops, "expected a while loop (the decode fori_loop)"
+    shapes = {tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)
+              if str(getattr(path[-1], "key", "")) in ("kernel", "embedding")}
+    carried_f32 = {tuple(int(d) for d in m.split("x")) for line in loops
+                   for m in re.findall(r"tensor<((?:\d+x)+)f32>", line) for m in [m.rstrip("x")]}
+    assert not (carried_f32 & shapes), f"fp32 weights carried into the decode loop: {carried_f32 & shapes}"

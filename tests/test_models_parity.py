@@ -177,6 +177,31 @@ def test_remat_and_scan_variants_give_same_logits(llama, batch, variant):
     np.testing.assert_allclose(np.asarray(g_out), np.asarray(g_ref), atol=1e-5)
 
 
+
+def test_dot_product_attention_impl_matches_transformers_and_einsum(hf_model, loaded, batch):
+    """``attention_impl="xla"`` (jax.nn.dot_product_attention, the code path ``"cudnn"`` shares on GPUs) gives
+    the transformers logits on a left-padded batch (GQA, llama3 RoPE, Mistral's window, Qwen2 biases), and the
+    same gradients as the default einsum attention under a loss over real positions."""
+    _, model, folder = hf_model
+    ids, mask = (jnp.asarray(x) for x in batch)
+    dpa = load_pretrained(folder, attention_impl="xla")
+    assert dpa.config.attention_impl == "xla" and loaded.config.attention_impl == "einsum"
+    ref = _hf_logits(model, *batch)
+    valid = batch[1].astype(bool)
+    out = np.asarray(dpa(ids, mask))
+    assert np.abs(out - ref)[valid].max() <= 1e-4
+
+    def loss_fn(m):
+        logits = m(ids, mask)
+        return jnp.sum(jax.nn.logsumexp(logits, -1) * mask) / jnp.sum(mask)
+
+    g_ref = jax.tree.leaves(nnx.state(nnx.grad(loss_fn)(loaded), nnx.Param))
+    g_out = jax.tree.leaves(nnx.state(nnx.grad(loss_fn)(dpa), nnx.Param))
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    with pytest.raises(ValueError, match="attention_impl"):
+        load_pretrained(folder, attention_impl="flash")
+
 def _decode_matches_full_forward(lm: CausalLM, ids, mask, prompt_len: int, max_len: int):
     """Prefill the left-padded prompt, then feed the remaining tokens one at a time (jitted step with
     a traced cache_index); returns (max abs err over valid positions, steps)."""

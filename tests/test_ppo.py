@@ -297,10 +297,11 @@ def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, toy_run):
 
 def test_ppo_lag_iterations_sharded_match_single_device(world, toy_run, tmp_path):
     """The first two iterations of the toy run again on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 devices:
-    same samples, same losses, same lambda."""
+    same samples, same losses, same lambda -- with the sharded run on jax.nn.dot_product_attention
+    (``actor.attention=xla``, which all six models use) and the single-device run on the einsum attention."""
     one_dir, threshold = toy_run
     _cli(*_ppo_args(world, "ppo-lag", tmp_path / "many", *TOY, f"lagrange.threshold={threshold}",
-                    "train.max_steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+                    "train.max_steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "actor.attention=xla"))
     one, many = _records(one_dir)[:2], _records(tmp_path / "many")
     assert len(many) == 2
     for a, b in zip(one, many):

@@ -11,11 +11,14 @@ Sections (each timed with synchronisation, each in try/except, each skipped when
               the measured matmul ceiling)
   decode      safejax.generation.generate, bf16 weights, 32 prompts x 128 tokens, 256 new tokens
               -> new tokens/s, ms per decode step, fraction of the memory-bandwidth floor
-  decode_fp32 the same with fp32 master weights (what the PPO rollout runs: the actor is trained)
+  decode_fp32 the same with fp32 master weights (what the PPO rollout runs: the actor is trained), cast
+              once to bf16 before the decode loop (SamplingConfig.cast_weights; --no-cast-weights: off)
   ppo         one full PPO-Lagrangian iteration with safejax.train.ppo.Trainer on six random models
               (actor, reference, reward, cost, reward critic, cost critic, all of the same shape):
               rollout (generation + 6 scoring forwards) and update (lambda step, actor, two
               critics), one warm-up iteration (compile) then timed iterations
+  train_fused_attn  the train section again with fused attention (ModelConfig.attention_impl="cudnn" on a
+              GPU, "xla" elsewhere): what cuDNN flash attention buys over the einsum attention
 
 The model is the TinyLlama-1.1B shape of ../shared/bench (hidden 2048, 22 layers, 32 heads, 4 KV
 heads, intermediate 5632, vocab 32000, untied), random weights, random token ids (numpy seed 0).
@@ -67,8 +70,9 @@ TINY = dict(
     mm_n=256, mm_iters=3, copy_bytes=8 << 20, copy_iters=3,
 )
 # per section: (soft cap seconds, minimum seconds left to start it) for the full config
-CAPS = {"ceilings": (30, 10), "train": (90, 40), "decode": (60, 25), "ppo": (200, 70), "decode_fp32": (45, 20)}
-SECTIONS = ["ceilings", "train", "decode", "ppo", "decode_fp32"]
+CAPS = {"ceilings": (30, 10), "train": (90, 40), "decode": (60, 25), "ppo": (200, 70), "decode_fp32": (45, 20),
+        "train_fused_attn": (60, 35)}
+SECTIONS = ["ceilings", "train", "decode", "ppo", "decode_fp32", "train_fused_attn"]
 
 _LOCK = threading.RLock()
 
@@ -242,7 +246,8 @@ class Bench:
         base = dict(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
                     num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv_heads"],
                     max_position_embeddings=c["max_pos"], rms_norm_eps=c["eps"], dtype="bfloat16",
-                    param_dtype="float32", scan_layers=self.args.scan_layers, remat=False)
+                    param_dtype="float32", scan_layers=self.args.scan_layers, remat=False,
+                    attention_impl=self.args.attention)
         base.update(kw)
         return ModelConfig(**base)
 
@@ -300,7 +305,7 @@ class Bench:
         log(f"   matmul bf16 {n}^3: {r['matmul_tflops']:.1f} TFLOP/s; copy: {r['copy_gbps']:.0f} GB/s")
         return r
 
-    def train(self, soft):
+    def train(self, soft, attention: str | None = None):
         import jax
         import numpy as np
 
@@ -311,7 +316,7 @@ class Bench:
 
         c, S = self.c, self.sizes
         mesh = self.mesh()
-        cfg = self.model_config()
+        cfg = self.model_config(**({"attention_impl": attention} if attention else {}))
         t = time.perf_counter()
         mdef, params = self.build("causal_lm", cfg, mesh, seed=0)
         jax.block_until_ready(params)
@@ -353,7 +358,8 @@ class Bench:
         peak = self.R["sections"].get("ceilings", {}).get("matmul_tflops")
         r = dict(precision="fp32 params + fp32 AdamW states, bf16 matmuls (safejax Dense casts at use), fp32 norms/"
                            "softmax/loss", model="safejax.models.CausalLM", step="safejax.train.fit.make_train_step "
-                 "(sft_loss_fn, grad_accum 1, state donated)", scan_layers=cfg.scan_layers, n_params=n_params,
+                 "(sft_loss_fn, grad_accum 1, state donated)", scan_layers=cfg.scan_layers,
+                 attention_impl=cfg.attention_impl, n_params=n_params,
                  batch=B, seq=T, init_s=init_s, compile_s=compile_s, n_warmup=c["train_warmup"], n_timed=len(times),
                  stopped_early_soft_cap=stopped_early, step_ms_median=t_med * 1e3,
                  step_ms_each=[x * 1e3 for x in times], tokens_per_step=B * T, tokens_per_s=B * T / t_med,
@@ -382,7 +388,8 @@ class Bench:
         mask = np.ones_like(prompts)
 
         def make(n_new):
-            sc = SamplingConfig(max_new_tokens=n_new, temperature=1.0, top_p=1.0, top_k=0)
+            sc = SamplingConfig(max_new_tokens=n_new, temperature=1.0, top_p=1.0, top_k=0,
+                                cast_weights=not self.args.no_cast_weights)
 
             def gen(p, ids, m, key):
                 # eos -1 is never sampled: every row produces exactly n_new tokens, as in the baseline
@@ -428,6 +435,9 @@ class Bench:
             floor_full_s = (S["decode_weight_bytes_bf16"] + S["kv_bytes_full_cache"]) / (bw * 1e9)
         r = dict(generator="safejax.generation.generate (prefill + lax.fori_loop decode, preallocated KV cache, "
                            "attention over the full cache)", param_dtype=param_dtype, compute_dtype="bfloat16",
+                 cast_weights=not self.args.no_cast_weights,
+                 weights_read_in_loop="bfloat16" if param_dtype == "bfloat16" or not self.args.no_cast_weights
+                 else "float32 (cast at use)",
                  scan_layers=cfg.scan_layers, batch=B, prompt_len=P, new_tokens=N, cache_len=P + N,
                  sampling="temperature 1.0, top_p 1.0, top_k 0", compile_s=compile_s, compile_1_token_s=compile_1_s,
                  warmup_s=tw, n_timed=len(tn), generate_s_each=tn, generate_1_token_s_each=t1,
@@ -476,7 +486,8 @@ class Bench:
         B, Pw, N, M = c["ppo_batch"], c["ppo_prompt"], c["ppo_new"], c["ppo_micro"]
         mesh = self.mesh()
         cfg = PPOConfig(algorithm="ppo-lag", reward_model="<random>", cost_model="<random>")
-        cfg.rollout = SamplingConfig(max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0)
+        cfg.rollout = SamplingConfig(max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0,
+                                     cast_weights=not self.args.no_cast_weights)
         cfg.train.batch_size = B
         cfg.ppo.micro_batch_size = M
         cfg.data.prompt_width = Pw
@@ -614,6 +625,15 @@ class Bench:
             if tr.get("mfu_vs_measured"):
                 row("train.mfu_vs_measured", 100 * tr["mfu_vs_measured"], "%")
             row("train.loss_first_last", tr["loss_first"], "", f"-> {tr['loss_last']:.4f}")
+        tf = Sx.get("train_fused_attn", {})
+        if "tokens_per_s" in tf:
+            row("train_fused_attn.step_time", tf["step_ms_median"], "ms", f"attention {tf['attention_impl']}")
+            row("train_fused_attn.mfu_vs_989", 100 * tf["mfu_vs_989"], "%")
+            if tf.get("mfu_vs_measured"):
+                row("train_fused_attn.mfu_vs_measured", 100 * tf["mfu_vs_measured"], "%")
+            if "tokens_per_s" in tr:
+                row("train_fused_attn.speedup", tf["tokens_per_s"] / tr["tokens_per_s"], "x",
+                    f"vs train (attention {tr.get('attention_impl')})")
         for key, sec in (("decode", de), ("decode_fp32", d32)):
             if "new_tokens_per_s" in sec:
                 row(f"{key}.new_tokens_per_s", sec["new_tokens_per_s"], "tok/s",
@@ -719,6 +739,11 @@ def main(argv=None) -> int:
     ap.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="param dtype of reference / reward / cost models in the PPO section (run_ppo: float32)")
     ap.add_argument("--ppo-remat", action="store_true", help="rematerialise layers in the PPO section")
+    ap.add_argument("--attention", default="einsum", choices=("einsum", "xla", "cudnn"),
+                    help="full-sequence attention of every section (ModelConfig.attention_impl; default einsum); "
+                         "the train_fused_attn section always runs the fused one (cudnn on GPU, xla elsewhere)")
+    ap.add_argument("--no-cast-weights", action="store_true",
+                    help="decode without SamplingConfig.cast_weights (fp32 weights cast at every use)")
     ap.add_argument("--set", default=None, help="config overrides, e.g. --set ppo_batch=16,new_tokens=128")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join(os.environ.get("OUT") or ".", "ppo_bench.json")
@@ -747,6 +772,8 @@ def main(argv=None) -> int:
     bench.run("decode", lambda soft: bench.decode(soft, "bfloat16"))
     bench.run("ppo", bench.ppo)
     bench.run("decode_fp32", lambda soft: bench.decode(soft, "float32"))
+    fused = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    bench.run("train_fused_attn", lambda soft: bench.train(soft, attention=fused))
     bench.R["finished"] = True
     bench.finish()
     return 0

@@ -27,6 +27,12 @@ HF_SCORE_ARCHITECTURES = {
 }
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Attention over a whole sequence (training, scoring, prefill without a cache); cached decode steps always use
+# the einsum path.  "einsum": two einsums with an explicit [B, KV, G, T, S] fp32 score tensor (default, every
+# backend).  "xla" / "cudnn": jax.nn.dot_product_attention with that implementation; "cudnn" is the fused
+# flash-attention kernel of NVIDIA GPUs (bf16/fp16 compute only).  Real positions agree across all three;
+# fully masked query rows (left padding) are zeros with "einsum" and unspecified with the others.
+ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
 _CAUSAL_NAME = {v: k for k, v in HF_CAUSAL_ARCHITECTURES.items()}
 _SCORE_NAME = {v: k for k, v in HF_SCORE_ARCHITECTURES.items()}
 _HF_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -91,6 +97,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
+    attention_impl: str = "einsum"   # full-sequence attention: einsum | xla | cudnn (see ATTENTION_IMPLS)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -106,6 +113,9 @@ class ModelConfig:
                              f"{self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig: unknown attention_impl {self.attention_impl!r}; expected one of "
+                             f"{tuple(ATTENTION_IMPLS)}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"ModelConfig: unknown architecture {self.architecture!r}; expected one of "
                              f"{ARCHITECTURES}")

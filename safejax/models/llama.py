@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from safejax.models.config import ModelConfig
+from safejax.models.config import ATTENTION_IMPLS, ModelConfig
 
 Array = jax.Array
 
@@ -144,6 +144,7 @@ class Attention(nnx.Module):
         self.o_proj = Dense((H, hd), (D,), ("heads", "head_dim", "embed"), use_bias=o_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
         self.dtype = c.dtype
+        self.attention_impl = c.attention_impl
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None = None,
                  cache_index: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
@@ -166,6 +167,12 @@ class Attention(nnx.Module):
             new_kv = (ck, cv)
             k, v = ck, cv
         dt = jnp.dtype(self.dtype)
+        if kv is None and self.attention_impl != "einsum":
+            # full sequence (S = T, query slot t = key slot t): the mask already holds causality and padding;
+            # is_causal lets a fused kernel skip the blocks above the diagonal
+            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=mask[:, None],
+                                               is_causal=True, implementation=ATTENTION_IMPLS[self.attention_impl])
+            return self.o_proj(out), None
         qg = q.reshape(B, T, KV, G, hd).astype(dt)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt), preferred_element_type=jnp.float32)
         scores = scores * np.float32(hd ** -0.5)

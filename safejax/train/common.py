@@ -39,9 +39,14 @@ class ModelSection:
     dtype: str = "float32"         # compute dtype: float32 | bfloat16
     remat: bool = False
     scan_layers: bool = False
+    attention: str = "einsum"      # full-sequence attention: einsum | xla | cudnn (fused, NVIDIA GPUs, bf16)
 
     def validate(self) -> None:
         check_range("model.dtype", self.dtype, choices=("float32", "bfloat16"))
+        check_range("model.attention", self.attention, choices=("einsum", "xla", "cudnn"))
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ConfigError("config key 'model.attention' = 'cudnn' needs 'model.dtype' = 'bfloat16' "
+                              "(cuDNN flash attention has no float32 kernel)")
 
 
 @dataclasses.dataclass

@@ -115,17 +115,17 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     ref_params = jax.tree.map(jnp.copy, actor_params)
     dtype = cfg.actor.dtype
     rm_def, rm_params = split_model(load_model_for(cfg.reward_model, mesh, model_type="score", tokenizer=tok,
-                                                   dtype=dtype))
+                                                   dtype=dtype, attention=cfg.actor.attention))
     cm_def, cm_params = None, None
     if cfg.cost_model:
         cm_def, cm_params = split_model(load_model_for(cfg.cost_model, mesh, model_type="score", tokenizer=tok,
-                                                       dtype=dtype))
+                                                       dtype=dtype, attention=cfg.actor.attention))
     rc_def, rc_params = split_model(load_model_for(cfg.reward_critic or cfg.reward_model, mesh, model_type="score",
-                                                   tokenizer=tok, dtype=dtype))
+                                                   tokenizer=tok, dtype=dtype, attention=cfg.actor.attention))
     cc_def, cc_params = (None, None)
     if lag:
         cc_def, cc_params = split_model(load_model_for(cfg.cost_critic or cfg.cost_model, mesh, model_type="score",
-                                                       tokenizer=tok, dtype=dtype))
+                                                       tokenizer=tok, dtype=dtype, attention=cfg.actor.attention))
     models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
 
     prompts = load_prompts(cfg, tok)
