@@ -131,3 +131,20 @@ def test_ratios_against_a_gpu_baseline_json_are_ours_over_theirs(tmp_path):
     assert rows["ratio.train_tok_s_vs_plain_jax"] == pytest.approx(0.4)
     assert rows["ratio.decode_tok_s_vs_plain_jax_unrolled"] == pytest.approx(0.5)
     assert rows["ratio.decode_tok_s_vs_hf_static_compiled"] is None
+    assert "ratio.ppo_iteration_vs_hf_composed" not in rows   # no ppo section in this run
+
+
+def test_ppo_iteration_is_priced_with_the_peers_measured_pieces():
+    """HF stack: 32 x 256 new tokens at 800 tok/s = 10.24 s; 6 forwards over 32 x 384 tokens at a third of a
+    training step's time per token = 0.6144 s; 3 models trained on 32 x 384 tokens at 40k tok/s = 0.9216 s."""
+    mod = _load_module()
+    ppo = {"batch": 32, "prompt_len": 128, "new_tokens": 256, "update_iters": 1, "iteration_s": 1.1776}
+    est = mod.Bench.hf_ppo_iteration_estimate({"tokens_per_s": 40000.0},
+                                              {"new_tokens_per_s": 800.0, "batch": 32, "prompt_len": 128,
+                                               "new_tokens": 256}, ppo)
+    assert est["generation_s"] == pytest.approx(10.24)
+    assert est["scoring_s"] == pytest.approx(0.6144) and est["update_s"] == pytest.approx(0.9216)
+    assert est["iteration_s"] / ppo["iteration_s"] == pytest.approx(10.0, rel=1e-3)
+    # a different generation shape is not the same work: no estimate
+    assert mod.Bench.hf_ppo_iteration_estimate({"tokens_per_s": 4e4}, {"new_tokens_per_s": 800.0, "batch": 16,
+                                                                      "prompt_len": 128, "new_tokens": 256}, ppo) is None

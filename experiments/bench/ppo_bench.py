@@ -665,6 +665,30 @@ class Bench:
         out += [(f"ratio.{name}", v, "x", "") for name, v in base.get("extra", {}).items()]
         return out
 
+    @staticmethod
+    def hf_ppo_iteration_estimate(hf_train: dict, hf_gen: dict, ppo: dict) -> dict | None:
+        """The same PPO-Lag iteration priced with the peer's measured pieces (the HF/PyTorch stack of the
+        reference: default ``generate``, eager forwards, fp32-master AdamW steps), from one card and one call.
+
+        ``gpu_baseline.py`` has no PPO loop of its own, so the iteration is composed:
+        generation = B*N new tokens at ``hf_gen`` new tok/s (the same 32 x (128 + 256) shape);
+        scoring = 6 forwards over B*(P+N) tokens, a forward taken as 1/3 of a training step per token;
+        update = ``update_iters`` x 3 trained models x B*(P+N) tokens at ``hf_train`` tok/s.
+        Returns None when a piece is missing or the generation shapes differ."""
+        tr, gen = hf_train.get("tokens_per_s"), hf_gen.get("new_tokens_per_s")
+        if not (tr and gen and ppo.get("iteration_s")):
+            return None
+        B, P, N = ppo["batch"], ppo["prompt_len"], ppo["new_tokens"]
+        if (hf_gen.get("batch"), hf_gen.get("prompt_len"), hf_gen.get("new_tokens")) not in ((B, P, N), (None,) * 3):
+            return None
+        tokens = B * (P + N)
+        gen_s = B * N / gen
+        score_s = 6 * tokens / (3 * tr)
+        update_s = ppo.get("update_iters", 1) * 3 * tokens / tr
+        return dict(generation_s=gen_s, scoring_s=score_s, update_s=update_s,
+                    iteration_s=gen_s + score_s + update_s,
+                    method="composed from gpu_baseline.py's hf_gen and hf_train of the same call (see docstring)")
+
     def add_baseline(self) -> None:
         """Ratios vs ../shared/bench/gpu_baseline.py's JSON of the same card and call."""
         path = self.args.baseline
@@ -703,7 +727,11 @@ class Bench:
             if bw_t and de.get("ms_per_decode_step"):
                 floor = (self.sizes["decode_weight_bytes_bf16"] + self.sizes["kv_bytes_mean_ctx"]) / (bw_t * 1e9)
                 extra["decode_floor_fraction_vs_torch_copy"] = floor / (de["ms_per_decode_step"] / 1e3)
-            self.R["baseline"] = {"path": path, "ratios": ratios, "extra": extra,
+            composed = self.hf_ppo_iteration_estimate(T.get("hf_train") or {}, T.get("hf_gen") or {},
+                                                      Sx.get("ppo") or {})
+            if composed:
+                extra["ppo_iteration_vs_hf_composed"] = composed["iteration_s"] / Sx["ppo"]["iteration_s"]
+            self.R["baseline"] = {"path": path, "ratios": ratios, "extra": extra, "hf_ppo_iteration_composed": composed,
                                   "device": {"torch": b.get("torch", {}).get("device"),
                                              "jax": b.get("jax", {}).get("device")}}
         except Exception as e:  # noqa: BLE001
