@@ -1,4 +1,5 @@
-"""Llama-family models in Flax NNX, score models, KV cache, and HF checkpoint I/O."""
+"""Decoder-only models in Flax NNX (Llama family: Llama/Mistral/Qwen2; GPT-2), score models, KV cache, and
+HF checkpoint I/O."""
 
 from safejax.models.config import ModelConfig
 from safejax.models.hf import check_tokenizer_fits, load_pretrained, resize_token_embeddings, save_pretrained

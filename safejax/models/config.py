@@ -1,4 +1,11 @@
-"""Model configuration for the Llama family (Llama 1/2/3, Alpaca, Mistral, Qwen2).
+"""Model configuration for the supported decoder-only families.
+
+* Llama family (Llama 1/2/3, Alpaca, Mistral, Qwen2): RMSNorm, RoPE, SwiGLU MLP, grouped-query attention.
+* GPT-2 (``GPT2LMHeadModel``): LayerNorm with bias, learned absolute position embeddings, plain
+  ``act(fc(x))`` MLP with biases, biased q/k/v/o projections, tied LM head.
+
+The family only changes a few switches (:attr:`ModelConfig.norm_type`, :attr:`ModelConfig.position_embedding`,
+:attr:`ModelConfig.gated_mlp`, :attr:`ModelConfig.hidden_act`); the modules are shared.
 
 :class:`ModelConfig` is a frozen, hashable dataclass, so it can be passed as a static argument to
 ``jax.jit``.  It converts to and from a Hugging Face ``config.json`` dictionary
@@ -18,15 +25,22 @@ HF_CAUSAL_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
 }
-# safe-rlhf score-model checkpoints (``*ForScore``): backbone under ``model.``, head ``score_head``.
+# safe-rlhf score-model checkpoints (``*ForScore``): backbone under ``model.`` (GPT-2: ``transformer.``),
+# head ``score_head``.
 HF_SCORE_ARCHITECTURES = {
     "LlamaForScore": "llama",
     "MistralForScore": "mistral",
     "Qwen2ForScore": "qwen2",
+    "GPT2ForScore": "gpt2",
 }
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# MLP activations (HF ``ACT2FN`` names).  "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" are the tanh
+# approximation of GELU, "gelu" the exact (erf) one.
+ACTIVATIONS = ("silu", "swish", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
 # Attention over a whole sequence (training, scoring, prefill without a cache); cached decode steps always use
 # the einsum path.  "einsum": two einsums with an explicit [B, KV, G, T, S] fp32 score tensor (default, every
 # backend).  "xla" / "cudnn": jax.nn.dot_product_attention with that implementation; "cudnn" is the fused
@@ -35,7 +49,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION_IMPLS = {"einsum": None, "xla": "xla", "cudnn": "cudnn"}
 _CAUSAL_NAME = {v: k for k, v in HF_CAUSAL_ARCHITECTURES.items()}
 _SCORE_NAME = {v: k for k, v in HF_SCORE_ARCHITECTURES.items()}
-_HF_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_HF_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -69,6 +83,11 @@ class ModelConfig:
     ``dtype`` is the compute dtype of matmuls (e.g. ``"bfloat16"``); ``param_dtype`` the storage
     dtype of parameters (master weights, ``"float32"``).  Logits, softmax and norms are float32.
     ``architecture="qwen2"`` implies ``attention_bias=True`` (q/k/v biases, none on o_proj).
+    ``architecture="gpt2"`` implies ``attention_bias=True`` (q/k/v and o biases), ``num_kv_heads ==
+    num_heads``, LayerNorm (``rms_norm_eps`` is then GPT-2's ``layer_norm_epsilon``), learned positions
+    (``max_position_embeddings`` rows, HF ``n_positions``; positions at or beyond it are out of range)
+    and a plain ``act(up(x))`` MLP with ``hidden_act`` (HF ``activation_function``, ``intermediate_size``
+    = HF ``n_inner``).  ``scale_attn_weights=False`` drops the ``1/sqrt(head_dim)`` score scale (GPT-2 only).
     ``rope_scaling`` is ``None`` or a mapping with ``rope_type`` in {``linear``, ``llama3``} plus
     its fields; it is stored as a sorted tuple of pairs to keep the config hashable (read it back
     with :attr:`rope_scaling_dict`).
@@ -98,6 +117,8 @@ class ModelConfig:
     remat: bool = False
     scan_layers: bool = False
     attention_impl: str = "einsum"   # full-sequence attention: einsum | xla | cudnn (see ATTENTION_IMPLS)
+    hidden_act: str = "silu"         # MLP activation (ACTIVATIONS); the Llama family requires silu
+    scale_attn_weights: bool = True  # scores * head_dim**-0.5 (GPT-2's scale_attn_weights)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -111,16 +132,35 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
                              f"{self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"ModelConfig: unknown attention_impl {self.attention_impl!r}; expected one of "
                              f"{tuple(ATTENTION_IMPLS)}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"ModelConfig: unknown architecture {self.architecture!r}; expected one of "
                              f"{ARCHITECTURES}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig: unsupported hidden_act {self.hidden_act!r}; expected one of "
+                             f"{ACTIVATIONS}")
+        if self.architecture in LLAMA_FAMILY:
+            if self.head_dim % 2:
+                raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+            if self.hidden_act not in ("silu", "swish"):
+                raise ValueError(f"ModelConfig: the {self.architecture} MLP uses silu, got hidden_act "
+                                 f"{self.hidden_act!r}")
+            if not self.scale_attn_weights:
+                raise ValueError("ModelConfig: scale_attn_weights=False is only supported for gpt2")
         if self.architecture == "qwen2":
             set_("attention_bias", True)  # Qwen2 always has q/k/v biases (and none on o_proj)
+        if self.architecture == "gpt2":
+            set_("attention_bias", True)  # GPT-2's c_attn / c_proj always carry biases
+            if self.num_kv_heads != self.num_heads:
+                raise ValueError(f"ModelConfig: gpt2 has no grouped-query attention; num_kv_heads "
+                                 f"{self.num_kv_heads} must equal num_heads {self.num_heads}")
+            if self.head_dim * self.num_heads != self.hidden_size:
+                raise ValueError(f"ModelConfig: gpt2 needs head_dim * num_heads == hidden_size, got "
+                                 f"{self.head_dim} * {self.num_heads} != {self.hidden_size}")
+            if self.sliding_window is not None:
+                raise ValueError("ModelConfig: gpt2 has no sliding-window attention (sliding_window must be None)")
         rs = self.rope_scaling
         if rs is not None:
             d = dict(rs)
@@ -139,6 +179,26 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def norm_type(self) -> str:
+        """``"rmsnorm"`` (Llama family) or ``"layernorm"`` (GPT-2: LayerNorm with a bias)."""
+        return "layernorm" if self.architecture == "gpt2" else "rmsnorm"
+
+    @property
+    def position_embedding(self) -> str:
+        """``"rope"`` (Llama family) or ``"learned"`` (GPT-2: absolute position table added to the tokens)."""
+        return "learned" if self.architecture == "gpt2" else "rope"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU ``down(act(gate(x)) * up(x))`` (Llama family) vs plain ``down(act(up(x)))`` with biases."""
+        return self.architecture != "gpt2"
+
+    @property
+    def attn_scale(self) -> float:
+        """Multiplier of the attention scores: ``head_dim ** -0.5`` (1.0 when ``scale_attn_weights`` is off)."""
+        return float(self.head_dim) ** -0.5 if self.scale_attn_weights else 1.0
 
     @property
     def num_kv_groups(self) -> int:
@@ -173,10 +233,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
-        """Build from a HF ``config.json`` dict (Llama / Mistral / Qwen2, causal LM or safe-rlhf score).
+        """Build from a HF ``config.json`` dict (Llama / Mistral / Qwen2 / GPT-2, causal LM or safe-rlhf score).
 
         ``source`` names the file in error messages; ``overrides`` replace fields (e.g. ``dtype``)."""
         arch = architecture_from_hf_dict(d, source=source)
+        if arch == "gpt2":
+            return cls._from_gpt2_dict(d, source=source, **overrides)
         get = d.get
         rope_params = get("rope_parameters") or {}
         if isinstance(rope_params, Mapping) and rope_params and all(isinstance(v, Mapping)
@@ -233,8 +295,90 @@ class ModelConfig:
         fields.update(overrides)
         return cls(**fields)
 
+    @classmethod
+    def _from_gpt2_dict(cls, d: Mapping[str, Any], *, source: str, **overrides) -> "ModelConfig":
+        """GPT-2 ``config.json`` (``n_embd``, ``n_layer``, ``n_head``, ``n_positions``, ``n_inner``, ...)."""
+
+        def first(*keys, default=None):
+            for k in keys:
+                if d.get(k) is not None:
+                    return d[k]
+            return default
+
+        for keys in (("vocab_size",), ("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                     ("n_head", "num_attention_heads")):
+            if first(*keys) is None:
+                raise ValueError(f"{source}: required field '{keys[0]}' is missing")
+        if d.get("scale_attn_by_inverse_layer_idx", False):
+            raise ValueError(f"{source}: 'scale_attn_by_inverse_layer_idx': true is not supported (safejax does "
+                             "not implement GPT-2's extra 1/(layer_idx+1) attention-score scale)")
+        if d.get("add_cross_attention", False):
+            raise ValueError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
+        act = d.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{source}: unsupported activation_function {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        # reorder_and_upcast_attn only changes HF's mixed-precision order of operations; our scores and softmax
+        # are float32 anyway, so it is accepted and ignored.
+        D = int(first("n_embd", "hidden_size"))
+        inner = first("n_inner", "intermediate_size")
+        heads = int(first("n_head", "num_attention_heads"))
+        fields = dict(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=D,
+            intermediate_size=int(inner) if inner else 4 * D,
+            num_layers=int(first("n_layer", "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=heads,
+            max_position_embeddings=int(first("n_positions", "max_position_embeddings", default=1024)),
+            rms_norm_eps=float(first("layer_norm_epsilon", default=1e-5)),
+            attention_bias=True,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            architecture="gpt2",
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            initializer_range=float(d.get("initializer_range", 0.02)),
+            hidden_act=act,
+            scale_attn_weights=bool(d.get("scale_attn_weights", True)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def _to_gpt2_dict(self, *, score: bool, score_dim: int) -> dict:
+        d: dict[str, Any] = {
+            "architectures": [(_SCORE_NAME if score else _CAUSAL_NAME)["gpt2"]],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_embd": self.hidden_size,
+            "n_layer": self.num_layers,
+            "n_head": self.num_heads,
+            "n_positions": self.max_position_embeddings,
+            "n_inner": self.intermediate_size,
+            "activation_function": self.hidden_act,
+            "layer_norm_epsilon": self.rms_norm_eps,
+            "scale_attn_weights": self.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "add_cross_attention": False,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": _thaw(self.bos_token_id),
+            "eos_token_id": _thaw(self.eos_token_id),
+            "pad_token_id": _thaw(self.pad_token_id),
+            "resid_pdrop": 0.1,
+            "embd_pdrop": 0.1,
+            "attn_pdrop": 0.1,
+            "use_cache": True,
+            "dtype": "float32",
+        }
+        if score:
+            d["score_dim"] = score_dim
+        return d
+
     def to_hf_dict(self, *, score: bool = False, score_dim: int = 1) -> dict:
         """A HF ``config.json`` dict that transformers loads (``score=True``: safe-rlhf ``*ForScore``)."""
+        if self.architecture == "gpt2":
+            return self._to_gpt2_dict(score=score, score_dim=score_dim)
         d: dict[str, Any] = {
             "architectures": [(_SCORE_NAME if score else _CAUSAL_NAME)[self.architecture]],
             "model_type": _HF_MODEL_TYPE[self.architecture],
@@ -283,7 +427,7 @@ def _thaw(x: Any) -> Any:
 
 
 def architecture_from_hf_dict(d: Mapping[str, Any], *, source: str = "config.json") -> str:
-    """Our architecture name (``llama`` / ``mistral`` / ``qwen2``) from a HF config dict."""
+    """Our architecture name (``llama`` / ``mistral`` / ``qwen2`` / ``gpt2``) from a HF config dict."""
     archs = d.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]

@@ -1,7 +1,7 @@
 """HF checkpoint folders <-> safejax models (safetensors only, never a pickle).
 
 * :func:`load_pretrained` reads ``config.json`` plus ``model.safetensors`` or a sharded
-  ``model.safetensors.index.json`` (Llama / Mistral / Qwen2 causal LMs, and safe-rlhf
+  ``model.safetensors.index.json`` (Llama / Mistral / Qwen2 / GPT-2 causal LMs, and safe-rlhf
   ``*ForScore`` score models).  With ``mesh=`` every parameter is built directly into its
   NamedSharding from a memory map of the file (``jax.make_array_from_callback``), so no device
   ever holds the whole model.
@@ -11,6 +11,12 @@
 
 HF stores ``nn.Linear`` weights as ``[out, in]``; our kernels are ``[in..., out...]`` (see
 :mod:`safejax.models.llama` for the layout), so weights are transposed and reshaped on the way.
+
+GPT-2 checkpoints use other names (``transformer.wte`` / ``wpe`` / ``h.{i}.ln_1`` / ``attn.c_attn`` /
+``attn.c_proj`` / ``mlp.c_fc`` / ``mlp.c_proj`` / ``ln_f``) and ``Conv1D`` weights stored ``[in, out]``
+(not transposed).  Its fused ``c_attn [D, 3D]`` (bias ``[3D]``) holds q, k, v as three consecutive
+column blocks: our separate ``q_proj`` / ``k_proj`` / ``v_proj`` are column slices of it (split on load,
+read lazily block by block; concatenated again on save).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from typing import Any, Mapping, Sequence
@@ -148,23 +155,41 @@ class _TensorFiles:
 class _ParamSpec:
     """How one of our parameters maps onto HF tensors.
 
-    kind: ``identity`` (same layout), ``kernel`` (ours ``[*in, *out]`` = HF ``[prod(out), prod(in)]``.T),
+    kind: ``identity`` (same layout), ``kernel`` (ours ``[*in, *out]`` = HF ``[prod(out), prod(in)]``.T,
+    torch ``nn.Linear``), ``conv1d`` (ours ``[*in, *out]`` = HF ``[prod(in), prod(out)]``, GPT-2 ``Conv1D``),
     ``bias`` (ours ``[*out]`` = HF ``[prod(out)]``).  ``stacked``: leading ``[L]`` axis, one HF
-    tensor per layer (``{i}`` in ``hf_name``)."""
+    tensor per layer (``{i}`` in ``hf_name``).  ``fused = (part, parts)``: the HF tensor holds ``parts``
+    equal column blocks (last axis) and ours is block ``part`` (GPT-2 ``c_attn`` = q | k | v)."""
 
-    def __init__(self, path: tuple, hf_name: str, kind: str, n_in: int, shape: tuple[int, ...], stacked: bool):
+    def __init__(self, path: tuple, hf_name: str, kind: str, n_in: int, shape: tuple[int, ...], stacked: bool,
+                 fused: tuple[int, int] | None = None):
         self.path, self.hf_name, self.kind, self.n_in, self.shape, self.stacked = path, hf_name, kind, n_in, shape, stacked
+        self.fused = fused
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return self.shape[1:] if self.stacked else self.shape
 
-    def hf_shape(self) -> tuple[int, ...]:
+    @property
+    def _cols(self) -> int:
+        """Width of our block along the HF tensor's last axis."""
         s = self.layer_shape
+        return math.prod(s[self.n_in:]) if self.kind in ("kernel", "conv1d") else math.prod(s)
+
+    @property
+    def col_offset(self) -> int:
+        return 0 if self.fused is None else self.fused[0] * self._cols
+
+    def hf_shape(self) -> tuple[int, ...]:
+        """Shape of the (whole, possibly fused) HF tensor of one layer."""
+        s = self.layer_shape
+        parts = 1 if self.fused is None else self.fused[1]
         if self.kind == "kernel":
             return (math.prod(s[self.n_in:]), math.prod(s[:self.n_in]))
+        if self.kind == "conv1d":
+            return (math.prod(s[:self.n_in]), self._cols * parts)
         if self.kind == "bias":
-            return (math.prod(s),)
+            return (math.prod(s) * parts,)
         return s
 
     def hf_names(self, num_layers: int) -> list[str]:
@@ -172,13 +197,15 @@ class _ParamSpec:
             return [self.hf_name.format(i=i) for i in range(num_layers)]
         return [self.hf_name]
 
-    # ours -> HF, full arrays
+    # ours -> HF, full arrays (for a fused spec: our column block only, see hf_state_dict)
     def to_hf(self, x: np.ndarray) -> list[np.ndarray]:
         xs = list(x) if self.stacked else [x]
         out = []
         for a in xs:
             if self.kind == "kernel":
                 a = a.reshape(math.prod(a.shape[:self.n_in]), -1).T
+            elif self.kind == "conv1d":
+                a = a.reshape(math.prod(a.shape[:self.n_in]), -1)
             elif self.kind == "bias":
                 a = a.reshape(-1)
             out.append(np.ascontiguousarray(a))
@@ -197,15 +224,19 @@ class _ParamSpec:
         s = self.layer_shape
         if self.kind == "identity":
             return files.read(name, idx)
+        off = self.col_offset
         if self.kind == "bias":
             rng, rest = _flat_range(s, idx)
-            blk = files.read(name, (rng,))
+            blk = files.read(name, (_shift(rng, off),))
             return blk.reshape((rng.stop - rng.start) // math.prod(s[1:]), *s[1:])[(slice(None),) + rest]
         n = self.n_in
         in_s, out_s = s[:n], s[n:]
         in_r, in_rest = _flat_range(in_s, idx[:n])
         out_r, out_rest = _flat_range(out_s, idx[n:])
-        blk = files.read(name, (out_r, in_r)).T  # [n_in_flat, n_out_flat]
+        if self.kind == "conv1d":
+            blk = files.read(name, (in_r, _shift(out_r, off)))  # already [n_in_flat, n_out_flat]
+        else:
+            blk = files.read(name, (out_r, in_r)).T  # [n_in_flat, n_out_flat]
         blk = blk.reshape((in_r.stop - in_r.start) // math.prod(in_s[1:]), *in_s[1:],
                           (out_r.stop - out_r.start) // math.prod(out_s[1:]), *out_s[1:])
         return blk[(slice(None),) + in_rest + (slice(None),) + out_rest]
@@ -219,11 +250,52 @@ def _flat_range(shape: Sequence[int], idx: Sequence[slice]) -> tuple[slice, tupl
     return slice(a.start * inner, a.stop * inner), tuple(idx[1:])
 
 
+def _shift(s: slice, offset: int) -> slice:
+    return slice(s.start + offset, s.stop + offset)
+
+
 def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _param_specs(model_state: nnx.State, stacked_layers: bool) -> list[tuple[_ParamSpec, Any]]:
+# GPT-2: our (Llama-style) HF name -> GPT-2 name, and the layout of the GPT-2 tensor.  ``L`` matches a layer
+# index or the ``{i}`` placeholder of stacked layers.  Kinds: "conv1d" for Conv1D weights ([in, out]),
+# "fused" for a third of c_attn (q | k | v), None to keep the kind derived from the leaf name.
+_L = r"(\d+|\{i\})"
+_GPT2_NAMES: tuple[tuple[re.Pattern, str, str | None], ...] = tuple((re.compile(a + "$"), b, k) for a, b, k in (
+    (r"model\.embed_tokens\.weight", r"transformer.wte.weight", None),
+    (r"model\.embed_positions\.weight", r"transformer.wpe.weight", None),
+    (r"model\.norm\.(weight|bias)", r"transformer.ln_f.\1", None),
+    (rf"model\.layers\.{_L}\.input_layernorm\.(weight|bias)", r"transformer.h.\1.ln_1.\2", None),
+    (rf"model\.layers\.{_L}\.post_attention_layernorm\.(weight|bias)", r"transformer.h.\1.ln_2.\2", None),
+    (rf"model\.layers\.{_L}\.self_attn\.[qkv]_proj\.(weight|bias)", r"transformer.h.\1.attn.c_attn.\2", "fused"),
+    (rf"model\.layers\.{_L}\.self_attn\.o_proj\.(weight|bias)", r"transformer.h.\1.attn.c_proj.\2", "conv1d"),
+    (rf"model\.layers\.{_L}\.mlp\.up_proj\.(weight|bias)", r"transformer.h.\1.mlp.c_fc.\2", "conv1d"),
+    (rf"model\.layers\.{_L}\.mlp\.down_proj\.(weight|bias)", r"transformer.h.\1.mlp.c_proj.\2", "conv1d"),
+))
+_QKV_PART = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def _gpt2_spec(spec: _ParamSpec) -> _ParamSpec:
+    """Re-target a Llama-style spec at GPT-2's tensor names and Conv1D layouts (lm_head / score_head keep
+    their ``nn.Linear`` layout and names)."""
+    if not spec.hf_name.startswith("model."):
+        return spec
+    for pat, repl, kind in _GPT2_NAMES:
+        m = pat.match(spec.hf_name)
+        if m is None:
+            continue
+        spec.hf_name = m.expand(repl)
+        if spec.kind == "kernel" and kind is not None:
+            spec.kind = "conv1d"
+        if kind == "fused":
+            spec.fused = (_QKV_PART[spec.path[-2]], 3)
+        return spec
+    raise ValueError(f"safejax.models.hf: no GPT-2 mapping for parameter {_path_str(spec.path)}")
+
+
+def _param_specs(model_state: nnx.State, stacked_layers: bool, architecture: str = "llama"
+                 ) -> list[tuple[_ParamSpec, Any]]:
     """(spec, Variable) for every parameter of a model state, in a fixed order."""
     out = []
     for path, var in nnx.to_flat_state(model_state):
@@ -245,7 +317,10 @@ def _param_specs(model_state: nnx.State, stacked_layers: bool) -> list[tuple[_Pa
             kind, n_in = "identity", 0
         else:
             raise ValueError(f"safejax.models.hf: no HF mapping for parameter {_path_str(path)}")
-        out.append((_ParamSpec(path, hf_name, kind, n_in, shape, stacked), var))
+        spec = _ParamSpec(path, hf_name, kind, n_in, shape, stacked)
+        if architecture == "gpt2":
+            spec = _gpt2_spec(spec)
+        out.append((spec, var))
     return out
 
 
@@ -341,7 +416,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(ctor)
     graphdef, state = nnx.split(abstract)
-    specs = _param_specs(state, cfg.scan_layers)
+    specs = _param_specs(state, cfg.scan_layers, cfg.architecture)
 
     fresh: dict[tuple, Any] = {}
     if fresh_head:
@@ -369,7 +444,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                                  f"{CONFIG_NAME} implies {list(want)}")
 
     used = {n for spec, _ in specs for n in spec.hf_names(cfg.num_layers)}
-    ignorable = ("lm_head.", "score_head.", "normalizer.", "rotary_emb.inv_freq")
+    # GPT-2 checkpoints may carry the old causal-mask buffers attn.bias / attn.masked_bias
+    ignorable = ("lm_head.", "score_head.", "normalizer.", "rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
     unexpected = sorted(n for n in names - used if not any(n.startswith(p) or n.endswith(p) for p in ignorable))
     if unexpected:
         warnings.warn(f"{path}: {len(unexpected)} checkpoint tensors are not used by the "
@@ -394,8 +470,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
 
 def hf_state_dict(model: CausalLM | ScoreModel, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """HF-named numpy tensors (``[out, in]`` Linear weights) of a model, gathered to the host."""
-    specs = _param_specs(nnx.state(model, nnx.Param), model.config.scan_layers)
+    specs = _param_specs(nnx.state(model, nnx.Param), model.config.scan_layers, model.config.architecture)
     out: dict[str, np.ndarray] = {}
+    fused: dict[str, dict[int, np.ndarray]] = {}
     for spec, var in specs:
         x = _value(var)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather the shards
@@ -404,15 +481,25 @@ def hf_state_dict(model: CausalLM | ScoreModel, dtype: Any = np.float32) -> dict
             x = multihost_utils.process_allgather(x, tiled=True)
         x = np.asarray(jax.device_get(x)).astype(dtype)
         for name, a in zip(spec.hf_names(model.config.num_layers), spec.to_hf(x)):
-            out[name] = a
+            if spec.fused is None:
+                out[name] = a
+            else:
+                fused.setdefault(name, {})[spec.fused[0]] = a
+                if len(fused[name]) == spec.fused[1]:  # all column blocks seen: concatenate in order
+                    parts = fused.pop(name)
+                    out[name] = np.ascontiguousarray(np.concatenate([parts[j] for j in range(spec.fused[1])],
+                                                                    axis=-1))
+    if fused:
+        raise ValueError(f"hf_state_dict: incomplete fused tensors {sorted(fused)}")
     return out
 
 
 def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None) -> str:
     """Write ``config.json`` + float32 ``model.safetensors`` (+ the tokenizer) to ``path``.
 
-    A CausalLM folder loads with ``transformers.AutoModelForCausalLM.from_pretrained``; a ScoreModel
-    is written in safe-rlhf's ``*ForScore`` layout (``score_head.weight [score_dim, D]``)."""
+    A CausalLM folder loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2: as
+    ``GPT2LMHeadModel``, tied head omitted as HF does); a ScoreModel is written in safe-rlhf's ``*ForScore``
+    layout (``score_head.weight [score_dim, D]``; GPT-2 backbone under ``transformer.``)."""
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
@@ -447,7 +534,8 @@ def resize_token_embeddings(model: CausalLM | ScoreModel, new_vocab_size: int) -
     """Grow (or shrink) the vocabulary in place; returns ``model``.
 
     New rows of the embedding ``[V, D]`` and of an untied LM head ``[D, V]`` are the mean of the
-    existing ones (float32 mean, cast back).  Shardings are recomputed for the new shape."""
+    existing ones (float32 mean, cast back).  A tied head (GPT-2, Qwen2 tied) follows the embedding;
+    GPT-2's position table is untouched.  Shardings are recomputed for the new shape."""
     from safejax.parallel import sharding_for
 
     new_v = int(new_vocab_size)

@@ -1,12 +1,23 @@
-"""Llama-family decoder-only transformer in Flax NNX (Llama 1/2/3, Alpaca, Mistral, Qwen2).
+"""Decoder-only transformers in Flax NNX: the Llama family (Llama 1/2/3, Alpaca, Mistral, Qwen2) and GPT-2.
 
-Math follows the HF PyTorch reference exactly:
+Math follows the HF PyTorch references exactly.  Llama family:
 
 * RMSNorm in float32, then ``weight * x.astype(dtype)``;
 * attention with grouped-query heads (GQA), HF *half-split* RoPE (``rotate_half``), optional
   q/k/v(/o) biases (Qwen2: q/k/v only), optional sliding window (Mistral);
 * SwiGLU MLP ``down(silu(gate(x)) * up(x))``;
 * final RMSNorm and an LM head (tied to the embedding when ``tie_word_embeddings``).
+
+GPT-2 (``config.architecture == "gpt2"``) reuses the same modules with its switches
+(:attr:`ModelConfig.norm_type`, :attr:`ModelConfig.position_embedding`, :attr:`ModelConfig.gated_mlp`):
+
+* LayerNorm with a bias, statistics and affine in float32 (``input_layernorm`` = HF ``ln_1``,
+  ``post_attention_layernorm`` = ``ln_2``, ``norm`` = ``ln_f``);
+* no RoPE: a learned position table ``model.embed_positions.embedding [n_positions, D]``
+  (``length``, ``embed``; HF ``wpe``) added to the token embedding, indexed by ``positions``;
+* multi-head attention with biases on q/k/v/o (HF's fused ``c_attn`` is split into q/k/v on load);
+* plain MLP ``down(act(up(x)))`` with biases (HF ``c_fc`` / ``c_proj``, ``act`` = ``hidden_act``);
+* LM head tied to the token embedding.
 
 Parameter layout (paths mirror HF names so checkpoints map 1:1, see :mod:`safejax.models.hf`)::
 
@@ -17,9 +28,10 @@ Parameter layout (paths mirror HF names so checkpoints map 1:1, see :mod:`safeja
     model.layers[i].self_attn.v_proj.kernel [D, KV, hd]   (embed, kv_heads, head_dim)  (+ bias [KV, hd])
     model.layers[i].self_attn.o_proj.kernel [H, hd, D]    (heads, head_dim, embed)     (+ bias [D], llama only)
     model.layers[i].post_attention_layernorm.weight [D]
-    model.layers[i].mlp.{gate,up}_proj.kernel [D, F]      (embed, mlp)
+    model.layers[i].mlp.{gate,up}_proj.kernel [D, F]      (embed, mlp)     (GPT-2: no gate; + biases [F], [D])
     model.layers[i].mlp.down_proj.kernel      [F, D]      (mlp, embed)
-    model.norm.weight                       [D]
+    model.norm.weight                       [D]                            (GPT-2: + norm biases [D])
+    model.embed_positions.embedding         [P, D]        (length, embed)  GPT-2 only
     lm_head.kernel                          [D, V]        (embed, vocab)   absent when tied
 
 With ``scan_layers=True`` ``model.layers`` is one stacked block whose params carry a leading
@@ -41,6 +53,17 @@ from jax import lax
 from safejax.models.config import ATTENTION_IMPLS, ModelConfig
 
 Array = jax.Array
+
+# HF ACT2FN names -> jax functions (see config.ACTIVATIONS).
+ACT_FNS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -80,12 +103,16 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``[V, D]`` (vocab, embed); ``attend`` gives tied-head logits in float32."""
+    """Token embedding ``[V, D]`` (vocab, embed); ``attend`` gives tied-head logits in float32.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    ``num_embeddings`` / ``names`` build other tables (GPT-2's positions: ``[P, D]`` (length, embed))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, num_embeddings: int | None = None,
+                 names: tuple[str, str] = ("vocab", "embed")):
         self.dtype = config.dtype
+        rows = config.vocab_size if num_embeddings is None else int(num_embeddings)
         self.embedding = _param(rngs, nnx.initializers.normal(config.initializer_range),
-                                (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.param_dtype)
+                                (rows, config.hidden_size), tuple(names), config.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
         """ids ``[B, T]`` int -> ``[B, T, D]`` in compute dtype."""
@@ -113,6 +140,33 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(dt) * x32.astype(dt)
 
 
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` (GPT-2), statistics and affine in float32, then cast
+    to ``dtype``.  Params ``weight`` (ones) and ``bias`` (zeros), both ``[D]`` (norm,)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+        self.eps = float(eps)
+        self.dtype = jnp.dtype(dtype).name
+        self.weight = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        xc = x32 - mean
+        var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+        y = xc * lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(jnp.dtype(self.dtype))
+
+
+def make_norm(config: ModelConfig, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    """The family's norm over ``hidden_size`` (RMSNorm, or LayerNorm with a bias for GPT-2)."""
+    c = config
+    cls = LayerNorm if c.norm_type == "layernorm" else RMSNorm
+    return cls(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+
+
 def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
     """positions ``[B, T]`` -> cos, sin ``[B, T, head_dim]`` float32 (HF half-split layout)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
@@ -130,7 +184,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE and an optional KV cache."""
+    """Grouped-query self-attention with RoPE (none for GPT-2: ``cos = sin = None``) and an optional KV cache."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -145,6 +199,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
         self.dtype = c.dtype
         self.attention_impl = c.attention_impl
+        self.scale = c.attn_scale
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None = None,
                  cache_index: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
@@ -155,9 +210,9 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         G = H // KV
-        q = apply_rope(self.q_proj(x), cos, sin)
-        k = apply_rope(self.k_proj(x), cos, sin)
-        v = self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is not None:
             ck, cv = kv
@@ -171,11 +226,12 @@ class Attention(nnx.Module):
             # full sequence (S = T, query slot t = key slot t): the mask already holds causality and padding;
             # is_causal lets a fused kernel skip the blocks above the diagonal
             out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=mask[:, None],
-                                               is_causal=True, implementation=ATTENTION_IMPLS[self.attention_impl])
+                                               scale=self.scale, is_causal=True,
+                                               implementation=ATTENTION_IMPLS[self.attention_impl])
             return self.o_proj(out), None
         qg = q.reshape(B, T, KV, G, hd).astype(dt)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores * np.float32(hd ** -0.5)
+        scores = scores * np.float32(self.scale)
         m = mask[:, None, None, :, :]
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -186,18 +242,27 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU ``down(silu(gate(x)) * up(x))`` (Llama family), or plain ``down(act(up(x)))`` with biases
+    when ``not config.gated_mlp`` (GPT-2: HF ``c_fc`` = ``up_proj``, ``c_proj`` = ``down_proj``)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
+        bias = not c.gated_mlp
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range, rngs=rngs,
-                  use_bias=False)
-        self.gate_proj = Dense((c.hidden_size,), (c.intermediate_size,), ("embed", "mlp"), **kw)
+                  use_bias=bias)
+        self.act = c.hidden_act
+        if c.gated_mlp:
+            self.gate_proj = Dense((c.hidden_size,), (c.intermediate_size,), ("embed", "mlp"), **kw)
+        else:
+            self.gate_proj = None
         self.up_proj = Dense((c.hidden_size,), (c.intermediate_size,), ("embed", "mlp"), **kw)
         self.down_proj = Dense((c.intermediate_size,), (c.hidden_size,), ("mlp", "embed"), **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = ACT_FNS[self.act]
+        if self.gate_proj is None:
+            return self.down_proj(act(self.up_proj(x)))
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderBlock(nnx.Module):
@@ -205,10 +270,9 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
-        nkw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **nkw)
+        self.input_layernorm = make_norm(c, rngs)
         self.self_attn = Attention(c, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **nkw)
+        self.post_attention_layernorm = make_norm(c, rngs)
         self.mlp = MLP(c, rngs=rngs)
 
     def __call__(self, h, cos, sin, mask, kv=None, cache_index=0):
@@ -289,17 +353,24 @@ def attention_mask_3d(kv_mask: Array, q_slots: Array, sliding_window: int | None
 
 
 class Backbone(nnx.Module):
-    """Embedding -> N decoder blocks -> final RMSNorm (HF ``LlamaModel``, path ``model.``)."""
+    """Embedding -> N decoder blocks -> final norm (HF ``LlamaModel`` / ``GPT2Model``, path ``model.``).
+
+    GPT-2 adds ``embed_positions`` (learned absolute positions, indexed by ``positions``)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
         self.embed_tokens = Embed(c, rngs=rngs)
+        if c.position_embedding == "learned":
+            self.embed_positions = Embed(c, rngs=rngs, num_embeddings=c.max_position_embeddings,
+                                         names=("length", "embed"))
+        else:
+            self.embed_positions = None
         if c.scan_layers:
             self.layers = _stacked_blocks(c, rngs)
         else:
             self.layers = nnx.List([DecoderBlock(c, rngs=rngs) for _ in range(c.num_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.norm = make_norm(c, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
                  cache: KVCache | None = None, cache_index: Array | int | None = None
@@ -326,9 +397,14 @@ class Backbone(nnx.Module):
         if positions is None:
             pos_all = default_positions(kv_mask)
             positions = pos_all if cache is None else lax.dynamic_slice_in_dim(pos_all, start, T, axis=1)
-        cos, sin = rope_cos_sin(jnp.asarray(positions), c.rope_inv_freq())
+        positions = jnp.asarray(positions)
         mask = attention_mask_3d(kv_mask, q_slots, c.sliding_window)
-        h = self.embed_tokens(input_ids)
+        if self.embed_positions is None:
+            cos, sin = rope_cos_sin(positions, c.rope_inv_freq())
+            h = self.embed_tokens(input_ids)
+        else:  # learned absolute positions (GPT-2): both tables cast to the compute dtype at use, then summed
+            cos = sin = None
+            h = self.embed_tokens(input_ids) + self.embed_positions(positions)
 
         if c.scan_layers:
             gd, st = nnx.split(self.layers)
@@ -357,7 +433,8 @@ class Backbone(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only language model (HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``).
+    """Decoder-only language model (HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+    ``GPT2LMHeadModel``).
 
     ``lm(input_ids [B, T], attention_mask [B, T] | None, positions [B, T] | None) -> logits [B, T, V] f32``.
     Decode: ``lm(ids [B, T], attention_mask=kv_mask [B, S_max], positions=[B, T], cache=cache,

@@ -2,6 +2,8 @@
 
 Layout mirrors safe-rlhf's ``LlamaForScore``: backbone under ``model.`` and
 ``score_head.{weight [score_dim, D], bias [score_dim]}`` (here ``score_head.kernel [D, score_dim]``).
+GPT-2 score models (safe-rlhf ``GPT2ForScore``) use the same module; on disk their backbone sits under
+``transformer.`` with GPT-2's tensor names (mapped by :mod:`safejax.models.hf`), the head is the same.
 """
 
 from __future__ import annotations
