@@ -2,7 +2,9 @@
 
 This must run before anything imports jax, so it sits at the top of the tests tree."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
@@ -15,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "HF_HOME" not in os.environ:
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="safejax-hf-home-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # one per session, removed after
 
 import jax  # noqa: E402
 

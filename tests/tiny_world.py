@@ -52,6 +52,19 @@ def build_tiny_llama(out_dir: str | Path, *, seed: int = 0, hidden: int = 32, la
     return Path(out_dir)
 
 
+def build_tiny_gpt2(out_dir: str | Path, *, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A random tiny GPT2LMHeadModel saved by transformers (safetensors) plus the word-level tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(VOCAB), n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    GPT2LMHeadModel(cfg).save_pretrained(str(out_dir))
+    build_tokenizer(out_dir)
+    return Path(out_dir)
+
+
 def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(FILLER) for _ in range(n))
 
