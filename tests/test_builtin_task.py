@@ -155,7 +155,6 @@ def test_mode_is_fixed_by_the_first_two_response_words():
     rng = random.Random(2)
     openings = {}
     for t in TOPICS:
-        p = topic_prompts(t)[0]
         for m in MODES:
             for _ in range(20):
                 w = generate_response(t, m, rng).split()

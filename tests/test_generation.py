@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+import hf_reference
 from safejax.generation import SamplingConfig, generate, process_logits
 from safejax.models import load_pretrained
 
@@ -33,25 +34,13 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gen-llama")
     hf.save_pretrained(folder)
     lm = load_pretrained(folder)
-    rng = np.random.default_rng(0)
-    ids = np.full((len(LENGTHS), P), PAD, np.int32)
-    mask = np.zeros((len(LENGTHS), P), bool)
-    for i, n in enumerate(LENGTHS):
-        ids[i, P - n:] = rng.integers(3, VOCAB, size=n)
-        mask[i, P - n:] = True
+    ids, mask = hf_reference.left_padded_prompts(LENGTHS, P, VOCAB, PAD)
     return hf, lm, ids, mask
 
 
 def _hf_generate(hf, ids, mask, *, eos, repetition_penalty=1.0):
-    """HF greedy decoding; rows that stopped early (and a batch that stopped early) are padded with PAD to P+N."""
-    gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=N, pad_token_id=PAD, eos_token_id=eos,
-                                       repetition_penalty=repetition_penalty, bos_token_id=1)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                          generation_config=gc).numpy()
-    full = np.full((ids.shape[0], P + N), PAD, np.int64)
-    full[:, :out.shape[1]] = out
-    return full
+    return hf_reference.hf_greedy_generate(hf, ids, mask, new_tokens=N, pad=PAD, eos=eos, bos=1,
+                                           repetition_penalty=repetition_penalty)
 
 
 _JITTED = {}

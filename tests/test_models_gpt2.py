@@ -16,9 +16,10 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+import hf_reference
 from safejax.generation import SamplingConfig, generate
 from safejax.models import (CausalLM, ModelConfig, ScoreModel, init_cache, load_pretrained,
                             resize_token_embeddings, save_pretrained)
@@ -67,29 +68,13 @@ def lm(hf_gpt2):
 
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.RandomState(0)
-    ids = rng.randint(0, VOCAB, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    mask[1, :3] = 0  # left padding
-    mask[2, :6] = 0
-    return ids, mask
+    assert B == 3
+    return hf_reference.three_row_batch(VOCAB, T)  # rows 1 and 2 left-padded
 
 
-def _positions(mask):
-    return np.maximum(np.cumsum(mask, -1) - 1, 0)
-
-
-def _hf_logits(model, ids, mask):
-    with torch.no_grad():
-        out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(_positions(mask), dtype=torch.long))
-    return out.logits.numpy()
-
-
-def _torch_hidden(backbone, ids, mask):
-    with torch.no_grad():
-        return backbone(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(_positions(mask), dtype=torch.long)).last_hidden_state.numpy()
+_positions = hf_reference.positions
+_hf_logits = hf_reference.hf_logits
+_torch_hidden = hf_reference.hf_hidden
 
 
 # ----------------------------------------------------------------------------- config and logits
@@ -210,14 +195,7 @@ GEN_LENGTHS = [7, 3, 5, 1, 6, 2]
 
 
 def _hf_generate(hf, ids, mask, eos):
-    gc = transformers.GenerationConfig(do_sample=False, max_new_tokens=GEN_N, pad_token_id=PAD, eos_token_id=eos,
-                                       bos_token_id=BOS)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                          generation_config=gc).numpy()
-    full = np.full((ids.shape[0], GEN_P + GEN_N), PAD, np.int64)
-    full[:, :out.shape[1]] = out
-    return full
+    return hf_reference.hf_greedy_generate(hf, ids, mask, new_tokens=GEN_N, pad=PAD, eos=eos, bos=BOS)
 
 
 def test_greedy_generate_matches_transformers_token_for_token(hf_gpt2, lm):
@@ -225,12 +203,7 @@ def test_greedy_generate_matches_transformers_token_for_token(hf_gpt2, lm):
     (``cumsum(mask) - 1``, 0 on padding, then +1 per new token), the same rule as ours
     (``max(cumsum(mask) - 1, 0)``), so padded rows are compared too.  Some rows stop at EOS early."""
     hf, _ = hf_gpt2
-    rng = np.random.default_rng(0)
-    ids = np.full((len(GEN_LENGTHS), GEN_P), PAD, np.int32)
-    mask = np.zeros((len(GEN_LENGTHS), GEN_P), bool)
-    for i, n in enumerate(GEN_LENGTHS):
-        ids[i, GEN_P - n:] = rng.integers(3, VOCAB, size=n)
-        mask[i, GEN_P - n:] = True
+    ids, mask = hf_reference.left_padded_prompts(GEN_LENGTHS, GEN_P, VOCAB, PAD)
     free = _hf_generate(hf, ids, mask, eos=VOCAB + 7)
     # an EOS generated mid-way in some rows but not all
     resp = free[:, GEN_P:-2]
@@ -404,12 +377,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(hf_gpt2, lm, batch):
 # ----------------------------------------------------------------------------- sharding
 
 
-def _spec(x) -> P:
-    assert isinstance(x.sharding, NamedSharding)
-    parts = list(x.sharding.spec)
-    while parts and parts[-1] is None:
-        parts.pop()
-    return P(*parts)
+_spec = hf_reference.spec_of
 
 
 @pytest.mark.parametrize("scan", [False, True])

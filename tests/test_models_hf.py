@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import hf_reference
 from safejax.models import (CausalLM, ScoreModel, ScoreOutput, check_tokenizer_fits, load_pretrained,
                             resize_token_embeddings, save_pretrained)
 
@@ -69,10 +70,7 @@ def padded_batch():
 
 
 def _torch_hidden(model, ids, mask):
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    with torch.no_grad():
-        return model.model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                           position_ids=torch.tensor(pos, dtype=torch.long)).last_hidden_state.numpy()
+    return hf_reference.hf_hidden(model.model, ids, mask)
 
 
 def _last_index(mask):

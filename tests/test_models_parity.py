@@ -11,6 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
+import hf_reference
 from safejax.models import CausalLM, ModelConfig, init_cache, load_pretrained, save_pretrained
 
 VOCAB = 96
@@ -78,20 +79,11 @@ def _load_default(folder):
 
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.RandomState(0)
-    ids = rng.randint(0, VOCAB, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    mask[1, :3] = 0  # left padding
-    mask[2, :6] = 0
-    return ids, mask
+    assert B == 3
+    return hf_reference.three_row_batch(VOCAB, T)  # rows 1 and 2 left-padded
 
 
-def _hf_logits(model, ids, mask):
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    with torch.no_grad():
-        out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(pos, dtype=torch.long))
-    return out.logits.numpy()
+_hf_logits = hf_reference.hf_logits
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hf_reference import spec_of as _spec
 from safejax.models import CausalLM, ModelConfig, ScoreModel, load_pretrained
 from safejax.parallel import MeshConfig, make_mesh, use_mesh
 
@@ -47,13 +48,6 @@ def _jit_logits(model, ids, mask, mesh=None):
         return np.asarray(fwd(params, ids, mask))
 
 
-def _spec(x) -> P:
-    """The array's PartitionSpec with trailing Nones dropped (``P('a', None) == P('a')``)."""
-    assert isinstance(x.sharding, NamedSharding)
-    parts = list(x.sharding.spec)
-    while parts and parts[-1] is None:
-        parts.pop()
-    return P(*parts)
 
 
 @pytest.mark.parametrize("scan", [False, True])
