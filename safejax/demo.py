@@ -22,6 +22,7 @@ import numpy as np
 
 from safejax.config import check_range
 from safejax.generation import SamplingConfig, generate
+from safejax import parallel
 from safejax.parallel import MeshConfig
 from safejax.train.common import LoopSection, ModelSection
 from safejax.train.optim import OptimConfig
@@ -81,7 +82,7 @@ def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict]
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-    @jax.jit
+    @parallel.mesh_jit(mesh=mesh)
     def sample(params, ids, mask, key):
         out = generate(actor_def.merge(params), ids, mask, key, sampling, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
@@ -114,7 +115,7 @@ def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[
                            "threshold calibration")
     mdef, params = split_model(load_model_for(str(cm_dir), mesh, model_type="score", tokenizer=tok))
 
-    @jax.jit
+    @parallel.mesh_jit(mesh=mesh)
     def ends(params, b):
         _, _, ea, eb = pair_scores(mdef.merge(params), b, "cost")
         return {"a": ea, "b": eb}

@@ -5,18 +5,24 @@ Model code annotates every parameter with *logical* axis names (``embed``, ``voc
 maps those names onto the *physical* mesh axes ``("data", "fsdp", "tensor")``.  Changing the
 parallelism strategy means editing :data:`LOGICAL_AXIS_RULES`, never the model.
 
+Activations follow the same table: model code pins the residual stream with
+``constrain(h, ("batch", "length", "embed"))`` (batch over ``data`` x ``fsdp``), which takes effect
+inside functions compiled with :func:`mesh_jit`.
+
 Typical use::
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     with use_mesh(mesh):
         model = CausalLM(cfg, rngs=nnx.Rngs(0))            # params created already sharded
     opt_shardings = opt_state_shardings(tx, params_shardings(params))
+    step = mesh_jit(step_fn, mesh=mesh, in_shardings=..., donate_argnums=0)   # activations pinned too
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
@@ -162,6 +168,50 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = L
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- activations
+
+try:  # public in the jax versions we support (0.10 - 0.12); the private paths are a fallback only
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+_use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None)
+if _use_abstract_mesh is None:  # pragma: no cover
+    from jax._src.mesh import use_abstract_mesh as _use_abstract_mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None],
+              rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> jax.Array:
+    """Pin an activation's sharding by *logical* axis names (e.g. ``("batch", "length", "embed")``).
+
+    Applies only while tracing under a mesh (:func:`mesh_jit`, or ``jax.set_mesh``); a no-op on one
+    device, in eager code, and for axes that do not divide the dimension.  Without these pins XLA's
+    propagation follows the FSDP-sharded weights and can leave the batch unsplit with the hidden
+    dimension sharded instead (every device then computes the whole batch).  Model code calls this;
+    only the rules table knows the physical axes."""
+    if not isinstance(x, _Tracer):
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    spec = _fits(x.shape, logical_to_spec(names, rules, mesh), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def mesh_jit(fn=None, *, mesh: Mesh, **jit_kwargs):
+    """``jax.jit`` whose function traces under ``mesh`` (as an abstract mesh), so that :func:`constrain`
+    pins activations inside it.  Use as ``mesh_jit(fn, mesh=m, donate_argnums=0)`` or as a decorator
+    ``@mesh_jit(mesh=m)``."""
+    if fn is None:
+        return functools.partial(mesh_jit, mesh=mesh, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with _use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -528,9 +528,9 @@ class Bench:
         log(f"   six models built in {init_s:.1f}s (frozen params {frozen_dtype}, remat {remat}); "
             f"device memory in use {self.peak_mem_gb() or 0:.1f} GB peak")
         bsh = parallel.batch_sharding(mesh, 2)
-        rollout_fn = jax.jit(trainer.rollout, in_shardings=(state_sh, frozen_sh, bsh, bsh))
-        update_fn = jax.jit(trainer.update, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
-                            donate_argnums=(0,))
+        rollout_fn = parallel.mesh_jit(trainer.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+        update_fn = parallel.mesh_jit(trainer.update, mesh=mesh, in_shardings=(state_sh, None, None),
+                                      out_shardings=(state_sh, None), donate_argnums=(0,))
         rng = np.random.default_rng(0)
 
         def prompts():

@@ -54,6 +54,7 @@ from safejax.evaluate.generate import (SCORE_INPUTS, Generations, LoadedModel, P
                                        load_model, load_prompt_set, parse_named_path, rows_per_batch_multiple,
                                        same_vocabulary, score_generations)
 from safejax.generation import SamplingConfig
+from safejax import parallel
 from safejax.parallel import MeshConfig, make_mesh
 
 log = logging.getLogger("safejax")
@@ -669,7 +670,7 @@ def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[
         _, _, ea, eb = pair_scores(mdef.merge(params), batch, kind)
         return {"a": ea, "b": eb}
 
-    ends = jax.jit(pair_ends, out_shardings=rep)
+    ends = parallel.mesh_jit(pair_ends, mesh=mesh, out_shardings=rep)
 
     out = run_batched(lambda b, i: ends(model.params, b), arrays, cfg.batch_size, mesh, desc=f"score {kind} pairs",
                       progress=cfg.progress)

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from safejax import parallel
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 
 log = logging.getLogger("safejax")
@@ -263,7 +264,7 @@ def _sampler(mdef, mesh, sampling: SamplingConfig, eos_id: int, pad_id: int):
             out = generate(mdef.merge(params), ids, mask, rng, sampling, eos_token_id=eos_id, pad_token_id=pad_id)
             return out.sequences, out.attention_mask
 
-        fn = _SAMPLERS[key] = jax.jit(sample, out_shardings=(rep, rep))
+        fn = _SAMPLERS[key] = parallel.mesh_jit(sample, mesh=mesh, out_shardings=(rep, rep))
     return fn
 
 
@@ -277,7 +278,7 @@ def _scorer(mdef, mesh):
         def ends(params, ids, mask):
             return mdef.merge(params)(ids, attention_mask=mask, positions=positions_from_mask(mask)).end_scores
 
-        fn = _SCORERS[key] = jax.jit(ends, out_shardings=rep)
+        fn = _SCORERS[key] = parallel.mesh_jit(ends, mesh=mesh, out_shardings=rep)
     return fn
 
 

@@ -51,8 +51,11 @@ from flax import nnx
 from jax import lax
 
 from safejax.models.config import ATTENTION_IMPLS, ModelConfig
+from safejax.parallel import constrain
 
 Array = jax.Array
+# logical axes of the residual stream [B, T, D]: the batch over data x fsdp (parallel.LOGICAL_AXIS_RULES)
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 # HF ACT2FN names -> jax functions (see config.ACTIVATIONS).
 ACT_FNS = {
@@ -279,7 +282,7 @@ class DecoderBlock(nnx.Module):
         a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, cache_index)
         h = h + a.astype(h.dtype)
         h = h + self.mlp(self.post_attention_layernorm(h)).astype(h.dtype)
-        return h, kv
+        return constrain(h, ACTIVATION_AXES), kv
 
 
 def _block_apply(block: DecoderBlock, h, cos, sin, mask, kv, cache_index):
@@ -405,6 +408,7 @@ class Backbone(nnx.Module):
         else:  # learned absolute positions (GPT-2): both tables cast to the compute dtype at use, then summed
             cos = sin = None
             h = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        h = constrain(h, ACTIVATION_AXES)
 
         if c.scan_layers:
             gd, st = nnx.split(self.layers)
@@ -459,8 +463,10 @@ class CausalLM(nnx.Module):
     def logits_from_hidden(self, h: Array) -> Array:
         """h ``[B, T, D]`` -> logits ``[B, T, V]`` float32."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(h)
-        return self.lm_head(h).astype(jnp.float32)
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
                  *, cache: KVCache | None = None, cache_index: Array | int | None = None):

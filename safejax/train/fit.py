@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from safejax import parallel
 from safejax.train.common import (SKIP_KEY, GracefulStop, LoopSection, MetricGuard, Preempted, RunDir, TrainState,
                                   accumulate_gradients, close_stage, init_train_state, progress, put_batch,
                                   save_checkpoint, split_micro)
@@ -64,8 +65,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
             metrics[SKIP_KEY] = (~ok).astype(jnp.float32)
         return new, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    return parallel.mesh_jit(step, mesh=mesh, in_shardings=(state_shardings, batch_shardings),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def _batch_shardings(example: dict, mesh):

@@ -175,14 +175,15 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     frozen_sh = Frozen(ref=ref_sh, reward=rm_sh, cost=cm_sh)
 
     bsh = parallel.batch_sharding(mesh, 2)
-    rollout_fn = jax.jit(trainer.rollout, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+    rollout_fn = parallel.mesh_jit(trainer.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, bsz, mesh)
         eval_every = eval_every or cfg.train.eval_every
-    update_fn = jax.jit(guarded_update(trainer.update, skip_nonfinite=cfg.train.skip_nonfinite,
-                                       inject_nan_step=cfg.train.inject_nan_step, lag=lag),
-                        in_shardings=(state_sh, None, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+    update_fn = parallel.mesh_jit(guarded_update(trainer.update, skip_nonfinite=cfg.train.skip_nonfinite,
+                                                 inject_nan_step=cfg.train.inject_nan_step, lag=lag),
+                                  mesh=mesh, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+                                  donate_argnums=(0,))
 
     # ---- resume
     prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)

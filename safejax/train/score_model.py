@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safejax import rl
+from safejax import parallel, rl
 from safejax.config import check_range
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
@@ -121,7 +120,7 @@ def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: s
 def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh):
     """Held-out metrics: ranking accuracy (+ sign accuracy for the cost model) and score stats."""
 
-    @jax.jit
+    @parallel.mesh_jit(mesh=mesh)
     def ends(params, b):
         _, _, ea, eb = pair_scores(mdef.merge(params), b, kind)
         return {"a": ea, "b": eb}

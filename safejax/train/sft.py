@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safejax import rl
+from safejax import parallel, rl
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
@@ -59,7 +58,7 @@ def sft_loss_fn(mdef):
 def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh):
     """Held-out token-mean loss (averaged over fixed-size batches)."""
 
-    @jax.jit
+    @parallel.mesh_jit(mesh=mesh)
     def eval_batch(params, b):
         return {"loss": loss_fn(params, b, None)[0] * jnp.ones((b["input_ids"].shape[0],))}
 
