@@ -207,8 +207,11 @@ def special_token_mask(seq, pad_id: int, unk_id: int | None):
 
 
 def _token_log_probs(lm, seq, mask, start):
-    logits = lm(seq, attention_mask=mask, positions=positions_from_mask(mask))
-    return rl.log_probs_from_logits(logits[:, start:-1], seq[:, start + 1:])
+    """``[B, L-1-start]`` log-probs of the response actions.  The LM head runs on positions ``[start, L-2]``
+    only: the prompt's ``[B, start, V]`` float32 logits are never built (a third of them at P=128, N=256)."""
+    h = lm.hidden_states(seq, attention_mask=mask, positions=positions_from_mask(mask))
+    logits = lm.logits_from_hidden(h[:, start:-1])
+    return rl.log_probs_from_logits(logits, seq[:, start + 1:])
 
 
 def _values(sm, seq, mask, start):
