@@ -69,3 +69,14 @@ def test_attention_key_is_read_from_model_sections():
     cfg = load_config(PPOConfig, None, ["actor.attention=cudnn", "actor.dtype=bfloat16", *PPO_REQUIRED])
     assert cfg.actor.attention == "cudnn"
     assert load_config(SFTConfig, None, ["model.attention=xla"]).model.attention == "xla"
+
+
+def test_resume_ignores_exact_speed_switches_but_not_semantic_ones():
+    from safejax.train.common import config_differences
+
+    old = {"rollout": {"cast_weights": True, "temperature": 1.0}, "ppo": {"mask_sampled_special": True},
+           "actor": {"remat": False, "attention": "einsum"}}
+    new = {"rollout": {"cast_weights": False, "temperature": 1.0}, "ppo": {"mask_sampled_special": False},
+           "actor": {"remat": True, "attention": "xla"}}
+    assert config_differences(old, new) == ["actor.attention: 'einsum' -> 'xla'",
+                                            "ppo.mask_sampled_special: True -> False"]

@@ -176,11 +176,12 @@ def put_batch(batch: dict, mesh) -> dict:
 
 
 # config keys that may change between a run and its resumption: they do not change the training
-# trajectory (logging, checkpoint cadence, the mesh layout, remat, fault handling).  Every other key
-# (model, data, batch size, optimizer, schedule length, seed, algorithm...) must stay the same.
+# trajectory (logging, checkpoint cadence, the mesh layout, remat, the exact one-off weight cast of the
+# sampler, fault handling).  Every other key (model, data, batch size, optimizer, schedule length, seed,
+# algorithm...) must stay the same.
 RESUME_IGNORED = ("out_dir", "allow_config_change", "train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_checkpoints", "train.progress", "train.skip_nonfinite", "train.inject_nan_step",
-                  "mesh", "eval_batch_size", "*.remat", "data.eval_prompts")
+                  "mesh", "eval_batch_size", "*.remat", "data.eval_prompts", "*.cast_weights")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
