@@ -265,7 +265,9 @@ def sample_responses(ws, mdef, params, prompt_rows: Sequence[dict], *, seed: int
     ids_all, mask_all = built.prompt_ids[idx], built.prompt_mask[idx]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
 
-    @jax.jit
+    from safejax.parallel import mesh_jit
+
+    @mesh_jit(mesh=ws.mesh)
     def sample(params, ids, mask, key):
         out = generate(mdef.merge(params), ids, mask, key, sampling, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
@@ -341,8 +343,6 @@ def read_jsonl(path: Path) -> list[dict]:
 def score_pairs(ws, model_dir: Path, kind: str, pairs_path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """End scores of both sides of every held-out pair: ``(a [N], b [N], arrays)`` with (a, b) =
     (better, worse) for ``kind='reward'`` and (safer, unsafer) for ``'cost'``."""
-    import jax
-
     from safejax.train.fit import eval_loop
     from safejax.train.functional import split_model
     from safejax.train.loading import load_model_for
@@ -352,7 +352,9 @@ def score_pairs(ws, model_dir: Path, kind: str, pairs_path: Path) -> tuple[np.nd
                            f"{kind} model held-out")
     mdef, params = split_model(load_model_for(str(model_dir), ws.mesh, model_type="score", tokenizer=ws.tok))
 
-    @jax.jit
+    from safejax.parallel import mesh_jit
+
+    @mesh_jit(mesh=ws.mesh)
     def ends(params, b):
         _, _, ea, eb = pair_scores(mdef.merge(params), b, kind)
         return {"a": ea, "b": eb}
