@@ -355,6 +355,19 @@ def _run_remote(line: str, home: Path, metadata: Path) -> subprocess.CompletedPr
     return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, timeout=60)
 
 
+def _fake_worker(tmp_path: Path, *, worker: int, activate: str, endpoints: str) -> tuple[Path, Path]:
+    """(worker home with a fake ``safejax-venv/bin/activate``, metadata folder answering the worker number and
+    the slice's network endpoints) for running the worker-side lines locally."""
+    home = tmp_path / "worker-home"
+    (home / "safejax-venv" / "bin").mkdir(parents=True)
+    (home / "safejax-venv" / "bin" / "activate").write_text(activate)
+    md = tmp_path / "metadata"
+    md.mkdir()
+    (md / "agent-worker-number").write_text(str(worker))
+    (md / "worker-network-endpoints").write_text(endpoints)
+    return home, md
+
+
 def _wait_for(path: Path, seconds: float = 20.0) -> None:
     end = time.time() + seconds
     while not path.exists() and time.time() < end:
@@ -364,13 +377,8 @@ def _wait_for(path: Path, seconds: float = 20.0) -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the worker-side lines use curl for the metadata server")
 def test_launch_worker_line_runs_command_with_exact_args_env_log_and_exit_code(sh, tmp_path):
-    home = tmp_path / "worker-home"
-    (home / "safejax-venv" / "bin").mkdir(parents=True)
-    (home / "safejax-venv" / "bin" / "activate").write_text("export VIRTUAL_ENV=fake-venv\n")
-    md = tmp_path / "metadata"
-    md.mkdir()
-    (md / "agent-worker-number").write_text("2")
-    (md / "worker-network-endpoints").write_text("w-0:0:10.0.0.5,w-1:1:10.0.0.6,w-2:2:10.0.0.7,w-3:3:10.0.0.8")
+    home, md = _fake_worker(tmp_path, worker=2, activate="export VIRTUAL_ENV=fake-venv\n",
+                            endpoints="w-0:0:10.0.0.5,w-1:1:10.0.0.6,w-2:2:10.0.0.7,w-3:3:10.0.0.8")
     prog = ("import os, sys; e = os.environ; print(repr(sys.argv[1:])); "
             "print(e['MSG'], e['VIRTUAL_ENV'], e['SAFEJAX_RUN_DIR'], e['SAFEJAX_WORKER_ID']); "
             "print(e['SAFEJAX_COORDINATOR'], e['SAFEJAX_NUM_PROCESSES'], e['SAFEJAX_PROCESS_ID']); sys.exit(3)")
@@ -391,13 +399,8 @@ def test_launch_worker_line_runs_command_with_exact_args_env_log_and_exit_code(s
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the worker-side lines use curl for the metadata server")
 def test_launch_refuses_second_run_then_status_and_stop_work(sh, tmp_path):
-    home = tmp_path / "worker-home"
-    (home / "safejax-venv" / "bin").mkdir(parents=True)
-    (home / "safejax-venv" / "bin" / "activate").write_text("")
-    md = tmp_path / "metadata"
-    md.mkdir()
-    (md / "agent-worker-number").write_text("0")
-    (md / "worker-network-endpoints").write_text("single-host")  # one host: no coordinator exported
+    # one host: no coordinator exported
+    home, md = _fake_worker(tmp_path, worker=0, activate="", endpoints="single-host")
     base = ["--name", NAME, "--zone", "z", "--run-dir", "runs/r1", "--dry-run"]
     status_line = remote_line(commands(ok(sh("launch.sh", *base, "--status")))[0])
     stop_line = remote_line(commands(ok(sh("launch.sh", *base, "--stop")))[0])

@@ -468,6 +468,16 @@ def all_checks_hold(checks: dict) -> bool:
     return all(c["on_mean"] for c in checks.values())
 
 
+def finish(args: argparse.Namespace, cfg, experiment: str, per_seed: dict, agg: dict, markdown: list[str],
+           **extra) -> int:
+    """Write ``results.json`` (experiment, seeds, quick, config, ``extra``, per-seed results, the aggregate) and
+    ``results.md``; the exit status is 1 only with ``--strict`` when a qualitative check fails."""
+    write_outputs(Path(args.out), {"experiment": experiment, "seeds": args.seeds, "quick": args.quick,
+                                   "config": dataclasses.asdict(cfg), **extra,
+                                   "per_seed": {str(s): r for s, r in per_seed.items()}, **agg}, markdown)
+    return 1 if args.strict and not all_checks_hold(agg["checks"]) else 0
+
+
 def pyplot():
     import matplotlib
 

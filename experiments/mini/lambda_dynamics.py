@@ -229,10 +229,7 @@ def main(argv=None) -> int:
     agg = aggregate(results)
     out = Path(args.out)
     plots(out, results)
-    C.write_outputs(out, {"experiment": "lambda_dynamics", "seeds": args.seeds, "quick": args.quick,
-                          "config": C.dataclasses.asdict(cfg), "per_seed": {str(s): r for s, r in results.items()},
-                          **agg}, markdown(cfg, args, results, agg))
-    return 1 if args.strict and not C.all_checks_hold(agg["checks"]) else 0
+    return C.finish(args, cfg, "lambda_dynamics", results, agg, markdown(cfg, args, results, agg))
 
 
 if __name__ == "__main__":

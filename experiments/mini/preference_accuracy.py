@@ -146,11 +146,9 @@ def main(argv=None) -> int:
     agg = aggregate(results)
     out = Path(args.out)
     plots(out, results, agg)
-    per_seed = {str(s): {k: v for k, v in r.items() if k != "cost_scores"} for s, r in results.items()}
-    C.write_outputs(out, {"experiment": "preference_accuracy", "seeds": args.seeds, "quick": args.quick,
-                          "config": C.dataclasses.asdict(cfg), "paper_v1": PAPER_V1, "per_seed": per_seed, **agg},
-                    markdown(cfg, args, results, agg))
-    return 1 if args.strict and not C.all_checks_hold(agg["checks"]) else 0
+    per_seed = {s: {k: v for k, v in r.items() if k != "cost_scores"} for s, r in results.items()}
+    return C.finish(args, cfg, "preference_accuracy", per_seed, agg, markdown(cfg, args, results, agg),
+                    paper_v1=PAPER_V1)
 
 
 if __name__ == "__main__":

@@ -205,10 +205,7 @@ def main(argv=None) -> int:
     agg = aggregate(results, nus)
     out = Path(args.out)
     plots(out, agg, nus)
-    C.write_outputs(out, {"experiment": "reward_shaping_sweep", "seeds": args.seeds, "quick": args.quick,
-                          "nus": list(nus), "config": C.dataclasses.asdict(cfg),
-                          "per_seed": {str(s): r for s, r in results.items()}, **agg}, markdown(cfg, args, agg, nus))
-    return 1 if args.strict and not C.all_checks_hold(agg["checks"]) else 0
+    return C.finish(args, cfg, "reward_shaping_sweep", results, agg, markdown(cfg, args, agg, nus), nus=list(nus))
 
 
 if __name__ == "__main__":

@@ -304,10 +304,8 @@ def main(argv=None) -> int:
     agg = aggregate(results)
     out = Path(args.out)
     plots(out, results, agg)
-    C.write_outputs(out, {"experiment": "rounds", "seeds": args.seeds, "quick": args.quick,
-                          "config": dataclasses.asdict(cfg), "round_factors": ROUND_FACTORS, "paper": PAPER,
-                          "per_seed": {str(s): r for s, r in results.items()}, **agg}, markdown(cfg, args, agg))
-    return 1 if args.strict and not C.all_checks_hold(agg["checks"]) else 0
+    return C.finish(args, cfg, "rounds", results, agg, markdown(cfg, args, agg), round_factors=ROUND_FACTORS,
+                    paper=PAPER)
 
 
 if __name__ == "__main__":
