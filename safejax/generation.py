@@ -4,7 +4,9 @@ Shapes are static: prompts are left-padded to a fixed width ``P`` (every prompt 
 ``P-1``), and exactly ``max_new_tokens = N`` decode steps run; a row that emitted EOS keeps
 producing ``pad`` with mask 0.  Outputs are ``[B, P+N]``.
 
-Positions follow one rule everywhere (generation and scoring): ``positions = max(cumsum(mask)-1, 0)``.
+Positions follow one rule everywhere (generation and scoring): they follow the sequence layout, i.e. the column
+minus the row's left-padding (:func:`positions_from_mask`), as the reference's ``arange`` positions do up to a
+per-row shift; a token masked out inside a sequence (a hole) keeps its column's position.
 Sampling supports temperature, top-k, top-p and the HF repetition penalty; ``greedy=True`` takes the
 argmax (equal to ``transformers`` greedy ``generate``).
 
@@ -51,8 +53,13 @@ class GenerationOutput(NamedTuple):
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
-    """``[B, T]`` mask -> ``[B, T]`` int32 positions ``max(cumsum(mask)-1, 0)``."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    """``[B, T]`` mask -> ``[B, T]`` int32 positions ``max(t - first_real_t, 0)``: the left-padding offset only.
+
+    Equal to ``cumsum(mask) - 1`` on the real tokens of a mask without holes; after a hole (a token masked
+    out inside the sequence, e.g. a sampled unk) the later tokens keep their layout positions, not shifted by one."""
+    t = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    first = jnp.argmax(mask.astype(jnp.bool_), axis=-1).astype(jnp.int32)
+    return jnp.maximum(t[None, :] - first[:, None], 0)
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -324,6 +324,19 @@ def _param_specs(model_state: nnx.State, stacked_layers: bool, architecture: str
     return out
 
 
+def hf_param_names(state: nnx.State, config: ModelConfig) -> dict:
+    """HF tensor name of every parameter, as a nested dict shaped like ``state.to_pure_dict()``.
+
+    Stacked layers (``scan_layers``) carry ``{i}`` in their name; a GPT-2 q/k/v block names its fused ``c_attn``."""
+    out: dict = {}
+    for spec, _ in _param_specs(state, config.scan_layers, config.architecture):
+        d = out
+        for k in spec.path[:-1]:
+            d = d.setdefault(k, {})
+        d[spec.path[-1]] = spec.hf_name
+    return out
+
+
 def _value(var):
     return var.get_value() if hasattr(var, "get_value") else var[...]
 

@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from safejax import parallel
+from safejax.models.hf import hf_param_names
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,6 +37,10 @@ class ModelDef:
     def shardings(self, mesh) -> dict:
         """NamedShardings of the params dict from the logical-axis annotations."""
         return parallel.state_shardings(self.template, mesh).to_pure_dict()
+
+    def hf_names(self) -> dict:
+        """HF tensor names shaped like the params dict (for the reference's weight-decay groups)."""
+        return hf_param_names(self.template, self.merge(self.abstract_params()).config)
 
     def abstract_params(self) -> dict:
         return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), self.template.to_pure_dict())

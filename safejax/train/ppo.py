@@ -33,7 +33,7 @@ from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
 from safejax.train.common import LoopSection, ModelSection
 from safejax.train.functional import ModelDef
-from safejax.train.optim import OptimConfig, make_optimizer
+from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
 
 log = logging.getLogger("safejax")
 
@@ -87,7 +87,16 @@ class LagrangeSection:
     lambda_max: float | None = 5.0
     threshold: float = 0.0
     episode_cost_window_size: int = 128
-    lambda_update_delay_steps: int = 0
+    # the reference keeps episode_cost_window_size costs per rank and averages over its ranks, so lambda sees the
+    # last window_size x ranks costs (128 x 8 = 1,024 for the paper's run); safejax keeps one global window of
+    # that many (== the mean of the per-rank means while every rank adds the same number of costs per batch)
+    episode_cost_window_ranks: int = 1
+    lambda_update_delay_steps: int = 0     # counted in RL micro-steps (lambda steps), as the reference's global_step
+
+    @property
+    def window(self) -> int:
+        """Length of the global episode-cost window: ``episode_cost_window_size * episode_cost_window_ranks``."""
+        return self.episode_cost_window_size * self.episode_cost_window_ranks
 
     def validate(self) -> None:
         check_range("lagrange.lambda_init", self.lambda_init, low=0.0, low_open=True)
@@ -95,6 +104,7 @@ class LagrangeSection:
         if self.lambda_max is not None:
             check_range("lagrange.lambda_max", self.lambda_max, low=0.0, low_open=True)
         check_range("lagrange.episode_cost_window_size", self.episode_cost_window_size, low=1)
+        check_range("lagrange.episode_cost_window_ranks", self.episode_cost_window_ranks, low=1)
 
 
 @dataclasses.dataclass
@@ -127,6 +137,12 @@ class PPOConfig:
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
+
+
+def rl_micro_steps(cfg: PPOConfig, iterations: int) -> int:
+    """RL micro-steps of a run (the reference's ``total_training_steps``): iterations x update_iters x
+    mini-batches per prompt batch.  Each model's schedule spans this // its ``grad_accum`` optimizer updates."""
+    return iterations * cfg.ppo.update_iters * (cfg.train.batch_size // cfg.ppo.micro_batch_size)
 
 
 # ----------------------------------------------------------------------------- state
@@ -198,6 +214,12 @@ def scalar_signals(algorithm: str, reward, cost, nu: float):
 # ----------------------------------------------------------------------------- pure pieces
 
 
+def data_flat(data: dict, key: str):
+    """``[nmb, M, ...]`` mini-batched array of ``data`` back to ``[B, ...]``."""
+    x = data[key]
+    return x.reshape(-1, *x.shape[2:])
+
+
 def special_token_mask(seq, pad_id: int, unk_id: int | None):
     """``[B, L]`` bool: ``(seq != pad) & (seq != unk)`` -- the reference's rollout mask rule (unk skipped if None)."""
     keep = seq != pad_id
@@ -224,10 +246,17 @@ def _end_scores(sm, seq, mask):
 
 
 class Trainer:
-    """Builds the jitted phases for one config; holds no mutable training state itself."""
+    """Builds the jitted phases for one config; holds no mutable training state itself.
+
+    ``total_updates`` is the number of RL micro-steps of the whole run (iterations x update_iters x
+    mini-batches); each model's schedule spans ``total_updates // grad_accum`` optimizer updates, with or
+    without ptx (the reference's ptx doubling of steps and accumulation cancels).  ``trace=True`` adds
+    ``metrics["trace"]``: per-micro-step values stacked ``[update_iters, mini-batches, ...]`` (lambda, losses,
+    lr and gradient norm of each optimizer, new log-probs / ratios / values) and the experience's KL-shaped
+    rewards, advantages and returns ``[B, N]`` -- what the golden parity test compares."""
 
     def __init__(self, cfg: PPOConfig, models: Models, mesh, prompt_width: int, eos_id: int, pad_id: int,
-                 total_updates: int, ptx_enabled: bool, unk_id: int | None = None):
+                 total_updates: int, ptx_enabled: bool, unk_id: int | None = None, trace: bool = False):
         self.cfg = cfg
         self.models = models
         self.mesh = mesh
@@ -237,8 +266,11 @@ class Trainer:
         self.algorithm = cfg.algorithm
         self.lag = cfg.algorithm == "ppo-lag"
         self.ptx_enabled = ptx_enabled
-        self.actor_tx, self.actor_sched = make_optimizer(cfg.actor_optim, total_updates * (2 if ptx_enabled else 1))
-        self.critic_tx, self.critic_sched = make_optimizer(cfg.critic_optim, total_updates)
+        self.trace = trace
+        self.actor_tx, self.actor_sched = make_accumulating_optimizer(cfg.actor_optim, total_updates,
+                                                                      models.actor.hf_names())
+        self.critic_tx, self.critic_sched = make_accumulating_optimizer(cfg.critic_optim, total_updates,
+                                                                        models.reward_critic.hf_names())
 
     # ---- rollout + experience (no gradients)
     def rollout(self, state: PPOState, frozen: Frozen, prompt_ids, prompt_mask):
@@ -250,24 +282,35 @@ class Trainer:
         seq, mask = gen.sequences, gen.attention_mask
         if cfg.ppo.mask_sampled_special:
             mask = mask & special_token_mask(seq, self.pad_id, self.unk_id)
-        start = self.P - 1
-        old_lp = _token_log_probs(actor, seq, mask, start)
-        ref_lp = _token_log_probs(m.actor.merge(frozen.ref), seq, mask, start)
         reward = _end_scores(m.reward.merge(frozen.reward), seq, mask)
         if m.cost is not None:
             cost = _end_scores(m.cost.merge(frozen.cost), seq, mask)
         else:
             cost = jnp.zeros_like(reward)
+        old_lp, ref_lp, rv, cv = self.score(state, frozen.ref, seq, mask)
+        return Experience(seq, mask, old_lp, ref_lp, reward, cost, rv, cv, self.action_mask(mask))
+
+    def score(self, state: PPOState, ref_params, seq, mask):
+        """Actor and reference log-probs and the two critics' values of the response actions, each ``[B, N]``
+        (cost values are zeros without a cost critic).  ``seq, mask``: ``[B, L]``."""
+        m, start = self.models, self.P - 1
+        old_lp = _token_log_probs(m.actor.merge(state.actor.params), seq, mask, start)
+        ref_lp = _token_log_probs(m.actor.merge(ref_params), seq, mask, start)
         rv = _values(m.reward_critic.merge(state.reward_critic.params), seq, mask, start)
         cv = (_values(m.cost_critic.merge(state.cost_critic.params), seq, mask, start) if self.lag
               else jnp.zeros_like(rv))
-        act_mask = mask[:, start + 1:].astype(jnp.float32)
-        return Experience(seq, mask, old_lp, ref_lp, reward, cost, rv, cv, act_mask)
+        return old_lp, ref_lp, rv, cv
+
+    def action_mask(self, mask):
+        """``[B, L]`` sequence mask -> ``[B, N]`` float32 mask of the response actions (shifted by one)."""
+        return mask[:, self.P:].astype(jnp.float32)
 
     # ---- update phase
-    def update(self, state: PPOState, exp: Experience, ptx: dict | None):
-        cfg, m = self.cfg, self.models
-        pc, lc = cfg.ppo, cfg.lagrange
+    def prepare(self, state: PPOState, exp: Experience):
+        """Record the batch's episode costs, KL-shape rewards / costs and run GAE (reference ``rl_step`` up to
+        the losses).  Returns ``(lagrange_state, data, extras)``; ``data`` holds the ``[B, ...]`` arrays the
+        micro-steps consume."""
+        pc, lc = self.cfg.ppo, self.cfg.lagrange
         lag_state = rl.lagrange_record(state.lagrange, exp.cost[None, :])
         r_sig, c_sig = scalar_signals(self.algorithm, exp.reward, exp.cost, lc.lambda_init)
         rewards, costs = rl.kl_shaped_rewards(r_sig, c_sig, exp.old_log_probs, exp.ref_log_probs, exp.mask,
@@ -276,79 +319,120 @@ class Trainer:
         if self.lag:
             adv_c, ret_c = rl.gae(exp.cost_values, costs, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda)
         else:
+            costs = jnp.zeros_like(rewards)
             adv_c, ret_c = jnp.zeros_like(adv_r), jnp.zeros_like(ret_r)
         data = dict(seq=exp.sequences, attn=exp.attention_mask, old_lp=exp.old_log_probs, mask=exp.mask,
                     adv_r=adv_r, ret_r=ret_r, v_r=exp.reward_values, adv_c=adv_c, ret_c=ret_c, v_c=exp.cost_values)
+        extras = dict(rewards=rewards, costs=costs, r_sig=r_sig)
+        return lag_state, data, extras
+
+    def actor_grads(self, params, mb, pb, lam):
+        """Gradient the actor's optimizer receives for one micro-step: ``grad L_actor``, or with a ptx
+        micro-batch ``pb`` ``(grad L_actor + ptx_coeff * grad L_ptx) / 2`` (the reference accumulates the RL
+        and the ptx micro-steps).  Returns ``(grads, metrics)``; metrics hold the losses and the new
+        log-probs / ratios ``[M, N]``."""
+        pc, start = self.cfg.ppo, self.P - 1
+
+        def actor_loss(params):
+            lm = self.models.actor.merge(params)
+            lp = _token_log_probs(lm, mb["seq"], mb["attn"], start)
+            if self.lag:
+                loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["adv_c"], mb["mask"],
+                                             multiplier=lam, clip_range_ratio=pc.clip_range_ratio)
+            else:
+                loss = rl.ppo_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["mask"],
+                                         clip_range_ratio=pc.clip_range_ratio)
+            return loss, lp
+
+        def ptx_loss(params):
+            lm = self.models.actor.merge(params)
+            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"],
+                        positions=positions_from_mask(pb["attention_mask"]))
+            return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:])
+
+        (a_loss, lp), grads = jax.value_and_grad(actor_loss, has_aux=True)(params)
+        lp = jax.lax.stop_gradient(lp)
+        metrics = {"actor_loss": a_loss, "log_probs": lp,
+                   "ratios": jnp.exp(jnp.where(mb["mask"] != 0, lp - mb["old_lp"], 0.0))}
+        if pb is not None:
+            p_loss, p_grads = jax.value_and_grad(ptx_loss)(params)
+            grads = jax.tree.map(lambda g, h: 0.5 * (g + pc.ptx_coeff * h), grads, p_grads)
+            metrics["ptx_loss"] = p_loss
+        return grads, metrics
+
+    def critic_grads(self, params, mb, which: str):
+        """``which`` = 'r' | 'c': ``(grads, (loss, new values [M, N]))`` of the clipped value loss."""
+        pc, start = self.cfg.ppo, self.P - 1
+
+        def critic_loss(params):
+            sm = (self.models.reward_critic if which == "r" else self.models.cost_critic).merge(params)
+            v = _values(sm, mb["seq"], mb["attn"], start)
+            return rl.value_loss(v, mb[f"v_{which}"], mb[f"ret_{which}"], mb["mask"],
+                                 clip_range_value=pc.clip_range_value), v
+
+        (loss, v), grads = jax.value_and_grad(critic_loss, has_aux=True)(params)
+        return grads, (loss, jax.lax.stop_gradient(v))
+
+    def update(self, state: PPOState, exp: Experience, ptx: dict | None):
+        cfg = self.cfg
+        pc, lc = cfg.ppo, cfg.lagrange
+        lag_state, data, extras = self.prepare(state, exp)
         b = exp.sequences.shape[0]
         mbs = pc.micro_batch_size
         nmb = b // mbs
         data = jax.tree.map(lambda x: x.reshape(nmb, mbs, *x.shape[1:]), data)
         if ptx is not None:
             ptx = jax.tree.map(lambda x: x.reshape(nmb, x.shape[0] // nmb, *x.shape[1:]), ptx)
-        start = self.P - 1
 
-        def actor_loss(params, mb, lam):
-            lm = m.actor.merge(params)
-            lp = _token_log_probs(lm, mb["seq"], mb["attn"], start)
-            if self.lag:
-                return rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["adv_c"], mb["mask"],
-                                             multiplier=lam, clip_range_ratio=pc.clip_range_ratio)
-            return rl.ppo_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["mask"], clip_range_ratio=pc.clip_range_ratio)
-
-        def ptx_loss(params, pb):
-            lm = m.actor.merge(params)
-            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"],
-                        positions=positions_from_mask(pb["attention_mask"]))
-            return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:])
-
-        def critic_loss(params, mb, which):
-            sm = (m.reward_critic if which == "r" else m.cost_critic).merge(params)
-            v = _values(sm, mb["seq"], mb["attn"], start)
-            return rl.value_loss(v, mb[f"v_{which}"], mb[f"ret_{which}"], mb["mask"],
-                                 clip_range_value=pc.clip_range_value)
+        def apply(tx, ms: ModelState, grads, name, out):
+            upd, opt = tx.update(grads, ms.opt_state, ms.params)
+            log_ = step_log(opt)
+            out.update({f"{name}_lr": log_.lr, f"{name}_grad_norm": log_.grad_norm, f"{name}_updates": log_.count})
+            return ModelState(optax.apply_updates(ms.params, upd), opt)
 
         def micro_step(carry, xs):
             actor_s, rc_s, cc_s, lag = carry
             mb, pb = xs
+            out = {"log_lambda_before": lag.log_lambda[0]}
             if self.lag:
                 lag = rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr,
                                        lambda_max=lc.lambda_max, update_delay_steps=lc.lambda_update_delay_steps)
             lam = rl.multiplier(lag)[0] if self.lag else jnp.float32(0.0)
-            a_loss, a_grads = jax.value_and_grad(actor_loss)(actor_s.params, mb, jax.lax.stop_gradient(lam))
-            metrics = {"actor_loss": a_loss}
-            if pb is not None:
-                p_loss, p_grads = jax.value_and_grad(ptx_loss)(actor_s.params, pb)
-                a_grads = jax.tree.map(lambda g, h: 0.5 * (g + pc.ptx_coeff * h), a_grads, p_grads)
-                metrics["ptx_loss"] = p_loss
-            upd, a_opt = self.actor_tx.update(a_grads, actor_s.opt_state, actor_s.params)
-            actor_s = ModelState(optax.apply_updates(actor_s.params, upd), a_opt)
-            r_loss, r_grads = jax.value_and_grad(critic_loss)(rc_s.params, mb, "r")
-            upd, r_opt = self.critic_tx.update(r_grads, rc_s.opt_state, rc_s.params)
-            rc_s = ModelState(optax.apply_updates(rc_s.params, upd), r_opt)
-            metrics["reward_critic_loss"] = r_loss
+            out.update(log_lambda=lag.log_lambda[0], lambda_used=lam)
+            a_grads, a_out = self.actor_grads(actor_s.params, mb, pb, jax.lax.stop_gradient(lam))
+            out.update(a_out)
             if self.lag:
-                c_loss, c_grads = jax.value_and_grad(critic_loss)(cc_s.params, mb, "c")
-                upd, c_opt = self.critic_tx.update(c_grads, cc_s.opt_state, cc_s.params)
-                cc_s = ModelState(optax.apply_updates(cc_s.params, upd), c_opt)
-                metrics["cost_critic_loss"] = c_loss
-            return (actor_s, rc_s, cc_s, lag), metrics
+                out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], mb["adv_c"], lam)
+            actor_s = apply(self.actor_tx, actor_s, a_grads, "actor", out)
+            r_grads, (out["reward_critic_loss"], out["reward_values"]) = self.critic_grads(rc_s.params, mb, "r")
+            rc_s = apply(self.critic_tx, rc_s, r_grads, "reward_critic", out)
+            if self.lag:
+                c_grads, (out["cost_critic_loss"], out["cost_values"]) = self.critic_grads(cc_s.params, mb, "c")
+                cc_s = apply(self.critic_tx, cc_s, c_grads, "cost_critic", out)
+            return (actor_s, rc_s, cc_s, lag), out
 
         def epoch(carry, _):
             return jax.lax.scan(micro_step, carry, (data, ptx))
 
         carry = (state.actor, state.reward_critic, state.cost_critic, lag_state)
-        (actor_s, rc_s, cc_s, lag_state), metrics = jax.lax.scan(epoch, carry, None, length=pc.update_iters)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        (actor_s, rc_s, cc_s, lag_state), steps = jax.lax.scan(epoch, carry, None, length=pc.update_iters)
+        metrics = {k: jnp.mean(steps[k]) for k in ("actor_loss", "ptx_loss", "reward_critic_loss", "cost_critic_loss")
+                   if k in steps}
         new_state = state.replace(step=state.step + 1, actor=actor_s, reward_critic=rc_s, cost_critic=cc_s,
                                   lagrange=lag_state)
-        metrics.update(self._experience_metrics(exp, rewards, costs, adv_r, ret_r, adv_c, ret_c, lag_state,
-                                                r_sig))
-        n_updates = state.step * pc.update_iters * nmb
-        metrics["actor_lr"] = self.actor_sched(n_updates * (2 if self.ptx_enabled else 1))
-        metrics["reward_critic_lr"] = self.critic_sched(n_updates)
+        metrics.update(self._experience_metrics(exp, extras["rewards"], extras["costs"], data_flat(data, "adv_r"),
+                                                data_flat(data, "ret_r"), data_flat(data, "adv_c"),
+                                                data_flat(data, "ret_c"), lag_state, extras["r_sig"]))
+        # the lr the last optimizer update of this iteration applied (0 before the first update)
+        metrics["actor_lr"] = step_log(actor_s.opt_state).lr
+        metrics["reward_critic_lr"] = step_log(rc_s.opt_state).lr
         if self.lag:
-            metrics["cost_critic_lr"] = self.critic_sched(n_updates)
-        return new_state, {"train/" + k: v for k, v in metrics.items()}
+            metrics["cost_critic_lr"] = step_log(cc_s.opt_state).lr
+        out = {"train/" + k: v for k, v in metrics.items()}
+        if self.trace:
+            out["trace"] = dict(steps, **{k: extras[k] for k in ("rewards", "costs")},
+                                **{k: data_flat(data, k) for k in ("adv_r", "ret_r", "adv_c", "ret_c")})
+        return new_state, out
 
     def _experience_metrics(self, exp, rewards, costs, adv_r, ret_r, adv_c, ret_c, lag, r_sig):
         mk = exp.mask

@@ -23,7 +23,7 @@ from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted
                                   save_checkpoint, scalar_on_mesh)
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
-from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer, rl_micro_steps
 from safejax.train.sft import export_model
 
 log = logging.getLogger("safejax")
@@ -143,7 +143,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     iterations = per_epoch * cfg.train.epochs
     if cfg.train.max_steps > 0:
         iterations = min(iterations, cfg.train.max_steps)
-    updates = iterations * cfg.ppo.update_iters * (bsz // cfg.ppo.micro_batch_size)
+    updates = rl_micro_steps(cfg, iterations)
 
     trainer = Trainer(cfg, models, mesh, prompt_width=cfg.data.prompt_width, eos_id=tok.eos_token_id,
                       pad_id=tok.pad_token_id, total_updates=updates, ptx_enabled=ptx_arrays is not None,
@@ -156,7 +156,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if lag:
         cc_s, cc_sh = _model_state(cc_def, cc_params, trainer.critic_tx, mesh)
     lag_state, lag_sh = _replicate(rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1,
-                                                    window_size=cfg.lagrange.episode_cost_window_size,
+                                                    window_size=cfg.lagrange.window,
                                                     lambda_lr=cfg.lagrange.lambda_lr), mesh)
     rep = NamedSharding(mesh, P())
     rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), rep)
