@@ -87,14 +87,15 @@ class FitResult:
 
 def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, param_shardings, loss_fn: LossFn,
         train_arrays: dict, eval_fn: Callable[[Any], dict] | None, seed: int, desc: str,
-        metric_prefix: str = "train/") -> FitResult:
+        metric_prefix: str = "train/", param_names: Any = None) -> FitResult:
     """Train ``params`` on ``train_arrays`` (dict of equal-length numpy arrays) with resume support.
 
     Resume: the newest complete checkpoint in ``run`` restores the whole :class:`TrainState` (params,
     optimizer state, RNG, step), the data position (epoch, batch) and the metric file's offset, so the
     continuation is step-for-step identical to an uninterrupted run.  Checkpoints: every
     ``loop.save_every`` steps, at the end, and on SIGTERM (then :class:`Preempted` is raised).  A
-    NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved."""
+    NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved.  ``param_names``: HF names
+    shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups."""
     from safejax.data.batching import BatchIterator
 
     n = len(next(iter(train_arrays.values())))
@@ -107,7 +108,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     total = steps_per_epoch * loop.epochs
     if loop.max_steps > 0:
         total = min(total, loop.max_steps)
-    tx, schedule = make_optimizer(optim, total)
+    tx, schedule = make_optimizer(optim, total, param_names)
     state, state_sh = init_train_state(params, param_shardings, tx, mesh, seed)
 
     batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True,

@@ -65,6 +65,9 @@ class PPOSection:
     update_iters: int = 1
     micro_batch_size: int = 16        # rows per mini-batch update (M)
     ptx_coeff: float = 16.0
+    # unit of the ptx token mean: 0 = one mean over the ptx micro-batch; n = the reference's (a token mean per n
+    # rows -- its per-rank micro-batch, per_device_train_batch_size -- then the mean over those groups)
+    ptx_token_mean_rows: int = 0
     # [code] mask_t = (x_t != pad) and (x_t != unk): a pad or unk token the actor *samples* inside a response
     # is masked out of the experience (log-probs, values, end-score index), as in the reference.  False keeps
     # every generated token up to EOS.
@@ -78,6 +81,7 @@ class PPOSection:
         check_range("ppo.update_iters", self.update_iters, low=1)
         check_range("ppo.micro_batch_size", self.micro_batch_size, low=1)
         check_range("ppo.ptx_coeff", self.ptx_coeff, low=0.0)
+        check_range("ppo.ptx_token_mean_rows", self.ptx_token_mean_rows, low=0)
 
 
 @dataclasses.dataclass
@@ -133,6 +137,9 @@ class PPOConfig:
         check_range("algorithm", self.algorithm, choices=ALGORITHMS)
         if self.train.batch_size % self.ppo.micro_batch_size:
             raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
+                              f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
+        if self.ppo.ptx_token_mean_rows and self.ppo.micro_batch_size % self.ppo.ptx_token_mean_rows:
+            raise ConfigError(f"config key 'ppo.ptx_token_mean_rows' = {self.ppo.ptx_token_mean_rows} must divide "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
@@ -348,7 +355,8 @@ class Trainer:
             lm = self.models.actor.merge(params)
             logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"],
                         positions=positions_from_mask(pb["attention_mask"]))
-            return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:])
+            return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:],
+                               group_rows=pc.ptx_token_mean_rows)
 
         (a_loss, lp), grads = jax.value_and_grad(actor_loss, has_aux=True)(params)
         lp = jax.lax.stop_gradient(lp)

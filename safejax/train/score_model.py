@@ -40,6 +40,9 @@ class ScoreModelConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: PreferenceDataSection = dataclasses.field(default_factory=PreferenceDataSection)
     loss_type: str = "sequence-wise"     # sequence-wise | token-wise
+    # token-wise only: true reproduces the reference's first release, whose per-pair window [d, E] also averages
+    # the shorter response's pad positions; false (default) keeps each side's real tokens only
+    include_pad_bug: bool = False
     regularization: float = 0.001
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
         lr=2e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.1))
@@ -70,7 +73,7 @@ def pair_scores(sm, batch: dict, kind: str):
     return out.scores[:n], out.scores[n:], out.end_scores[:n], out.end_scores[n:]
 
 
-def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float):
+def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float, include_pad_bug: bool = False):
     def loss_fn(params, batch, rng):  # noqa: ARG001
         sm = mdef.merge(params)
         sa, sb, ea, eb = pair_scores(sm, batch, kind)
@@ -79,7 +82,7 @@ def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float):
             if loss_type == "token-wise":
                 loss = rl.token_wise_reward_model_loss(sa, sb, batch[f"{a}_mask"], batch[f"{b}_mask"],
                                                        batch[f"{a}_ids"], batch[f"{b}_ids"],
-                                                       regularization=regularization)
+                                                       regularization=regularization, include_pad_bug=include_pad_bug)
             else:
                 loss = rl.reward_model_loss(ea, eb, regularization=regularization)
             metrics = {"accuracy": jnp.mean((ea > eb).astype(jnp.float32)),
@@ -90,7 +93,7 @@ def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float):
             if loss_type == "token-wise":
                 loss = rl.token_wise_cost_model_loss(sa, sb, batch[f"{a}_mask"], batch[f"{b}_mask"],
                                                      batch[f"{a}_ids"], batch[f"{b}_ids"], sa_safe, sb_safe,
-                                                     regularization=regularization)
+                                                     regularization=regularization, include_pad_bug=include_pad_bug)
             else:
                 loss = rl.cost_model_loss(ea, eb, sa_safe, sb_safe, regularization=regularization)
             metrics = cost_metrics(ea, eb, sa_safe, sb_safe)
@@ -157,8 +160,9 @@ def run_score_model(cfg: ScoreModelConfig, kind: str):
         eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval")
         eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh)
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
-              param_shardings=mdef.shardings(mesh),
-              loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization), train_arrays=train_arrays,
+              param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(),
+              loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug),
+              train_arrays=train_arrays,
               eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm")
     export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
     log.info("%s model: exported %s", kind, export_dir)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safejax import parallel, rl
+from safejax.config import ConfigError
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
@@ -39,17 +40,27 @@ class SFTConfig:
     train: LoopSection = dataclasses.field(default_factory=LoopSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval_batch_size: int = 16
+    # unit of the training loss's token mean: 0 = one mean over each (micro-)batch; n = the reference's (a token
+    # mean per n rows -- its per-device micro-batch -- then the mean over those groups); eval keeps one mean
+    token_mean_rows: int = 0
     allow_config_change: bool = False
 
+    def validate(self) -> None:
+        micro = self.train.batch_size // max(self.optim.grad_accum, 1)
+        if self.token_mean_rows < 0 or (self.token_mean_rows and micro % self.token_mean_rows):
+            raise ConfigError(f"config key 'token_mean_rows' = {self.token_mean_rows} must be >= 0 and divide the "
+                              f"micro-batch of {micro} rows (train.batch_size / optim.grad_accum)")
 
-def sft_loss_fn(mdef):
-    """Pure ``loss(params, batch, rng) -> (loss, metrics)`` on ``input_ids/attention_mask/label_mask [B, L]``."""
+
+def sft_loss_fn(mdef, token_mean_rows: int = 0):
+    """Pure ``loss(params, batch, rng) -> (loss, metrics)`` on ``input_ids/attention_mask/label_mask [B, L]``;
+    ``token_mean_rows``: the unit of the token mean (:func:`safejax.rl.sft_loss`'s ``group_rows``)."""
 
     def loss_fn(params, batch, rng):  # noqa: ARG001
         lm = mdef.merge(params)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         logits = lm(ids, attention_mask=mask, positions=positions_from_mask(mask))
-        loss = rl.sft_loss(logits[:, :-1], ids[:, 1:], batch["label_mask"][:, 1:])
+        loss = rl.sft_loss(logits[:, :-1], ids[:, 1:], batch["label_mask"][:, 1:], group_rows=token_mean_rows)
         return loss, {}
 
     return loss_fn
@@ -90,12 +101,14 @@ def run_sft(cfg: SFTConfig):
     mdef, params = split_model(lm)
     train_arrays, report = load_supervised(cfg.data.train, tok, cfg.data, "sft train")
     eval_arrays = load_supervised(cfg.data.eval, tok, cfg.data, "sft eval")[0] if cfg.data.eval else None
-    loss_fn = sft_loss_fn(mdef)
+    loss_fn = sft_loss_fn(mdef, cfg.token_mean_rows)
 
-    eval_fn = make_sft_eval_fn(loss_fn, eval_arrays, cfg.eval_batch_size, mesh) if eval_arrays is not None else None
+    eval_fn = (make_sft_eval_fn(sft_loss_fn(mdef), eval_arrays, cfg.eval_batch_size, mesh)
+               if eval_arrays is not None else None)
 
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
-              param_shardings=mdef.shardings(mesh), loss_fn=loss_fn, train_arrays=train_arrays, eval_fn=eval_fn,
+              param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(), loss_fn=loss_fn,
+              train_arrays=train_arrays, eval_fn=eval_fn,
               seed=cfg.seed, desc="sft")
     export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
     log.info("sft: exported %s", export_dir)
