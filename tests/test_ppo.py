@@ -156,16 +156,36 @@ def test_rollout_masks_sampled_pad_and_unk_tokens_like_the_reference(rollout_wor
     kept = rollout(sampled_pad, unk, False)
     np.testing.assert_array_equal(kept.mask, plain.mask)
 
-    # end scores: the reward model on each row with its masked tokens removed (bare, right-padded), last real token
+    # end scores as the reference reads them: the reward model with the holes out of attention, positions following
+    # the layout (column minus the row's left padding, unshifted after a hole), at the last real token
     sdef, rm = w["score"]["reward"]
-    scorer = jax.jit(lambda prm, x: sdef.merge(prm)(x).scores)
-    bare = np.zeros_like(seq)
-    for b in range(len(seq)):
-        bare[b, :expect[b].sum()] = seq[b][expect[b]]
-    s = np.asarray(scorer(rm, bare))
-    ends = s[np.arange(len(seq)), expect.sum(axis=1) - 1]
+    scorer = jax.jit(lambda prm, x, m, pos: sdef.merge(prm)(x, attention_mask=m, positions=pos).scores)
+    left = np.argmax(expect, axis=1)
+    layout = np.maximum(np.arange(seq.shape[1])[None, :] - left[:, None], 0)
+    s = np.asarray(scorer(rm, seq, expect, layout))
+    last = seq.shape[1] - 1 - np.argmax(expect[:, ::-1], axis=1)
+    ends = s[np.arange(len(seq)), last]
     np.testing.assert_allclose(masked.reward, ends, atol=2e-4)
     assert abs(masked.reward[0] - plain.reward[0]) > 1e-4, "row 0's end score must move off the sampled pad"
+
+def test_rollout_cuts_responses_at_the_reference_budget_of_max_length_minus_the_longest_prompt(rollout_world):
+    """data.max_length counts prompt and response: a batch whose longest prompt has k tokens keeps at most
+    max_length - k response tokens (the rest is pad with mask 0), whatever bucket width it ran in."""
+    from safejax.generation import SamplingConfig
+    from safejax.train.ppo import PPOConfig, PPODataSection, Trainer
+
+    w = rollout_world
+    p, n, models, frozen, state = w["p"], w["n"], w["models"], w["frozen"], w["state"]
+    ids, pmask = jnp.asarray(w["ids"]), jnp.asarray(w["pmask"])
+    longest = int(np.asarray(w["pmask"]).sum(axis=1).max())
+    cfg = PPOConfig(reward_model="r", cost_model="c", rollout=SamplingConfig(max_new_tokens=n, greedy=True),
+                    data=PPODataSection(prompt_width=p, max_length=longest + n - 2))
+    tr = Trainer(cfg, models, None, prompt_width=p, eos_id=-1, pad_id=w["pad"], total_updates=1, ptx_enabled=False,
+                 max_new_tokens=n)
+    exp = jax.tree.map(np.asarray, jax.jit(tr.rollout)(state, frozen, ids, pmask))
+    np.testing.assert_array_equal(exp.mask.sum(axis=1), n - 2)
+    assert (exp.sequences[:, p + n - 2:] == w["pad"]).all() and not exp.attention_mask[:, p + n - 2:].any()
+
 
 # ----------------------------------------------------------------------------- the tiny world
 

@@ -147,3 +147,21 @@ def _score_def():
                       head_dim=4, max_position_embeddings=16)
     with use_mesh(single_device_mesh()):
         return split_model(ScoreModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_prompt_buckets_hold_every_budget_of_their_batches():
+    from safejax.train.ppo import PPODataSection, bucket_width, prompt_buckets
+
+    cfg = PPOConfig(data=PPODataSection(prompt_width=256, max_length=512, prompt_buckets=[64, 128]))
+    buckets = prompt_buckets(cfg)
+    assert buckets == [(64, 511), (128, 447), (256, 383)]
+    for longest in (1, 64, 65, 128, 200, 256):
+        mask = np.zeros((3, 256), bool)
+        mask[1, 256 - longest:] = True
+        width = bucket_width(mask, buckets)
+        steps = dict(buckets)[width]
+        assert longest <= width and (width == 64 or longest > width // 2)  # the narrowest bucket that holds it
+        assert steps >= 512 - longest
+    assert prompt_buckets(PPOConfig()) == [(PPOConfig().data.prompt_width, PPOConfig().rollout.max_new_tokens)]
+    with pytest.raises(ConfigError, match="data.max_length"):
+        load_config(PPOConfig, None, ["reward_model=x", "cost_model=y", "data.prompt_width=64", "data.max_length=64"])

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -50,6 +51,13 @@ class PPODataSection:
     eval_prompts: list[str] = dataclasses.field(default_factory=list)  # held-out prompts: eval/reward, eval/cost
                                                                        # every train.eval_every iterations + at the end
     prompt_width: int = 64
+    # the reference's response budget: prompt + response <= max_length, prompts left-padded to the batch's longest,
+    # so a response may use max_length - longest prompt tokens.  0: a fixed rollout.max_new_tokens after the fixed
+    # prompt_width.  With max_length > 0 a batch runs in the narrowest bucket of prompt_buckets (+ prompt_width)
+    # that holds its longest prompt -- one compile of the rollout and the update per bucket -- and every response
+    # is cut at max_length - longest, as in the reference; prompts longer than prompt_width are dropped and counted
+    max_length: int = 0
+    prompt_buckets: list[int] = dataclasses.field(default_factory=list)
     ptx_max_length: int = 128
     skip_bad_rows: bool = False
 
@@ -138,12 +146,41 @@ class PPOConfig:
         if self.train.batch_size % self.ppo.micro_batch_size:
             raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
+        d = self.data
+        if d.max_length and d.max_length <= d.prompt_width:
+            raise ConfigError(f"config key 'data.max_length' = {d.max_length} must exceed 'data.prompt_width' = "
+                              f"{d.prompt_width} (it counts prompt and response tokens), or be 0")
+        if any(not 0 < w < d.prompt_width for w in d.prompt_buckets):
+            raise ConfigError(f"config key 'data.prompt_buckets' = {d.prompt_buckets}: every width must be in "
+                              f"(0, data.prompt_width = {d.prompt_width}); prompt_width is always the widest bucket")
         if self.ppo.ptx_token_mean_rows and self.ppo.micro_batch_size % self.ppo.ptx_token_mean_rows:
             raise ConfigError(f"config key 'ppo.ptx_token_mean_rows' = {self.ppo.ptx_token_mean_rows} must divide "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
+
+
+def prompt_buckets(cfg: PPOConfig) -> list[tuple[int, int]]:
+    """``(prompt width P_b, decode steps N_b)`` of each bucket, narrowest first.  Without ``data.max_length``:
+    one bucket ``(prompt_width, rollout.max_new_tokens)``.  With it, a batch in bucket b has its longest prompt in
+    ``(P_{b-1}, P_b]``, so ``N_b = max_length - P_{b-1} - 1`` decode steps hold any budget
+    ``max_length - longest`` of the bucket (the rollout cuts each batch at its own budget)."""
+    d = cfg.data
+    if not d.max_length:
+        return [(d.prompt_width, cfg.rollout.max_new_tokens)]
+    widths = sorted(set(d.prompt_buckets) | {d.prompt_width})
+    return [(w, d.max_length - lo - 1) for w, lo in zip(widths, [0] + widths[:-1])]
+
+
+def bucket_width(prompt_mask, buckets: list[tuple[int, int]]) -> int:
+    """Narrowest bucket width holding the longest prompt of a host batch ``prompt_mask [b, P]`` (all hosts)."""
+    longest = int(np.max(np.sum(np.asarray(prompt_mask), axis=-1), initial=0))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    return next(w for w, _ in buckets if w >= longest)
 
 
 def rl_micro_steps(cfg: PPOConfig, iterations: int) -> int:
@@ -263,7 +300,8 @@ class Trainer:
     rewards, advantages and returns ``[B, N]`` -- what the golden parity test compares."""
 
     def __init__(self, cfg: PPOConfig, models: Models, mesh, prompt_width: int, eos_id: int, pad_id: int,
-                 total_updates: int, ptx_enabled: bool, unk_id: int | None = None, trace: bool = False):
+                 total_updates: int, ptx_enabled: bool, unk_id: int | None = None, trace: bool = False,
+                 max_new_tokens: int | None = None):
         self.cfg = cfg
         self.models = models
         self.mesh = mesh
@@ -274,6 +312,8 @@ class Trainer:
         self.lag = cfg.algorithm == "ppo-lag"
         self.ptx_enabled = ptx_enabled
         self.trace = trace
+        self.sampling = (cfg.rollout if max_new_tokens is None
+                         else dataclasses.replace(cfg.rollout, max_new_tokens=max_new_tokens))
         self.actor_tx, self.actor_sched = make_accumulating_optimizer(cfg.actor_optim, total_updates,
                                                                       models.actor.hf_names())
         self.critic_tx, self.critic_sched = make_accumulating_optimizer(cfg.critic_optim, total_updates,
@@ -284,9 +324,13 @@ class Trainer:
         cfg, m = self.cfg, self.models
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         actor = m.actor.merge(state.actor.params)
-        gen = generate(actor, prompt_ids, prompt_mask, key, cfg.rollout, eos_token_id=self.eos_id,
+        gen = generate(actor, prompt_ids, prompt_mask, key, self.sampling, eos_token_id=self.eos_id,
                        pad_token_id=self.pad_id)
         seq, mask = gen.sequences, gen.attention_mask
+        if cfg.data.max_length:  # the reference's budget: max_length - the batch's longest prompt
+            budget = cfg.data.max_length - jnp.max(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1))
+            keep = jnp.arange(seq.shape[1]) < self.P + budget
+            seq, mask = jnp.where(keep, seq, self.pad_id), mask & keep
         if cfg.ppo.mask_sampled_special:
             mask = mask & special_token_mask(seq, self.pad_id, self.unk_id)
         reward = _end_scores(m.reward.merge(frozen.reward), seq, mask)

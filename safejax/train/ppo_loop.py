@@ -23,7 +23,8 @@ from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted
                                   save_checkpoint, scalar_on_mesh)
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
-from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer, rl_micro_steps
+from safejax.train.ppo import (Frozen, Models, ModelState, PPOConfig, PPOState, Trainer, bucket_width, prompt_buckets,
+                               rl_micro_steps)
 from safejax.train.sft import export_model
 
 log = logging.getLogger("safejax")
@@ -145,9 +146,11 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         iterations = min(iterations, cfg.train.max_steps)
     updates = rl_micro_steps(cfg, iterations)
 
-    trainer = Trainer(cfg, models, mesh, prompt_width=cfg.data.prompt_width, eos_id=tok.eos_token_id,
-                      pad_id=tok.pad_token_id, total_updates=updates, ptx_enabled=ptx_arrays is not None,
-                      unk_id=tok.unk_token_id)
+    buckets = prompt_buckets(cfg)  # (prompt width, decode steps) per compiled shape; the widest is `trainer`
+    trainers = {w: Trainer(cfg, models, mesh, prompt_width=w, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                           total_updates=updates, ptx_enabled=ptx_arrays is not None, unk_id=tok.unk_token_id,
+                           max_new_tokens=n) for w, n in buckets}
+    trainer = trainers[cfg.data.prompt_width]
 
     # ---- state (sharded) and frozen models
     actor_s, actor_sh = _model_state(actor_def, actor_params, trainer.actor_tx, mesh)
@@ -175,15 +178,17 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     frozen_sh = Frozen(ref=ref_sh, reward=rm_sh, cost=cm_sh)
 
     bsh = parallel.batch_sharding(mesh, 2)
-    rollout_fn = parallel.mesh_jit(trainer.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+    rollout_fns = {w: parallel.mesh_jit(t.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
+                   for w, t in trainers.items()}
+    rollout_fn = rollout_fns[cfg.data.prompt_width]
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, bsz, mesh)
         eval_every = eval_every or cfg.train.eval_every
-    update_fn = parallel.mesh_jit(guarded_update(trainer.update, skip_nonfinite=cfg.train.skip_nonfinite,
-                                                 inject_nan_step=cfg.train.inject_nan_step, lag=lag),
-                                  mesh=mesh, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
-                                  donate_argnums=(0,))
+    update_fns = {w: parallel.mesh_jit(guarded_update(t.update, skip_nonfinite=cfg.train.skip_nonfinite,
+                                                      inject_nan_step=cfg.train.inject_nan_step, lag=lag),
+                                       mesh=mesh, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
+                                       donate_argnums=(0,)) for w, t in trainers.items()}
 
     # ---- resume
     prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)
@@ -218,10 +223,11 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         with GracefulStop() as stop:
             while step < iterations:
                 batch = next(it)
-                batch = parallel.host_local_to_global(batch, mesh)
-                exp = rollout_fn(state, frozen, batch["prompt_ids"], batch["prompt_mask"])
+                w = bucket_width(batch["prompt_mask"], buckets)  # left-padded: the last w columns
+                batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh)
+                exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
                 ptx = parallel.host_local_to_global(next(ptx_it), mesh) if ptx_it is not None else None
-                state, m = update_fn(state, exp, ptx)
+                state, m = update_fns[w](state, exp, ptx)
                 step += 1
                 guard.add(step, m)
                 bar.update(1)
