@@ -87,6 +87,30 @@ def test_full_scale_configs_carry_the_spec_values():
         assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 1), path
 
 
+def test_full_scale_configs_run_with_the_reference_rollout_window_budget_and_loss_unit():
+    from safejax.config import load_config as load
+    from safejax.train.optim import make_accumulating_optimizer
+    from safejax.train.ppo import prompt_buckets, rl_micro_steps
+
+    for path in sorted(CONFIGS.glob("ppo*.yaml")):
+        c = load(PPOConfig, path)
+        assert c.rollout.top_k == 50 and (c.rollout.temperature, c.rollout.top_p) == (1.0, 1.0), path
+        assert c.data.max_length == 512 and all(w + n >= 512 for w, n in prompt_buckets(c)), path
+        assert c.ppo.ptx_token_mean_rows == 16 and c.ppo.micro_batch_size % 16 == 0, path
+        assert c.actor_optim.decay_rule == c.critic_optim.decay_rule == "reference", path
+        if c.algorithm == "ppo-lag":
+            assert c.lagrange.window == 1024, path
+        # the actor's schedule spans exactly its optimizer updates (ptx on): warm-up done, cosine at 0 at the end
+        steps = rl_micro_steps(c, iterations=100)
+        _, sched = make_accumulating_optimizer(c.actor_optim, steps)
+        updates = steps // c.actor_optim.grad_accum
+        assert float(sched(int(updates * c.actor_optim.warmup_ratio))) == pytest.approx(c.actor_optim.lr)
+        assert abs(float(sched(updates))) < 1e-12 < float(sched(updates - 1)), path
+    assert load(SFTConfig, CONFIGS / "sft.yaml").token_mean_rows == 4
+    for name in ("eval_arena", "eval_elo", "eval_score"):
+        assert "top_k: 50" in (CONFIGS / f"{name}.yaml").read_text(), name
+
+
 def test_stats_and_format_report_mean_spread_and_range():
     s = C.stats([0.2, 0.4, float("nan"), 0.9])
     assert s["n"] == 3 and s["values"] == [0.2, 0.4, 0.9]
