@@ -90,7 +90,7 @@ def test_full_scale_configs_carry_the_spec_values():
 def test_full_scale_configs_run_with_the_reference_rollout_window_budget_and_loss_unit():
     from safejax.config import load_config as load
     from safejax.train.optim import make_accumulating_optimizer
-    from safejax.train.ppo import prompt_buckets, rl_micro_steps
+    from safejax.train.ppo_shapes import prompt_buckets, rl_micro_steps
 
     for path in sorted(CONFIGS.glob("ppo*.yaml")):
         c = load(PPOConfig, path)

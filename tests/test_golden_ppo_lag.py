@@ -29,7 +29,8 @@ from safejax.models.hf import hf_state_dict
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for
-from safejax.train.ppo import Experience, Models, PPOState, Trainer, rl_micro_steps
+from safejax.train.ppo import Experience, Models, PPOState, Trainer
+from safejax.train.ppo_shapes import rl_micro_steps
 from safejax.train.ppo_loop import _model_state, guarded_update
 from safejax.train.reference_args import ppo_config_from_reference_args
 

@@ -150,7 +150,8 @@ def _score_def():
 
 
 def test_prompt_buckets_hold_every_budget_of_their_batches():
-    from safejax.train.ppo import PPODataSection, bucket_width, prompt_buckets
+    from safejax.train.ppo import PPODataSection
+    from safejax.train.ppo_shapes import bucket_width, prompt_buckets
 
     cfg = PPOConfig(data=PPODataSection(prompt_width=256, max_length=512, prompt_buckets=[64, 128]))
     buckets = prompt_buckets(cfg)
