@@ -12,6 +12,9 @@ Guarantees (see ``tests/test_resume.py``):
 * **asynchronous**: :meth:`Checkpointer.save` returns once the arrays are copied off the devices;
   :meth:`Checkpointer.wait` blocks until the background write is committed;
 * **keep-last-K** (``max_to_keep``);
+* **content fingerprints**: every save records a 64-bit fingerprint of each array's bits
+  (:func:`fingerprints`, position-weighted sums that change under any single flipped bit) in
+  ``meta``; restore recomputes them and treats a difference like an unreadable step;
 * **checked restore**: the on-disk tree (paths, shapes, dtypes) is compared with the target first.
   A difference raises :class:`CheckpointMismatchError` naming the first differing array (never a
   silent fresh start); an unreadable or partial step is skipped with a warning, moved aside to
@@ -21,20 +24,26 @@ Guarantees (see ``tests/test_resume.py``):
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("safejax")
 
 TMP_MARK = ".orbax-checkpoint-tmp"
+FINGERPRINTS = "fingerprints"  # meta key: {"a.b.0": 16 hex digits}
+# loggers of the libraries under orbax that print tracebacks for every failed read or write
+_NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
 
 
 class CheckpointError(ValueError):
@@ -93,16 +102,99 @@ def describe_mismatch(on_disk: dict, wanted: dict) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- content fingerprints
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bit pattern of every element as uint32 words (8-byte types: a trailing axis of 2)."""
+    dt = jnp.dtype(x.dtype)
+    if dt == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[dt.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """``[2]`` uint32: two position-weighted wrap-around sums of ``x``'s bits.
+
+    Each weight is odd, so flipping any one bit changes both sums; integer sums are exact in any
+    order, so the value does not depend on the sharding (a resharded restore checks the same)."""
+    w = _words(x)
+    idx = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % (1 << 32))
+        stride *= w.shape[d]
+    w1 = idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+    w2 = idx * jnp.uint32(0x85EBCA6B) + jnp.uint32(0x165667B1) | jnp.uint32(1)
+    rot = (w << 13) | (w >> 19)
+    return jnp.stack([jnp.sum(w * w1, dtype=jnp.uint32), jnp.sum((rot ^ idx) * w2, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_all(leaves: list) -> list:
+    return [_fingerprint(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """``{"a.b.0": "0123456789abcdef"}``: a 64-bit content fingerprint of every array leaf of ``tree``
+    (computed on device in one jitted call; one small transfer)."""
+    named = {k: v for k, v in named_leaves(tree).items() if hasattr(v, "dtype") and hasattr(v, "shape")}
+    if not named:
+        return {}
+    values = jax.device_get(_fingerprint_all([jnp.asarray(v) for v in named.values()]))
+    return {k: "%08x%08x" % tuple(int(u) for u in np.asarray(v)) for k, v in zip(named, values)}
+
+
+def verify_fingerprints(tree: Any, recorded: dict | None, prefix: str = "") -> str | None:
+    """First array of ``tree`` whose content differs from ``recorded`` (names prefixed with ``prefix``),
+    in words; None when all agree or nothing was recorded (checkpoints of older versions)."""
+    if not recorded:
+        return None
+    bad = [k for k, v in fingerprints(tree).items() if prefix + k in recorded and recorded[prefix + k] != v]
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
+    return f"content of array '{prefix + bad[0]}'{more} differs from the fingerprint recorded at save time"
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence the per-file error logs (and tracebacks) of orbax / tensorstore while a read or write
+    is attempted; the caller reports the failure in one line."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _NOISY]
+    for lg, _ in saved:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
+    """The JSON ``meta`` item of a checkpoint step folder, read directly (no orbax); None if unreadable."""
+    try:
+        meta = json.loads((Path(step_dir) / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 class Checkpointer:
     """Keep-last-K asynchronous checkpoints under ``directory`` (see the module docstring).
 
     ``read_only=True`` opens existing checkpoints without creating, cleaning or moving anything
-    (used by ``safejax export``)."""
+    (used by ``safejax export``).  ``base_meta`` is added to every save's meta; ``check_meta(meta,
+    step_dir)`` vets the meta of the step :meth:`restore` picked (raising refuses the resume)."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, base_meta: dict | None = None,
+                 check_meta: Callable[[dict, Path], None] | None = None):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
+        self.base_meta = dict(base_meta or {})  # merged into every save's meta (config, data fingerprint)
+        self.check_meta = check_meta  # called with (meta, step folder) of the restored step; may raise
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoint folder")
         if not read_only:
@@ -134,8 +226,10 @@ class Checkpointer:
         before this returns, so the caller may donate ``state`` to the next step right away."""
         if self.read_only:
             raise CheckpointError(f"{self.directory}: opened read-only")
+        meta = dict(self.base_meta, **(meta or {}))
+        meta[FINGERPRINTS] = fingerprints(state)
         ok = self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         log.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return ok
 
@@ -187,7 +281,8 @@ class Checkpointer:
         bad: list[tuple[int, str]] = []
         for s in steps:
             try:
-                on_disk = self.on_disk_table(s)
+                with quiet_libraries():
+                    on_disk = self.on_disk_table(s)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a partial / corrupt step
                 bad.append((s, _first_line(e)))
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory,
@@ -199,12 +294,16 @@ class Checkpointer:
                     f"checkpoint {self.step_dir(s)} does not match the model being trained: {diff}; the out_dir "
                     "belongs to a different model or config (use a new out_dir)")
             try:
-                out = self._mngr.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+                with quiet_libraries():
+                    out = self._mngr.restore(s, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
                 meta = dict(out["meta"] or {})
                 missing = [k for k in required_meta if k not in meta]
                 if missing:
                     raise CheckpointError(f"meta lacks {missing}")
+                corrupt = verify_fingerprints(out["state"], meta.get(FINGERPRINTS))
+                if corrupt is not None:
+                    raise CheckpointError(corrupt)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - corrupt data: fall back to an older checkpoint
@@ -216,6 +315,8 @@ class Checkpointer:
                 self._quarantine([b for b, _ in bad])
                 log.warning("resuming from checkpoint step %d in %s instead of the unreadable step(s) %s",
                             s, self.directory, [b for b, _ in bad])
+            if self.check_meta is not None:
+                self.check_meta(meta, self.step_dir(s))
             return out["state"], meta, s
         if bad:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: step(s) "
@@ -268,11 +369,14 @@ class Checkpointer:
                 item = target
                 for p in reversed(path):
                     item = {p: item}
-                with ocp.PyTreeCheckpointer() as ckptr:
+                with quiet_libraries(), ocp.PyTreeCheckpointer() as ckptr:
                     raw = ckptr.restore(self.step_dir(s) / "state", args=ocp.args.PyTreeRestore(
                         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                         partial_restore=True))
                 meta = dict(self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+                corrupt = verify_fingerprints(raw, meta.get(FINGERPRINTS))
+                if corrupt is not None:
+                    raise CheckpointError(corrupt)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001

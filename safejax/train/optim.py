@@ -5,11 +5,12 @@ schedules, global-norm clipping.  Gradient accumulation happens inside the jitte
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
 
-from safejax.config import check_range
+from safejax.config import ConfigError, check_range
 
 
 @dataclasses.dataclass
@@ -31,6 +32,9 @@ class OptimConfig:
         check_range("optim.weight_decay", self.weight_decay, low=0.0)
         check_range("optim.b1", self.b1, low=0.0, high=1.0)
         check_range("optim.b2", self.b2, low=0.0, high=1.0)
+        check_range("optim.eps", self.eps, low=0.0)
+        if math.isnan(self.clip_norm):
+            raise ConfigError(f"config key 'optim.clip_norm' = {self.clip_norm!r} must be a number (<= 0 disables)")
         check_range("optim.grad_accum", self.grad_accum, low=1)
 
 
