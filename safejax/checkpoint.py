@@ -24,10 +24,12 @@ Guarantees (see ``tests/test_resume.py``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -181,6 +183,67 @@ def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only filesystem, permissions); the earlier
+    steps are intact.  The message names the folder and the operating-system error."""
+
+
+_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_error(e: BaseException, directory: Path, step: int | None) -> CheckpointWriteError | None:
+    """:class:`CheckpointWriteError` for an I/O failure surfacing from orbax / tensorstore, else None."""
+    code = e.errno if isinstance(e, OSError) else None
+    m = _OS_ERROR.search(str(e))
+    if m:
+        code = int(m.group(1))
+    if code is None and not isinstance(e, OSError):
+        return None
+    why = os.strerror(code) if code else _first_line(e)
+    what = f"step {step}" if step is not None else "a checkpoint"
+    err = CheckpointWriteError(f"cannot write {what} to {directory}: {why}" + (f" (errno {code})" if code else "")
+                               + "; the earlier checkpoints are intact; free space or fix permissions and rerun "
+                                 "to resume")
+    err.errno = code
+    return err
+
+
+class _OwnErrors(logging.Filter):
+    """Drop orbax's logged errors (each with a traceback, one per array and thread) while a
+    :class:`Checkpointer` is open: a failed save or restore is raised or warned about once by the
+    Checkpointer instead.  The first line of each goes to the ``safejax`` log at DEBUG level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        try:
+            log.debug("orbax: %s", record.getMessage().splitlines()[0][:300])
+        except Exception:  # noqa: BLE001 - a malformed record
+            pass
+        return False
+
+
+def _install_noise_hook() -> None:
+    """Let ``call_soon_threadsafe`` on a *closed* asyncio loop drop the callback silently (once per process).
+
+    After a failed orbax save or read, orbax closes its event loop while tensorstore still completes
+    the other pending writes; each completion calls ``loop.call_soon_threadsafe`` on the closed loop,
+    and tensorstore prints the resulting ``RuntimeError: Event loop is closed`` with a full traceback
+    (hundreds for one full disk).  The callback would be dropped either way; only the noise goes."""
+    base = asyncio.BaseEventLoop
+    if getattr(base.call_soon_threadsafe, "_safejax_quiet", False):
+        return
+    original = base.call_soon_threadsafe
+
+    def call_soon_threadsafe(self, callback, *args, **kwargs):
+        if self.is_closed():
+            return None
+        return original(self, callback, *args, **kwargs)
+
+    call_soon_threadsafe._safejax_quiet = True
+    base.call_soon_threadsafe = call_soon_threadsafe
+
+
 class Checkpointer:
     """Keep-last-K asynchronous checkpoints under ``directory`` (see the module docstring).
 
@@ -199,8 +262,13 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: no checkpoint folder")
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
+        self._filter = _OwnErrors()
+        _install_noise_hook()
+        for name in ("absl", "orbax"):
+            logging.getLogger(name).addFilter(self._filter)
         self._mngr = self._make_manager(max_to_keep, async_save)
         self._max_to_keep, self._async = max_to_keep, async_save
+        self._saving: int | None = None
 
     def _make_manager(self, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
         opts = ocp.CheckpointManagerOptions(
@@ -228,18 +296,40 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: opened read-only")
         meta = dict(self.base_meta, **(meta or {}))
         meta[FINGERPRINTS] = fingerprints(state)
-        ok = self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        with self._io(self._saving if self._saving is not None else int(step)):  # or the previous save's error
+            ok = self._mngr.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = int(step)
         log.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return ok
 
+    @contextlib.contextmanager
+    def _io(self, step: int | None):
+        """Turn an I/O failure of orbax into one :class:`CheckpointWriteError` (bugs keep their traceback)."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            err = _write_error(e, self.directory, step)
+            if err is None:
+                raise
+            raise err from None
+
     def wait(self) -> None:
-        """Block until the in-flight save (if any) is committed."""
-        self._mngr.wait_until_finished()
+        """Block until the in-flight save (if any) is committed (:class:`CheckpointWriteError` if it failed)."""
+        with self._io(self._saving):
+            self._mngr.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            with quiet_libraries(), contextlib.suppress(Exception):
+                self._mngr.close()
+            for name in ("absl", "orbax"):
+                logging.getLogger(name).removeFilter(self._filter)
 
     # ------------------------------------------------------------------ listing
 
