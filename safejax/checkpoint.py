@@ -46,6 +46,7 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 FINGERPRINTS = "fingerprints"  # meta key: {"a.b.0": 16 hex digits}
 # loggers of the libraries under orbax that print tracebacks for every failed read or write
 _NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
+_FILTERED = ("absl", "orbax", "asyncio")  # their ERROR records are dropped while a Checkpointer is open
 
 
 class CheckpointError(ValueError):
@@ -264,7 +265,7 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._filter = _OwnErrors()
         _install_noise_hook()
-        for name in ("absl", "orbax"):
+        for name in _FILTERED:
             logging.getLogger(name).addFilter(self._filter)
         self._mngr = self._make_manager(max_to_keep, async_save)
         self._max_to_keep, self._async = max_to_keep, async_save
@@ -328,7 +329,7 @@ class Checkpointer:
         finally:
             with quiet_libraries(), contextlib.suppress(Exception):
                 self._mngr.close()
-            for name in ("absl", "orbax"):
+            for name in _FILTERED:
                 logging.getLogger(name).removeFilter(self._filter)
 
     # ------------------------------------------------------------------ listing

@@ -220,6 +220,7 @@ class _Registry:
     def __init__(self):
         self.locks: dict[Path, RunLock] = {}
         self._mu = threading.Lock()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, lock: RunLock) -> None:
@@ -228,6 +229,7 @@ class _Registry:
             if old is not None and old is not lock:
                 old.held = False  # the same file taken again by this process: one owner object
             self.locks[lock.path] = lock
+            self._wake.set()  # a new lock may want a shorter period
             if self._thread is None:
                 self._thread = threading.Thread(target=self._beat, name="safejax-lock-heartbeat", daemon=True)
                 self._thread.start()
@@ -244,7 +246,8 @@ class _Registry:
             period = min([lk.heartbeat_s for lk in locks] or [HEARTBEAT_S])
             for lk in locks:
                 lk.heartbeat()
-            time.sleep(max(period, 0.05))
+            self._wake.wait(max(period, 0.05))
+            self._wake.clear()
 
     def release_all(self) -> None:
         with self._mu:
