@@ -402,3 +402,17 @@ def test_failing_checkpoint_write_exits_2_with_a_few_lines_and_keeps_earlier_ste
     ckpt = Checkpointer(run_copy / "checkpoints", read_only=True)
     assert ckpt.all_steps() == [1, 2]
     ckpt.close()
+
+
+def test_unwritable_checkpoint_folder_exits_2_with_one_line(world, run_copy, capsys, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def denied(self, step, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.directory / f"{step}"))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+    rc, err = run_cli(["sft", f"out_dir={run_copy}", *sft_args(world)], capsys)
+    assert rc == 2
+    line = error_line(err, "sft")
+    assert "cannot write step 3" in line and "Permission denied" in line and "earlier checkpoints are intact" in line
+    assert sorted(int(p.name) for p in (run_copy / "checkpoints").iterdir()) == [1, 2]
