@@ -365,6 +365,7 @@ def test_full_disk_during_export_exits_2_with_one_line_and_keeps_the_earlier_exp
         os.umask(old_umask)
     assert rc == 0, err
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    (out / "notes.txt").write_text("the user's own file")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     import safetensors.numpy
 
@@ -375,6 +376,11 @@ def test_full_disk_during_export_exits_2_with_one_line_and_keeps_the_earlier_exp
     assert "cannot write the exported model" in line and "No space left on device" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial folder left beside it
+    monkeypatch.undo()
+    assert main(["export", "--run", str(base_run[0]), "--out", str(out), "--step", "1"]) == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys() and after["notes.txt"] == before["notes.txt"]
+    assert after["model.safetensors"] != before["model.safetensors"]  # step 1's weights replaced step 2's
 
 
 def test_full_disk_during_the_final_export_of_a_stage_exits_2_with_one_line(world, run_copy, capsys, monkeypatch):

@@ -9,8 +9,8 @@ model folder and tokenizer exactly as the stage built it) and poured into it.  T
 stage's own ``hf/`` export for the final step.
 
 Every export (this command's and each stage's final ``hf/``) goes through :func:`write_hf_folder`:
-the folder is written next to its destination and swapped in only when complete, so a full disk or
-a permission error leaves an earlier export untouched (and is reported as one :class:`OSError`), and
+the folder is written next to its destination and moved in only when complete, so a full disk or a
+permission error leaves an earlier export untouched (and is reported as one :class:`OSError`), and
 the weight files get the same permissions as the rest of the folder (``0666`` less the umask, i.e.
 ``0644`` usually; safetensors creates them ``0600``).
 """
@@ -25,9 +25,11 @@ import shutil
 from pathlib import Path
 
 import jax
+from safetensors import SafetensorError
 
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
+from safejax.models.hf import WEIGHTS_INDEX_NAME
 
 log = logging.getLogger("safejax")
 
@@ -96,20 +98,18 @@ def _file_mode() -> int:
 
 
 def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """:func:`safejax.models.save_pretrained` into ``path`` atomically, with ordinary file modes.
+    """:func:`safejax.models.save_pretrained` into ``path`` without ever leaving it half-written.
 
-    Writes ``.<name>.incomplete/`` beside ``path``, makes every file ``0666 & ~umask``, then replaces
-    ``path`` (an older export is moved aside and deleted only after the new one is in place).  Any
-    I/O failure (full disk, read-only filesystem, permissions) removes the partial folder and raises
-    one :class:`OSError` naming ``path``; the previous export stays as it was.  All processes call it
+    Writes a complete folder ``.<name>.incomplete/`` beside ``path`` and makes every file ``0666 &
+    ~umask``; then the folder is renamed to ``path`` (new) or its files are moved over the ones of
+    the same name in ``path`` (other files there are left alone).  Any I/O failure while writing
+    (full disk, read-only filesystem, permissions) removes the partial folder and raises one
+    :class:`OSError` naming ``path``, before anything in ``path`` is touched.  All processes call it
     (the weights may be gathered collectively); only process 0 touches files."""
-    from safetensors import SafetensorError
-
     from safejax.models import save_pretrained
 
     path = Path(path)
     tmp = path.parent / f".{path.name}.incomplete"
-    old = path.parent / f".{path.name}.replaced"
     primary = jax.process_index() == 0
     try:
         if primary:
@@ -122,18 +122,22 @@ def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None) -> Path:
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, mode)
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as e:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not path.exists():
-                os.replace(old, path)  # put the previous export back
         code = getattr(e, "errno", None)
         why = os.strerror(code) if code else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OSError(code or errno.EIO, f"cannot write the exported model to {path}: {why}; "
-                      "an earlier export there (if any) is unchanged") from None
+        err = OSError(f"cannot write the exported model to {path}: {why}; an earlier export there (if any) is "
+                      "unchanged")
+        err.errno = code or errno.EIO
+        raise err from None
+    if not path.exists():
+        os.replace(tmp, path)
+        return path
+    stale_index = path / WEIGHTS_INDEX_NAME  # a sharded export replaced by a single file
+    if stale_index.exists() and not (tmp / WEIGHTS_INDEX_NAME).exists():
+        stale_index.unlink()
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # weights first, config last
+        os.replace(f, path / f.name)
+    tmp.rmdir()
     return path
