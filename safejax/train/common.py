@@ -233,16 +233,13 @@ class RunDir:
     """Output folder of one stage: ``config.yaml``/``config.json`` (snapshot), ``metrics.jsonl``,
     ``tensorboard/``, ``checkpoints/``, ``hf/`` (exported model).
 
-    Creating a RunDir takes the folder's lock (:class:`safejax.runlock.RunLock`, process 0 only: one
-    writer per run directory; held until the process ends or :meth:`release`).  Over a folder that
-    already holds a checkpoint it checks that the config would continue the same run (see
-    :data:`RESUME_IGNORED`; the earlier config is read from ``config.json``, ``config.yaml`` or the
-    newest checkpoint, see :func:`safejax.train.resume_guard.read_snapshot`) and raises
-    :class:`ConfigError` listing the differences otherwise (``allow_config_change=True`` resumes
-    anyway).  The snapshot is written by :meth:`write_config` once the stage has loaded its inputs,
-    so a run that fails on bad input never replaces the snapshot of the run it was meant to continue.
-    Stages register their training data with :meth:`record_data`; its fingerprint goes into every
-    checkpoint and a resume on different data is refused (``train.allow_data_change`` overrides)."""
+    Creating a RunDir takes the folder's lock (:class:`safejax.runlock.RunLock`, process 0 only; held
+    until the process ends or :meth:`release`).  Over a checkpointed folder it checks that the config
+    continues the same run (:data:`RESUME_IGNORED`; earlier config from :func:`read_snapshot`), else
+    raises :class:`ConfigError` listing the differences (``allow_config_change=True`` resumes anyway).
+    :meth:`write_config` writes the snapshot once the inputs are loaded, so bad input never replaces
+    it.  :meth:`record_data` fingerprints the training data into every checkpoint; a resume on other
+    data is refused (``train.allow_data_change`` overrides)."""
 
     def __init__(self, out_dir: str | Path, cfg: Any, *, allow_config_change: bool = False):
         self.path = Path(out_dir)
