@@ -12,6 +12,9 @@ Guarantees (see ``tests/test_resume.py``):
 * **asynchronous**: :meth:`Checkpointer.save` returns once the arrays are copied off the devices;
   :meth:`Checkpointer.wait` blocks until the background write is committed;
 * **keep-last-K** (``max_to_keep``);
+* **content fingerprints**: every save records a 64-bit fingerprint of each array's bits
+  (:func:`fingerprints`, position-weighted sums that change under any single flipped bit) in
+  ``meta``; restore recomputes them and treats a difference like an unreadable step;
 * **checked restore**: the on-disk tree (paths, shapes, dtypes) is compared with the target first.
   A difference raises :class:`CheckpointMismatchError` naming the first differing array (never a
   silent fresh start); an unreadable or partial step is skipped with a warning, moved aside to
@@ -21,20 +24,29 @@ Guarantees (see ``tests/test_resume.py``):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("safejax")
 
 TMP_MARK = ".orbax-checkpoint-tmp"
+FINGERPRINTS = "fingerprints"  # meta key: {"a.b.0": 16 hex digits}
+# loggers of the libraries under orbax that print tracebacks for every failed read or write
+_NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
+_FILTERED = ("absl", "orbax", "asyncio")  # their ERROR records are dropped while a Checkpointer is open
 
 
 class CheckpointError(ValueError):
@@ -93,22 +105,171 @@ def describe_mismatch(on_disk: dict, wanted: dict) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- content fingerprints
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bit pattern of every element as uint32 words (8-byte types: a trailing axis of 2)."""
+    dt = jnp.dtype(x.dtype)
+    if dt == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[dt.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+    """``[2]`` uint32: two position-weighted wrap-around sums of ``x``'s bits.
+
+    Each weight is odd, so flipping any one bit changes both sums; integer sums are exact in any
+    order, so the value does not depend on the sharding (a resharded restore checks the same)."""
+    w = _words(x)
+    idx = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % (1 << 32))
+        stride *= w.shape[d]
+    w1 = idx * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+    w2 = idx * jnp.uint32(0x85EBCA6B) + jnp.uint32(0x165667B1) | jnp.uint32(1)
+    rot = (w << 13) | (w >> 19)
+    return jnp.stack([jnp.sum(w * w1, dtype=jnp.uint32), jnp.sum((rot ^ idx) * w2, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_all(leaves: list) -> list:
+    return [_fingerprint(x) for x in leaves]
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+    """``{"a.b.0": "0123456789abcdef"}``: a 64-bit content fingerprint of every array leaf of ``tree``
+    (computed on device in one jitted call; one small transfer)."""
+    named = {k: v for k, v in named_leaves(tree).items() if hasattr(v, "dtype") and hasattr(v, "shape")}
+    if not named:
+        return {}
+    values = jax.device_get(_fingerprint_all([jnp.asarray(v) for v in named.values()]))
+    return {k: "%08x%08x" % tuple(int(u) for u in np.asarray(v)) for k, v in zip(named, values)}
+
+
+def verify_fingerprints(tree: Any, recorded: dict | None, prefix: str = "") -> str | None:
+    """First array of ``tree`` whose content differs from ``recorded`` (names prefixed with ``prefix``),
+    in words; None when all agree or nothing was recorded (checkpoints of older versions)."""
+    if not recorded:
+        return None
+    bad = [k for k, v in fingerprints(tree).items() if prefix + k in recorded and recorded[prefix + k] != v]
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
+    return f"content of array '{prefix + bad[0]}'{more} differs from the fingerprint recorded at save time"
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence the per-file error logs (and tracebacks) of orbax / tensorstore while a read or write
+    is attempted; the caller reports the failure in one line."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _NOISY]
+    for lg, _ in saved:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
+    """The JSON ``meta`` item of a checkpoint step folder, read directly (no orbax); None if unreadable."""
+    try:
+        meta = json.loads((Path(step_dir) / "meta" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only filesystem, permissions); the earlier
+    steps are intact.  The message names the folder and the operating-system error."""
+
+
+_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_error(e: BaseException, directory: Path, step: int | None) -> CheckpointWriteError | None:
+    """:class:`CheckpointWriteError` for an I/O failure surfacing from orbax / tensorstore, else None."""
+    code = e.errno if isinstance(e, OSError) else None
+    m = _OS_ERROR.search(str(e))
+    if m:
+        code = int(m.group(1))
+    if code is None and not isinstance(e, OSError):
+        return None
+    why = os.strerror(code) if code else _first_line(e)
+    what = f"step {step}" if step is not None else "a checkpoint"
+    err = CheckpointWriteError(f"cannot write {what} to {directory}: {why}" + (f" (errno {code})" if code else "")
+                               + "; the earlier checkpoints are intact; free space or fix permissions and rerun "
+                                 "to resume")
+    err.errno = code
+    return err
+
+
+class _OwnErrors(logging.Filter):
+    """Drop orbax's logged errors (each with a traceback, one per array and thread) while a
+    :class:`Checkpointer` is open: a failed save or restore is raised or warned about once by the
+    Checkpointer instead.  The first line of each goes to the ``safejax`` log at DEBUG level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        try:
+            log.debug("orbax: %s", record.getMessage().splitlines()[0][:300])
+        except Exception:  # noqa: BLE001 - a malformed record
+            pass
+        return False
+
+
+def _install_noise_hook() -> None:
+    """Let ``call_soon_threadsafe`` on a *closed* asyncio loop drop the callback silently (once per process).
+
+    After a failed orbax save or read, orbax closes its event loop while tensorstore still completes
+    the other pending writes; each completion calls ``loop.call_soon_threadsafe`` on the closed loop,
+    and tensorstore prints the resulting ``RuntimeError: Event loop is closed`` with a full traceback
+    (hundreds for one full disk).  The callback would be dropped either way; only the noise goes."""
+    base = asyncio.BaseEventLoop
+    if getattr(base.call_soon_threadsafe, "_safejax_quiet", False):
+        return
+    original = base.call_soon_threadsafe
+
+    def call_soon_threadsafe(self, callback, *args, **kwargs):
+        if self.is_closed():
+            return None
+        return original(self, callback, *args, **kwargs)
+
+    call_soon_threadsafe._safejax_quiet = True
+    base.call_soon_threadsafe = call_soon_threadsafe
+
+
 class Checkpointer:
     """Keep-last-K asynchronous checkpoints under ``directory`` (see the module docstring).
 
     ``read_only=True`` opens existing checkpoints without creating, cleaning or moving anything
-    (used by ``safejax export``)."""
+    (used by ``safejax export``).  ``base_meta`` is added to every save's meta; ``check_meta(meta,
+    step_dir)`` vets the meta of the step :meth:`restore` picked (raising refuses the resume)."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, base_meta: dict | None = None,
+                 check_meta: Callable[[dict, Path], None] | None = None):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
+        self.base_meta = dict(base_meta or {})  # merged into every save's meta (config, data fingerprint)
+        self.check_meta = check_meta  # called with (meta, step folder) of the restored step; may raise
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no checkpoint folder")
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
+        self._filter = _OwnErrors()
+        _install_noise_hook()
+        for name in _FILTERED:
+            logging.getLogger(name).addFilter(self._filter)
         self._mngr = self._make_manager(max_to_keep, async_save)
         self._max_to_keep, self._async = max_to_keep, async_save
+        self._saving: int | None = None
 
     def _make_manager(self, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
         opts = ocp.CheckpointManagerOptions(
@@ -134,18 +295,42 @@ class Checkpointer:
         before this returns, so the caller may donate ``state`` to the next step right away."""
         if self.read_only:
             raise CheckpointError(f"{self.directory}: opened read-only")
-        ok = self._mngr.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+        meta = dict(self.base_meta, **(meta or {}))
+        meta[FINGERPRINTS] = fingerprints(state)
+        with self._io(self._saving if self._saving is not None else int(step)):  # or the previous save's error
+            ok = self._mngr.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = int(step)
         log.info("checkpoint: saving step %d to %s (async)", step, self.directory)
         return ok
 
+    @contextlib.contextmanager
+    def _io(self, step: int | None):
+        """Turn an I/O failure of orbax into one :class:`CheckpointWriteError` (bugs keep their traceback)."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            err = _write_error(e, self.directory, step)
+            if err is None:
+                raise
+            raise err from None
+
     def wait(self) -> None:
-        """Block until the in-flight save (if any) is committed."""
-        self._mngr.wait_until_finished()
+        """Block until the in-flight save (if any) is committed (:class:`CheckpointWriteError` if it failed)."""
+        with self._io(self._saving):
+            self._mngr.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            with quiet_libraries(), contextlib.suppress(Exception):
+                self._mngr.close()
+            for name in _FILTERED:
+                logging.getLogger(name).removeFilter(self._filter)
 
     # ------------------------------------------------------------------ listing
 
@@ -187,7 +372,8 @@ class Checkpointer:
         bad: list[tuple[int, str]] = []
         for s in steps:
             try:
-                on_disk = self.on_disk_table(s)
+                with quiet_libraries():
+                    on_disk = self.on_disk_table(s)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a partial / corrupt step
                 bad.append((s, _first_line(e)))
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory,
@@ -199,12 +385,16 @@ class Checkpointer:
                     f"checkpoint {self.step_dir(s)} does not match the model being trained: {diff}; the out_dir "
                     "belongs to a different model or config (use a new out_dir)")
             try:
-                out = self._mngr.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+                with quiet_libraries():
+                    out = self._mngr.restore(s, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
                 meta = dict(out["meta"] or {})
                 missing = [k for k in required_meta if k not in meta]
                 if missing:
                     raise CheckpointError(f"meta lacks {missing}")
+                corrupt = verify_fingerprints(out["state"], meta.get(FINGERPRINTS))
+                if corrupt is not None:
+                    raise CheckpointError(corrupt)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - corrupt data: fall back to an older checkpoint
@@ -216,6 +406,8 @@ class Checkpointer:
                 self._quarantine([b for b, _ in bad])
                 log.warning("resuming from checkpoint step %d in %s instead of the unreadable step(s) %s",
                             s, self.directory, [b for b, _ in bad])
+            if self.check_meta is not None:
+                self.check_meta(meta, self.step_dir(s))
             return out["state"], meta, s
         if bad:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: step(s) "
@@ -268,11 +460,14 @@ class Checkpointer:
                 item = target
                 for p in reversed(path):
                     item = {p: item}
-                with ocp.PyTreeCheckpointer() as ckptr:
+                with quiet_libraries(), ocp.PyTreeCheckpointer() as ckptr:
                     raw = ckptr.restore(self.step_dir(s) / "state", args=ocp.args.PyTreeRestore(
                         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                         partial_restore=True))
                 meta = dict(self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+                corrupt = verify_fingerprints(raw, meta.get(FINGERPRINTS))
+                if corrupt is not None:
+                    raise CheckpointError(corrupt)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001

@@ -10,7 +10,8 @@ Commands:
 Every training command reads a YAML config and then ``key=value`` overrides (dotted keys).
 
 Rerunning a training command with the same ``out_dir`` resumes from its newest complete checkpoint.
-Exit codes: 0 done; 2 bad input, config, checkpoint or a NaN/Inf (one line ``safejax <cmd>: error: ...``
+Exit codes: 0 done; 2 bad input, config, checkpoint, a NaN/Inf, an I/O error (full disk, read-only,
+permissions) or an out_dir in use by another command (one line ``safejax <cmd>: error: ...``
 on stderr, no traceback); 143 stopped by SIGTERM after saving a checkpoint (rerun to resume);
 130 interrupted (Ctrl-C).
 """
@@ -21,6 +22,8 @@ import argparse
 import logging
 import os
 import sys
+
+from safejax.runlock import release_all
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"safejax {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_all()  # the run-directory locks this command took
 
 
 EXIT_ERROR = 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,34 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding the same key twice (PyYAML keeps the last)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let PyYAML report it
+            continue
+        if first is not None:
+            raise ConfigError(f"line {line}: duplicate key {key!r} (first set on line {first}); "
+                              "each key may appear once per section")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load`` but raise :class:`ConfigError` naming the line of a duplicate key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _type_hints(cls) -> dict[str, Any]:
@@ -188,9 +217,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = load_yaml_text(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"config file {p}, {e}") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"config file {p} cannot be read: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded
@@ -219,6 +252,8 @@ def check_range(key: str, value: Any, *, low: float | None = None, high: float |
         raise ConfigError(f"config key '{key}' = {value!r} must be one of {list(choices)}")
     if value is None:
         return
+    if (low is not None or high is not None) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"config key '{key}' = {value!r} must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:

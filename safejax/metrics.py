@@ -4,7 +4,10 @@ The JSONL file is the source of truth and is resume-safe: a checkpoint records t
 length at save time (:meth:`MetricWriter.tell`), and ``MetricWriter(..., resume_offset=n)`` cuts
 the file back to those ``n`` bytes, so a resumed run appends exactly what an uninterrupted run would
 have written (records written after the checkpoint by the killed process are dropped).
-``resume_step=s`` (drop records past step ``s``) is the fallback when no offset is known.
+``resume_step=s`` (drop records past step ``s``) is the fallback when no offset is known.  A file
+found shorter than the recorded offset, or ending in a torn record (a crash mid-write, a filesystem
+that lost its tail), is cut back to its last complete record with a warning before appending, so the
+file always parses line by line.
 TensorBoard events are append-only and may hold duplicates after a resume.
 
 Only process 0 writes (multi-host runs share one output folder).
@@ -85,11 +88,38 @@ class MetricWriter:
         """Cut the file to ``offset`` bytes (the length recorded with a checkpoint)."""
         size = self.path.stat().st_size if self.path.exists() else 0
         if size < offset:
-            log.warning("%s has %d bytes but the checkpoint recorded %d; keeping it as it is (records before "
-                        "the resume point may be missing)", self.path, size, offset)
+            kept = self.repair_tail()
+            log.warning("%s has %d bytes but the checkpoint recorded %d; kept its %d complete bytes (records "
+                        "before the resume point are missing)", self.path, size, offset, kept)
             return
         with open(self.path, "r+b") as fh:
             fh.truncate(offset)
+        self.repair_tail()
+
+    def repair_tail(self) -> int:
+        """Cut the file back to its last complete record (a newline-terminated line that parses as JSON);
+        returns the kept length in bytes."""
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        keep = len(data)
+        while keep > 0:
+            if data[keep - 1:keep] != b"\n":
+                keep = data.rfind(b"\n", 0, keep) + 1  # drop the unterminated tail
+                continue
+            start = data.rfind(b"\n", 0, keep - 1) + 1
+            line = data[start:keep - 1]
+            try:
+                if line.strip():
+                    json.loads(line.decode("utf-8"))
+                break
+            except ValueError:  # torn or garbled: drop it and look at the line before
+                keep = start
+        if keep != len(data):
+            log.warning("%s: dropped %d bytes of a torn last record", self.path, len(data) - keep)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+        return keep
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step > step`` (and a torn last line)."""

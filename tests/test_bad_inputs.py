@@ -71,6 +71,12 @@ def write_rows(path: Path, rows) -> str:
     return str(path)
 
 
+def _raw(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
 def sft_file(tmp: Path, world, mutate: Callable[[list], None], name="bad_sft.jsonl") -> str:
     rows = tiny_world.sft_rows(32, 5)
     mutate(rows)
@@ -197,6 +203,16 @@ CASES = [
     Case("yaml_not_a_mapping", sft(cfg=_yaml("- 1\n- 2\n")), ("bad.yaml", "mapping")),
     Case("config_file_missing", sft(cfg=lambda tmp: str(tmp / "missing.yaml")), ("config file not found",
                                                                                   "missing.yaml")),
+    Case("yaml_duplicate_key", sft(cfg=_yaml("optim:\n  lr: 0.003\n  lr: 30\n")),
+         ("bad.yaml", "line 3", "duplicate key 'lr'", "line 2")),
+    Case("yaml_duplicate_section", sft(cfg=_yaml("train:\n  batch_size: 32\n  epochs: 5\n"
+                                                 "train:\n  batch_size: 16\n")),
+         ("bad.yaml", "line 4", "duplicate key 'train'")),
+    Case("lr_nan", sft("optim.lr=.nan"), ("optim.lr", "finite")),
+    Case("lr_inf", sft("optim.lr=.inf"), ("optim.lr", "finite")),
+    Case("warmup_ratio_nan", sft("optim.warmup_ratio=.nan"), ("optim.warmup_ratio", "finite")),
+    Case("eps_negative", sft("optim.eps=-1e-8"), ("optim.eps", ">= 0")),
+    Case("max_consecutive_skips_zero", sft("train.max_consecutive_skips=0"), ("train.max_consecutive_skips", ">= 1")),
     Case("mesh_does_not_divide_devices", sft("mesh.data=3"), ("mesh", "8 devices")),
     Case("grad_accum_does_not_divide_batch", sft("optim.grad_accum=3", ALLOW), ("optim.grad_accum=3",
                                                                                  "train.batch_size=16")),
@@ -229,6 +245,14 @@ CASES = [
     Case("malformed_json_row", sft(lambda w, t: "data.train=[" + write_rows(
         t / "broken.jsonl", [{"instruction": "a", "output": "b"}, '{"instruction": "c", "outp']) + "]", ALLOW),
          ("broken.jsonl",)),
+    Case("non_utf8_byte", sft(lambda w, t: "data.train=[" + _raw(t / "latin1.jsonl", b'{"instruction": "a", '
+                                                            b'"output": "b"}\n{"instruction": "caf\xe9", "output": "c"}\n')
+                              + "]", ALLOW), ("latin1.jsonl", "row 1", "UTF-8", "0xe9")),
+    Case("empty_jsonl", sft(lambda w, t: "data.train=[" + _raw(t / "empty.jsonl", b"") + "]", ALLOW),
+         ("empty.jsonl", "empty", "no rows")),
+    Case("json_array_row", sft(lambda w, t: "data.train=[" + write_rows(
+        t / "arr.jsonl", [{"instruction": "a", "output": "b"}] * 3 + ['["a", "b"]']) + "]", ALLOW),
+         ("arr.jsonl", "row 3", "JSON object", "array")),
     Case("sft_row_missing_output", sft(lambda w, t: f"data.train=[{sft_file(t, w, _drop(7, 'output'))}]", ALLOW),
          ("bad_sft.jsonl", "row 7", "'output'", "missing")),
     Case("sft_output_wrong_type", sft(lambda w, t: f"data.train=[{sft_file(t, w, _set(3, output=5))}]", ALLOW),

@@ -21,6 +21,7 @@ row of a bad record even after mixing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections import Counter
@@ -221,10 +222,69 @@ def _load_local(path: str, split: str | None):
         raise ValueError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixes json and parquet files; keep one format per folder")
+    kind = kinds.pop()
+    if kind == "json":
+        for f in files:
+            check_json_file(f)
     try:
-        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+        return datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise DataError(f"{path}: cannot be read as a dataset: {type(e).__name__}: {e}") from e
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def check_json_file(path: str) -> None:
+    """Raise :class:`DataError` naming the file and row when a local ``.json``/``.jsonl`` file is not
+    UTF-8, holds no rows, or has a row that is not a JSON object (``{...}``) or not JSON at all.
+
+    JSON-lines files are checked line by line (row = 0-based index among non-blank lines); a file
+    starting with ``[`` is one JSON array of rows."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start)
+        row = sum(1 for ln in data[: data.rfind(b"\n", 0, e.start) + 1].splitlines() if ln.strip())
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise DataError(f"{path}, row {row} (line {line + 1}): not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                        f"column {col + 1}); save the file as UTF-8") from None
+    head = text.lstrip()
+    if not head:
+        raise DataError(f"{path}: the file is empty (no rows)")
+    if head[0] == "[":
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not rows:
+            raise DataError(f"{path}: the JSON array is empty (no rows)")
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                raise DataError(f"{path}, row {i}: expected a JSON object {{...}}, got "
+                                f"{_JSON_TYPES.get(type(r), type(r).__name__)}")
+        return
+    row = 0
+    for lineno, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            if row == 0 and head[0] == "{":
+                return  # one multi-line JSON document: left to the dataset loader
+            raise DataError(f"{path}, row {row} (line {lineno + 1}): not valid JSON ({e.msg}, "
+                            f"column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{path}, row {row} (line {lineno + 1}): expected a JSON object {{...}}, got "
+                            f"{_JSON_TYPES.get(type(r), type(r).__name__)}")
+        row += 1
 
 
 def _load_hub(hub_id: str, config: str | None, split: str, spec: str):

@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safejax import parallel
 from safejax.checkpoint import Checkpointer
 from safejax.config import ConfigError, check_range, dump_yaml, to_dict
+from safejax.runlock import RunLock
+from safejax.train.resume_guard import CONFIG_KEY, DATA_KEY, array_fingerprint, check_data, read_snapshot
 
 log = logging.getLogger("safejax")
 
@@ -73,6 +75,8 @@ class LoopSection:
     keep_checkpoints: int = 2
     progress: bool = True
     skip_nonfinite: bool = False   # True: a step with a NaN/Inf loss or gradient is skipped and counted, not fatal
+    max_consecutive_skips: int = 3  # with skip_nonfinite: more skipped steps in a row than this stops the run (exit 2)
+    allow_data_change: bool = False  # resume even though the training data differs from the checkpoint's
     inject_nan_step: int = 0       # fault-injection hook for tests: poison this update (1-based) with NaN; 0 = off
 
     def validate(self) -> None:
@@ -84,6 +88,7 @@ class LoopSection:
         check_range("train.save_every", self.save_every, low=0)
         check_range("train.keep_checkpoints", self.keep_checkpoints, low=1)
         check_range("train.inject_nan_step", self.inject_nan_step, low=0)
+        check_range("train.max_consecutive_skips", self.max_consecutive_skips, low=1)
 
 
 # ----------------------------------------------------------------------------- train state
@@ -181,6 +186,7 @@ def put_batch(batch: dict, mesh) -> dict:
 # algorithm...) must stay the same.
 RESUME_IGNORED = ("out_dir", "allow_config_change", "train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_checkpoints", "train.progress", "train.skip_nonfinite", "train.inject_nan_step",
+                  "train.max_consecutive_skips", "train.allow_data_change",
                   "mesh", "eval_batch_size", "*.remat", "data.eval_prompts", "*.cast_weights")
 
 
@@ -227,32 +233,48 @@ class RunDir:
     """Output folder of one stage: ``config.yaml``/``config.json`` (snapshot), ``metrics.jsonl``,
     ``tensorboard/``, ``checkpoints/``, ``hf/`` (exported model).
 
-    Creating a RunDir over a folder that already holds a checkpoint checks that the config would
-    continue the same run (see :data:`RESUME_IGNORED`) and raises :class:`ConfigError` listing the
-    differences otherwise (``allow_config_change=True`` resumes anyway).  The snapshot is written by
-    :meth:`write_config` once the stage has loaded its inputs, so a run that fails on bad input never
-    replaces the snapshot of the run it was meant to continue."""
+    Creating a RunDir takes the folder's lock (:class:`safejax.runlock.RunLock`, process 0 only; held
+    until the process ends or :meth:`release`).  Over a checkpointed folder it checks that the config
+    continues the same run (:data:`RESUME_IGNORED`; earlier config from :func:`read_snapshot`), else
+    raises :class:`ConfigError` listing the differences (``allow_config_change=True`` resumes anyway).
+    :meth:`write_config` writes the snapshot once the inputs are loaded, so bad input never replaces
+    it.  :meth:`record_data` fingerprints the training data into every checkpoint; a resume on other
+    data is refused (``train.allow_data_change`` overrides)."""
 
     def __init__(self, out_dir: str | Path, cfg: Any, *, allow_config_change: bool = False):
         self.path = Path(out_dir)
         self.cfg = cfg
         self.checkpoints = None
-        snap = self.path / "config.json"
-        if snap.exists() and self.has_checkpoint():
+        self.data: dict[str, dict] = {}
+        self.lock = RunLock(self.path)
+        if jax.process_index() == 0:
+            self.lock.acquire()
+        if self.has_checkpoint():
             try:
-                old = json.loads(snap.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{snap}: unreadable config snapshot of the run to resume ({e}); "
-                                  "use a new out_dir") from None
-            diffs = config_differences(old, to_dict(cfg))
+                old, where = read_snapshot(self.path)
+            except ConfigError:
+                if not allow_config_change:
+                    raise
+                old, where = None, None
+                log.warning("resuming %s without a readable config snapshot (allow_config_change)", self.path)
+            diffs = config_differences(old, to_dict(cfg)) if old is not None else []
             if diffs and not allow_config_change:
                 raise ConfigError(
-                    f"{self.path} holds a checkpointed run with a different config, so resuming would not continue "
-                    f"it; differences: {'; '.join(diffs)}. Use a new out_dir, or pass allow_config_change=true to "
-                    "resume anyway.")
+                    f"{self.path} holds a checkpointed run with a different config (read from {where}), so resuming "
+                    f"would not continue it; differences: {'; '.join(diffs)}. Use a new out_dir, or pass "
+                    "allow_config_change=true to resume anyway.")
             if diffs:
                 log.warning("resuming %s with a changed config (allow_config_change): %s", self.path, "; ".join(diffs))
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def record_data(self, name: str, arrays: dict) -> None:
+        """Fingerprint the dataset ``name`` (dict of equal-length arrays) the stage trains on; call before
+        :meth:`checkpointer`."""
+        self.data[name] = array_fingerprint(arrays)
+
+    def release(self) -> None:
+        """Give the run directory's lock back (also done at process exit)."""
+        self.lock.release()
 
     def has_checkpoint(self) -> bool:
         """True when ``checkpoints/`` holds at least one step folder (complete or not)."""
@@ -266,11 +288,21 @@ class RunDir:
         tmp = self.path / "config.json.tmp"
         tmp.write_text(json.dumps(to_dict(self.cfg), indent=1))
         os.replace(tmp, self.path / "config.json")
-        dump_yaml(self.cfg, self.path / "config.yaml")
+        tmp = self.path / "config.yaml.tmp"
+        dump_yaml(self.cfg, tmp)
+        os.replace(tmp, self.path / "config.yaml")
 
     def checkpointer(self, keep: int) -> Checkpointer:
+        """The stage's :class:`Checkpointer`: every save also records the config and the data fingerprint,
+        and a restore on different data is refused (see :meth:`record_data`)."""
         if self.checkpoints is None:
-            self.checkpoints = Checkpointer(self.path / "checkpoints", max_to_keep=keep)
+            loop = getattr(self.cfg, "train", None)
+            allow = bool(getattr(loop, "allow_data_change", False))
+            current = dict(self.data)
+            self.checkpoints = Checkpointer(
+                self.path / "checkpoints", max_to_keep=keep,
+                base_meta={CONFIG_KEY: to_dict(self.cfg), DATA_KEY: current},
+                check_meta=lambda meta, step_dir: check_data(meta, step_dir, current, allow=allow))
         return self.checkpoints
 
 
@@ -331,12 +363,22 @@ class MetricGuard:
     The loop calls :meth:`add` after every step (no device sync) and :meth:`drain` when it logs or
     saves: all pending steps come back in one transfer, the first non-finite one raises
     :class:`NonFiniteError` (unless the step reported ``*nonfinite_skipped = 1``, i.e. it was skipped
-    on device with ``train.skip_nonfinite``; those are counted in :attr:`skipped`)."""
+    on device with ``train.skip_nonfinite``; those are counted in :attr:`skipped`).  More than
+    ``max_consecutive`` skipped steps in a row (:attr:`consecutive`) raise :class:`NonFiniteError`:
+    a diverging run stops instead of skipping to the end.  Both counters travel in checkpoints
+    (:meth:`restore`)."""
 
-    def __init__(self, skipped: int = 0, prefix: str = ""):
+    def __init__(self, skipped: int = 0, prefix: str = "", max_consecutive: int = LoopSection.max_consecutive_skips):
         self.pending: list[tuple[int, Any]] = []
         self.skipped = int(skipped)
+        self.consecutive = 0
+        self.max_consecutive = int(max_consecutive)
         self.prefix = prefix  # prepended to metric names (as they appear in metrics.jsonl)
+
+    def restore(self, meta: dict) -> None:
+        """Continue the counters recorded by :func:`save_checkpoint` in a checkpoint's ``meta``."""
+        self.skipped = int(meta.get("nonfinite_skipped", 0))
+        self.consecutive = int(meta.get("nonfinite_consecutive", 0))
 
     def add(self, step: int, metrics: Any) -> None:
         self.pending.append((int(step), metrics))
@@ -352,11 +394,20 @@ class MetricGuard:
             hm = {self.prefix + k: float(np.asarray(v)) for k, v in m.items()}
             if any(k.endswith(SKIP_KEY) and v > 0 for k, v in hm.items()):
                 self.skipped += 1
+                self.consecutive += 1
                 bad = nonfinite_keys(hm)
+                if self.consecutive > self.max_consecutive:
+                    self.pending = []
+                    raise NonFiniteError(
+                        f"step {s}: {self.consecutive} consecutive steps skipped for non-finite values (last: "
+                        f"{', '.join(bad[:3]) or 'state'}), more than train.max_consecutive_skips="
+                        f"{self.max_consecutive}; the run is diverging; stopped without saving (the last checkpoint "
+                        "is intact; lower the learning rate or raise train.max_consecutive_skips)")
                 log.warning("step %d: non-finite %s; update skipped (train.skip_nonfinite; %d skipped so far)",
                             s, ", ".join(bad[:4]) or "state", self.skipped)
             else:
                 check_finite(s, hm)
+                self.consecutive = 0
             out[s] = hm
         return out
 
@@ -392,7 +443,8 @@ def save_checkpoint(ckpt: Checkpointer, step: int, state: Any, guard: MetricGuar
     with ``meta`` plus the metric file's offset and the skip counter."""
     guard.drain()
     check_state_finite(step, state)
-    meta = dict(meta, step=int(step), metrics_offset=writer.tell(), nonfinite_skipped=guard.skipped)
+    meta = dict(meta, step=int(step), metrics_offset=writer.tell(), nonfinite_skipped=guard.skipped,
+                nonfinite_consecutive=guard.consecutive)
     ckpt.save(step, state, meta)
 
 

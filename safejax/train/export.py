@@ -7,16 +7,29 @@ checkpoint is read (``("actor", "params")`` or ``("params",)``), onto one device
 saved it; its arrays are checked against the stage's model definition (built from the config's
 model folder and tokenizer exactly as the stage built it) and poured into it.  The result equals the
 stage's own ``hf/`` export for the final step.
+
+Every export (this command's and each stage's final ``hf/``) goes through :func:`write_hf_folder`:
+the folder is written next to its destination and moved in only when complete, so a full disk or a
+permission error leaves an earlier export untouched (and is reported as one :class:`OSError`), and
+the weight files get the same permissions as the rest of the folder (``0666`` less the umask, i.e.
+``0644`` usually; safetensors creates them ``0600``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
+
+import jax
+from safetensors import SafetensorError
 
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
+from safejax.models.hf import WEIGHTS_INDEX_NAME
 
 log = logging.getLogger("safejax")
 
@@ -38,7 +51,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     import jax
     import jax.numpy as jnp
 
-    from safejax.models import save_pretrained
     from safejax.train.common import ModelSection
     from safejax.train.functional import split_model
     from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -74,6 +86,58 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     flat, treedef = jax.tree_util.tree_flatten(template)
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(by_name[n], t.dtype)
                                                     for n, t in zip(named_leaves(template), flat)])
-    save_pretrained(mdef.merge(params), out_dir, tokenizer=tok)
+    write_hf_folder(mdef.merge(params), out_dir, tokenizer=tok)
     log.info("exported %s (%s) step %d -> %s", run, stage, s, out_dir)
     return Path(out_dir)
+
+
+def _file_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None) -> Path:
+    """:func:`safejax.models.save_pretrained` into ``path`` without ever leaving it half-written.
+
+    Writes a complete folder ``.<name>.incomplete/`` beside ``path`` and makes every file ``0666 &
+    ~umask``; then the folder is renamed to ``path`` (new) or its files are moved over the ones of
+    the same name in ``path`` (other files there are left alone).  Any I/O failure while writing
+    (full disk, read-only filesystem, permissions) removes the partial folder and raises one
+    :class:`OSError` naming ``path``, before anything in ``path`` is touched.  All processes call it
+    (the weights may be gathered collectively); only process 0 touches files."""
+    from safejax.models import save_pretrained
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.incomplete"
+    primary = jax.process_index() == 0
+    try:
+        if primary:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tmp, tokenizer=tokenizer)
+        if not primary:
+            return path
+        mode = _file_mode()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, mode)
+    except (OSError, SafetensorError) as e:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        code = getattr(e, "errno", None)
+        why = os.strerror(code) if code else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err = OSError(f"cannot write the exported model to {path}: {why}; an earlier export there (if any) is "
+                      "unchanged")
+        err.errno = code or errno.EIO
+        raise err from None
+    if not path.exists():
+        os.replace(tmp, path)
+        return path
+    stale_index = path / WEIGHTS_INDEX_NAME  # a sharded export replaced by a single file
+    if stale_index.exists() and not (tmp / WEIGHTS_INDEX_NAME).exists():
+        stale_index.unlink()
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # weights first, config last
+        os.replace(f, path / f.name)
+    tmp.rmdir()
+    return path

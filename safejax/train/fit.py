@@ -113,6 +113,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
 
     batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True,
                             micro_batches=optim.grad_accum)
+    run.record_data("train", train_arrays)
     ckpt = run.checkpointer(loop.keep_checkpoints)
     writer = None
     t0 = time.time()
@@ -122,11 +123,11 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     try:
         restored = ckpt.restore(state, required_meta=("data",))
         start, meta = 0, {}
-        guard = MetricGuard(prefix=metric_prefix)
+        guard = MetricGuard(prefix=metric_prefix, max_consecutive=loop.max_consecutive_skips)
         if restored is not None:
             state, meta, start = restored
             batches.restore(meta["data"])
-            guard.skipped = int(meta.get("nonfinite_skipped", 0))
+            guard.restore(meta)
             log.info("%s: resumed from step %d in %s", desc, start, ckpt.directory)
         run.write_config()
         writer = run_writer(run, start if restored is not None else None, meta.get("metrics_offset"))

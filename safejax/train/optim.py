@@ -10,13 +10,14 @@ it averages ``grad_accum`` micro-steps and updates at the boundary.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from safejax.config import check_range
+from safejax.config import ConfigError, check_range
 
 SCHEDULES = ("cosine", "constant", "linear", "constant_with_warmup")
 DECAY_RULES = ("reference", "matrices")
@@ -60,6 +61,9 @@ class OptimConfig:
         check_range("optim.weight_decay", self.weight_decay, low=0.0)
         check_range("optim.b1", self.b1, low=0.0, high=1.0)
         check_range("optim.b2", self.b2, low=0.0, high=1.0)
+        check_range("optim.eps", self.eps, low=0.0)
+        if math.isnan(self.clip_norm):
+            raise ConfigError(f"config key 'optim.clip_norm' = {self.clip_norm!r} must be a number (<= 0 disables)")
         check_range("optim.grad_accum", self.grad_accum, low=1)
 
 

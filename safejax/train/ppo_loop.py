@@ -194,19 +194,22 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)
     ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
                 if ptx_arrays is not None else None)
+    run.record_data("prompts", prompts)
+    if ptx_arrays is not None:
+        run.record_data("ptx", ptx_arrays)
     ckpt = run.checkpointer(cfg.train.keep_checkpoints)
     writer = None
     bar = None
     try:
         restored = ckpt.restore(state, required_meta=("prompts",) + (("ptx",) if ptx_iter is not None else ()))
         start, meta = 0, {}
-        guard = MetricGuard()
+        guard = MetricGuard(max_consecutive=cfg.train.max_consecutive_skips)
         if restored is not None:
             state, meta, start = restored
             prompt_iter.restore(meta["prompts"])
             if ptx_iter is not None:
                 ptx_iter.restore(meta["ptx"])
-            guard.skipped = int(meta.get("nonfinite_skipped", 0))
+            guard.restore(meta)
             log.info("%s: resumed from iteration %d in %s", cfg.algorithm, start, ckpt.directory)
         run.write_config()
         from safejax.metrics import MetricWriter
@@ -287,8 +290,8 @@ def guarded_update(update: Callable, *, skip_nonfinite: bool, inject_nan_step: i
                 exp = exp.replace(reward=jnp.where(hit, jnp.float32(jnp.nan), exp.reward))
         new, metrics = update(state, exp, ptx)
         if skip_nonfinite:
-            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)
-                                    if jnp.issubdtype(v.dtype, jnp.inexact)]))
+            leaves = [jnp.asarray(v) for v in jax.tree.leaves(metrics)]  # constant schedules give Python floats
+            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves if jnp.issubdtype(v.dtype, jnp.inexact)]))
             kept = state.replace(step=state.step + 1)
             new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
             metrics = dict(metrics, **{"train/" + SKIP_KEY: (~ok).astype(jnp.float32)})

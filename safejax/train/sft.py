@@ -18,6 +18,7 @@ from safejax.config import ConfigError
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
+from safejax.train.export import write_hf_folder
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -116,7 +117,5 @@ def run_sft(cfg: SFTConfig):
 
 
 def export_model(mdef, params, path, tokenizer=None):
-    from safejax.models import save_pretrained
-
-    save_pretrained(mdef.merge(params), path, tokenizer=tokenizer)
+    write_hf_folder(mdef.merge(params), path, tokenizer=tokenizer)
     return path
