@@ -65,6 +65,23 @@ def test_sft_export_of_last_checkpoint_equals_the_stage_export_in_transformers(s
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
+def test_bf16_export_halves_the_weights_and_loads_in_transformers_as_bf16(sft_run, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _cli("export", "--run", str(sft_run), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"export: wrote {tmp_path / 'bf16'}"
+    got, want = _tensors(tmp_path / "bf16"), _tensors(sft_run / "hf")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert str(got[k].dtype) == "bfloat16", k
+        np.testing.assert_array_equal(got[k], want[k].astype(got[k].dtype), err_msg=k)  # round-to-nearest cast
+    size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.55 * size(sft_run / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+
+
 def test_export_of_an_earlier_step_gives_that_steps_weights(sft_run, tmp_path):
     from safejax.checkpoint import Checkpointer
 

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from safejax.paths import check_local
+
 DEFAULT_SEED = 42
 SOURCE_COLUMN = "_source"
 ROW_COLUMN = "_row"
@@ -256,7 +258,7 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
         entry, config, name_split = reg
         use_split = name_split or split or entry.split
         if spec.path is not None:
-            local = os.path.expanduser(spec.path)
+            local = check_local(f"dataset {str(spec)!r}: path", spec.path)  # never retry the Hub for a local path
             if os.path.exists(local):
                 ds, source = _load_local(local, use_split), local
             else:
@@ -270,7 +272,7 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
         local = os.path.expanduser(spec.name)
         if not os.path.exists(local):
             raise ValueError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
-                             f"optionally with /split) and no such file or folder")
+                             f"optionally with /split) and no such file or folder (working directory {os.getcwd()})")
         ds, source = _load_local(local, split), local
     for col in (SOURCE_COLUMN, ROW_COLUMN):
         if col in ds.column_names:

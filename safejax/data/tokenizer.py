@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from safejax.paths import resolve_tokenizer_path
+
 DEFAULT_PAD_TOKEN = "<pad>"
 DEFAULT_EOS_TOKEN = "</s>"
 DEFAULT_BOS_TOKEN = "<s>"
@@ -23,7 +25,8 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
     """Load a tokenizer with ``transformers.AutoTokenizer`` (fast tokenizer, right padding).
 
     Args:
-      path: a local folder (``tokenizer.json`` / ``tokenizer_config.json`` ...) or a hub id.
+      path: a local folder (``tokenizer.json`` / ``tokenizer_config.json`` ...), a stage's out_dir (its
+        ``hf/`` folder is used) or a hub id.  A path that looks local and does not exist fails at once.
       trust_remote_code: forwarded to ``AutoTokenizer.from_pretrained``.
       local_files_only: default ``True`` when ``path`` is a local folder, so loading never touches
         the network; for a hub id the HF offline environment variables decide.
@@ -35,7 +38,9 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
     import transformers
 
     path = os.fspath(path)
-    expanded = os.path.expanduser(path)
+    if not path:
+        raise ValueError("load_tokenizer: no tokenizer path given (set model.path, or model.tokenizer)")
+    expanded = resolve_tokenizer_path(path)  # a stage's out_dir -> out_dir/hf; a missing local path fails here
     if os.path.isdir(expanded):
         path = expanded
         if local_files_only is None:

@@ -1,4 +1,4 @@
-"""``safejax export --run DIR --out HF_DIR [--step N]``: an HF folder from any checkpoint of a stage.
+"""``safejax export --run DIR --out HF_DIR [--step N] [--dtype bfloat16]``: an HF folder from any checkpoint of a stage.
 
 The stage is recognised from ``DIR/config.json`` (the snapshot every stage writes): PPO runs export
 the actor (a causal LM that transformers loads), SFT runs the causal LM, RM/CM runs the score model
@@ -32,9 +32,10 @@ def stage_of(cfg: dict) -> tuple[str, dict, str, tuple[str, ...]]:
     raise ValueError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
 
 
-def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32") -> Path:
     """Write an HF folder (weights + config + tokenizer) for checkpoint ``step`` (default: the newest
-    readable one) of the stage run in ``run_dir``.  Returns ``Path(out_dir)``."""
+    readable one) of the stage run in ``run_dir``, weights in ``dtype`` (``float32`` | ``bfloat16``).
+    Returns ``Path(out_dir)``."""
     import jax
     import jax.numpy as jnp
 
@@ -74,6 +75,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     flat, treedef = jax.tree_util.tree_flatten(template)
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(by_name[n], t.dtype)
                                                     for n, t in zip(named_leaves(template), flat)])
-    save_pretrained(mdef.merge(params), out_dir, tokenizer=tok)
-    log.info("exported %s (%s) step %d -> %s", run, stage, s, out_dir)
+    save_pretrained(mdef.merge(params), out_dir, tokenizer=tok, dtype=dtype)
+    log.info("exported %s (%s) step %d -> %s (%s)", run, stage, s, out_dir, dtype)
     return Path(out_dir)
