@@ -1,4 +1,4 @@
-"""Prompt-only rows for the RL stage (SAFE_RLHF.md §2.1, §8.1-8.2, §8.18).
+"""Prompt-only rows for the RL stage (ALGORITHM.md §2.1, §8.1-8.2, §8.18).
 
 Each row's prompt is formatted with the chat template (ending in ``ASSISTANT:``) and tokenized
 with ``add_special_tokens=True``.  After merging, duplicate prompts are removed: one row per

@@ -1,4 +1,4 @@
-"""Dataset specs, loading through ``datasets``, and mixing by proportion (SAFE_RLHF.md §2.1).
+"""Dataset specs, loading through ``datasets``, and mixing by proportion (ALGORITHM.md §2.1).
 
 A *dataset spec* is a string ``name[:proportion[:path]]``:
 

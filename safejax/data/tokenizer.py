@@ -1,4 +1,4 @@
-"""Tokenizer loading and special-token preparation (SAFE_RLHF.md §2.3, §8.4).
+"""Tokenizer loading and special-token preparation (ALGORITHM.md §2.3, §8.4).
 
 The reference adds any missing special token (pad ``<pad>``, eos ``</s>``, bos ``<s>``, unk
 ``<unk>``) so that the pad id differs from the EOS id: if pad were EOS, the EOS would be masked

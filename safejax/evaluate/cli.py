@@ -1,4 +1,4 @@
-"""``safejax eval score | prefs | arena | elo --config FILE [key=value ...]`` (SAFE_RLHF.md §7).
+"""``safejax eval score | prefs | arena | elo --config FILE [key=value ...]`` (ALGORITHM.md §7).
 
 * ``score``: every policy answers a prompt set (PKU-SafeRLHF/test prompts by default, or any dataset spec / JSONL);
   the answers are scored by a reward model and a cost model. Mean/std reward and cost, harmless ratio

@@ -11,7 +11,7 @@ One trainer serves the three algorithms; they differ only in small functions
    over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step, the actor step
    (clipped surrogate on ``(A_r - lambda*A_c)/(1+lambda)``, plus ptx) and the two critic steps.
 
-Index conventions (SAFE_RLHF.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
+Index conventions (ALGORITHM.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
 arrays have length ``L-1``; response actions are the shifted positions ``[P-1, L-2]``, i.e. a
 static slice of width ``N = max_new_tokens``.
 """
