@@ -61,7 +61,8 @@ log = logging.getLogger("safejax")
 
 __all__ = [
     "EvalBase", "GenerationEvalBase", "ScoreEvalConfig", "PrefsEvalConfig", "ArenaEvalConfig", "EloEvalConfig",
-    "CONFIGS", "AXES", "run_eval", "run_eval_config", "evaluate_scores", "evaluate_prefs", "evaluate_arena", "evaluate_elo",
+    "CONFIGS", "AXES", "run_eval", "run_eval_config", "evaluate_scores", "evaluate_prefs", "evaluate_arena",
+    "evaluate_elo",
     "read_verdicts", "plot_histograms", "plot_reward_cost_scatter",
 ]
 

@@ -363,7 +363,8 @@ class Trainer:
         if self.models.cost is not None:  # plain PPO without a cost model has no cost to report
             out.update({"cost": jnp.mean(exp.cost), "episode_cost": rl.episode_cost_mean(lag)[0]})
         if self.algorithm == "ppo-reward-shaping":
-            out.update({"nu": jnp.float32(self.cfg.lagrange.lambda_init), "shaped_reward": jnp.mean(r_sig), "shaped_reward_with_kl_penalty": seq_sum(rewards),
+            out.update({"nu": jnp.float32(self.cfg.lagrange.lambda_init), "shaped_reward": jnp.mean(r_sig),
+                        "shaped_reward_with_kl_penalty": seq_sum(rewards),
                         "shaped_reward_advantage": rl.masked_mean(adv_r, mk),
                         "shaped_reward_return": rl.masked_mean(ret_r, mk),
                         "shaped_reward_value": rl.masked_mean(exp.reward_values, mk)})
