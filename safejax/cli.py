@@ -20,6 +20,7 @@ on stderr, no traceback); 143 stopped by SIGTERM after saving a checkpoint (reru
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from safejax import __version__
+from safejax import __version__, reference_flags
 from safejax.summary import remove_if_empty, result_line
 
 
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     ap = build_parser()
+    try:  # the reference's --flags (safe-rlhf scripts) where their meaning is the same: key=value overrides
+        argv, notes = reference_flags.translate(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(str(e).replace(": ", ": error: ", 1), file=sys.stderr)  # "safejax CMD: error: ..."
+        return EXIT_ERROR
     args, extra = ap.parse_known_args(argv)
     if extra:  # key=value overrides after --config land here when a positional came first (eval WHAT)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ap.error("unrecognized arguments: " + " ".join(extra))
     _setup_logging(args.verbose)
+    for note in notes:
+        logging.getLogger("safejax").info("%s", note)
     if args.command != "export":
         from safejax.parallel import maybe_initialize_distributed
 
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"no config given: pass --config FILE (e.g. experiments/configs/tiny/"
                               f"{STAGE_CONFIGS[args.command]}.yaml) and/or key=value overrides; "
                               f"`safejax {args.command} --print-config` lists the keys")
-        cfg = _load(args, load_config)
+        cfg = _load(args, functools.partial(load_config, validate=not getattr(args, "print_config", False)))
         if getattr(args, "print_config", False):
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0

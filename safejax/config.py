@@ -181,8 +181,10 @@ def validate_tree(obj: Any, prefix: str = "") -> None:
         check()
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read ``path`` (YAML, optional), apply overrides, build and validate a ``cls`` instance."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                validate: bool = True) -> T:
+    """Read ``path`` (YAML, optional), apply overrides, build and (unless ``validate=False``: key names and
+    types only, e.g. to print a partial config) validate a ``cls`` instance."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -198,7 +200,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data = apply_overrides(data, overrides)
     try:
         cfg = _from_dict(cls, data)
-        validate_tree(cfg)
+        if validate:
+            validate_tree(cfg)
     except ConfigError as e:
         raise ConfigError(f"{e}{_origin(str(e), path, overrides)}") from None
     return cfg

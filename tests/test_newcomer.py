@@ -180,3 +180,22 @@ def test_remove_if_empty_keeps_any_folder_that_holds_a_file(tmp_path):
     remove_if_empty(tmp_path / "full")
     assert (tmp_path / "full" / "a" / "x").exists() and (tmp_path / "full" / "b").is_dir()
     assert os.listdir(tmp_path) == ["full"] or sorted(os.listdir(tmp_path)) == ["full"]
+
+
+def test_reference_flags_with_the_same_meaning_become_overrides(capsys):
+    argv = ["ppo-lag", "--print-config", "--actor_model_name_or_path", "runs/sft", "--reward_model_name_or_path",
+            "runs/rm", "--train_datasets", "PKU-SafeRLHF/train:0.5", "x.jsonl", "--lambda_init=2",
+            "--zero_stage", "3", "--actor_gradient_checkpointing", "--output_dir", "out/lag", "ppo.kl_coeff=0.02"]
+    assert main(argv) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["actor"]["path"] == "runs/sft" and cfg["reward_model"] == "runs/rm" and cfg["out_dir"] == "out/lag"
+    assert cfg["data"]["prompts"] == ["PKU-SafeRLHF/train:0.5", "x.jsonl"]
+    assert cfg["lagrange"]["lambda_init"] == 2.0 and cfg["actor"]["remat"] is True and cfg["ppo"]["kl_coeff"] == 0.02
+
+
+@pytest.mark.parametrize("cmd,flag,names", [("ppo", "--max_length", "rollout.max_new_tokens"),
+                                            ("sft", "--per_device_train_batch_size", "train.batch_size")])
+def test_reference_flags_that_mean_something_else_stop_naming_the_safejax_key(capsys, cmd, flag, names):
+    assert main([cmd, "--print-config", flag, "16"]) == 2
+    line = _one_error_line(capsys, cmd)
+    assert flag in line and names in line
