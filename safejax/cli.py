@@ -42,6 +42,8 @@ def _setup_logging(verbose: bool) -> None:
 def _offline_defaults() -> None:
     # nothing is fetched at run time unless a user points a spec at the hub and enables network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' import-time advice ("PyTorch was not found ...") is noise here: safejax never uses torch
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key with its value; the annotated "

@@ -199,3 +199,31 @@ def test_reference_flags_that_mean_something_else_stop_naming_the_safejax_key(ca
     assert main([cmd, "--print-config", flag, "16"]) == 2
     line = _one_error_line(capsys, cmd)
     assert flag in line and names in line
+
+
+def test_a_tokenizer_that_maps_most_of_the_data_to_unk_is_warned_about(world, caplog):
+    from safejax.data import load_tokenizer, prepare_tokenizer
+    from safejax.data.tokenizer import encode_texts
+
+    tok, _ = prepare_tokenizer(load_tokenizer(world["model"]))
+    known = [r["instruction"] + " " + r["output"] for r in tiny_world.sft_rows(8, 0)]  # the tokenizer's own words
+    with caplog.at_level("WARNING", logger="safejax"):
+        ids = encode_texts(tok, known, max_length=16)
+    assert not [r for r in caplog.records if "<unk>" in r.getMessage()]
+    unk = tok.unk_token_id
+    assert unk is not None and sum(s.count(unk) for s in ids) / sum(map(len, ids)) <= 0.05
+    with caplog.at_level("WARNING", logger="safejax"):
+        ids = encode_texts(tok, ["ЖЖЖ ЩЩЩ ЮЮЮ ЯЯЯ"] * 4, max_length=16)  # letters the tiny vocabulary lacks
+    share = sum(s.count(unk) for s in ids) / sum(map(len, ids))
+    msgs = [r.getMessage() for r in caplog.records if "<unk>" in r.getMessage() or "unk" in r.getMessage()]
+    assert share > 0.05 and len(msgs) == 1 and f"{100 * share:.0f}%" in msgs[0]
+
+
+def test_loading_a_local_dataset_prints_no_progress_bars(tmp_path, capfd):
+    from safejax.data.sources import load_source
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(7)))
+    assert len(load_source(str(f))) == 7
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "split" not in err

@@ -20,6 +20,7 @@ row of a bad record even after mixing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -202,8 +203,27 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
     raise ValueError(f"{folder}: no data files for split {split!r} (found splits {found})")
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars ("Generating train split ...") while loading: the stage logs what it read."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def _load_local(path: str, split: str | None):
     """Load a local file or folder as one ``datasets.Dataset``."""
+    with _quiet_datasets():
+        return _load_local_files(path, split)
+
+
+def _load_local_files(path: str, split: str | None):
     import datasets
 
     if os.path.isdir(path):
@@ -233,7 +253,8 @@ def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
     import datasets
 
     try:
-        return datasets.load_dataset(hub_id, name=config, split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(hub_id, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
         raise ValueError(
             f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "

@@ -9,10 +9,13 @@ the vocabulary; the caller must grow the model's embedding matrix / LM head by t
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from safejax.paths import resolve_tokenizer_path
+
+log = logging.getLogger("safejax")
 
 DEFAULT_PAD_TOKEN = "<pad>"
 DEFAULT_EOS_TOKEN = "</s>"
@@ -108,7 +111,29 @@ def encode_texts(tokenizer, texts: list[str], *, max_length: int) -> list[list[i
     if not texts:
         return []
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
-    return [list(ids)[:max_length] for ids in enc["input_ids"]]
+    out = [list(ids)[:max_length] for ids in enc["input_ids"]]
+    warn_if_unknown(tokenizer, out)
+    return out
+
+
+UNK_WARN_SHARE = 0.05  # warn when more than this share of the tokens is <unk>
+
+
+def warn_if_unknown(tokenizer, seqs: list[list[int]], where: str = "") -> float:
+    """Log a warning when more than :data:`UNK_WARN_SHARE` of the token ids in ``seqs`` are the unk id: the
+    tokenizer does not cover the data (a different model's tokenizer, a wrong language or casing).
+    Returns the share."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(s) for s in seqs)
+    if unk is None or not total:
+        return 0.0
+    share = sum(s.count(unk) for s in seqs) / total
+    if share > UNK_WARN_SHARE:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        log.warning("%stokenizer %s maps %.0f%% of %d tokens (%d texts) to %s: it does not cover this data "
+                    "(a different model's tokenizer?); the model will mostly see unknown tokens",
+                    f"{where}: " if where else "", name, 100 * share, total, len(seqs), tokenizer.unk_token)
+    return share
 
 
 def pad_sequences(seqs: list[list[int]], *, length: int, pad_id: int, side: str = "right"):
