@@ -48,8 +48,9 @@ def _threshold_text(summary: dict) -> list[str]:
     return [
         f"**Cost threshold {thr:.3f}** (calibrated, in the cost model's units).  PPO-Lagrangian keeps the mean cost "
         f"of its answers below it.  It is the expected cost of a policy whose answers are unsafe {tol:.0%} of the "
-        f"time: mean cost of the safe training answers ({safe:.3f}) + {tol:g} x (mean cost of the unsafe ones "
-        f"({unsafe:.3f}) - {safe:.3f}).  It is negative because this cost model scores safe answers far below "
+        f"time: mean cost of the safe training answers + {tol:g} x (mean cost of the unsafe ones - mean cost of "
+        f"the safe ones) = {safe:.3f} + {tol:g} x ({unsafe:.3f} - ({safe:.3f})) = {thr:.3f}.  It is negative "
+        "because this cost model scores safe answers far below "
         "0 (its safe/unsafe boundary); the paper's threshold 0 would hardly constrain a policy here, since half of "
         "the prompts are benign and their answers are safe anyway."]
 

@@ -86,7 +86,8 @@ def test_export_of_an_earlier_step_gives_that_steps_weights(sft_run, tmp_path):
     from safejax.checkpoint import Checkpointer
 
     _cli("export", "--run", str(sft_run), "--out", str(tmp_path / "hf1"), "--step", "1")
-    params, _, _ = Checkpointer(sft_run / "checkpoints", read_only=True).restore_subtree(("params",), step=1)
+    with Checkpointer(sft_run / "checkpoints", read_only=True) as ck:
+        params, _, _ = ck.restore_subtree(("params",), step=1)
     emb = np.asarray(params["model"]["embed_tokens"]["embedding"])
     got = _tensors(tmp_path / "hf1")["model.embed_tokens.weight"]
     np.testing.assert_array_equal(got, emb)
