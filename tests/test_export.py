@@ -82,6 +82,17 @@ def test_bf16_export_halves_the_weights_and_loads_in_transformers_as_bf16(sft_ru
     assert model.dtype == torch.bfloat16
 
 
+def test_stage_export_dtype_bfloat16_writes_its_hf_folder_in_bf16(world, tmp_path):
+    from safejax.models import load_pretrained
+
+    run = tmp_path / "sft-bf16"
+    argv = [a for a in _sft_argv(world, run) if not a.startswith(("train.max_steps", "train.save_every"))]
+    _cli(*argv, "train.max_steps=1", "export.dtype=bfloat16")
+    got = _tensors(run / "hf")
+    assert got and all(str(v.dtype) == "bfloat16" for v in got.values())
+    assert load_pretrained(run).config.vocab_size > 0  # loads back (params upcast to float32)
+
+
 def test_export_of_an_earlier_step_gives_that_steps_weights(sft_run, tmp_path):
     from safejax.checkpoint import Checkpointer
 

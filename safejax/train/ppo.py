@@ -31,7 +31,7 @@ from safejax import rl
 from safejax.config import ConfigError, check_range
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
-from safejax.train.common import LoopSection, ModelSection
+from safejax.train.common import ExportSection, LoopSection, ModelSection
 from safejax.train.functional import ModelDef
 from safejax.train.optim import OptimConfig, make_optimizer
 
@@ -118,6 +118,7 @@ class PPOConfig:
     train: LoopSection = dataclasses.field(default_factory=LoopSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     allow_config_change: bool = False
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf (actor)
 
     def validate(self) -> None:
         check_range("algorithm", self.algorithm, choices=ALGORITHMS)

@@ -257,7 +257,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     finally:
         close_stage(run, bar, writer)
     if export:
-        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
+        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     result.seconds = time.time() - t0
     return result
 

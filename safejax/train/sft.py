@@ -16,7 +16,7 @@ import numpy as np
 from safejax import parallel, rl
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
+from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -40,6 +40,7 @@ class SFTConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval_batch_size: int = 16
     allow_config_change: bool = False
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf
 
 
 def sft_loss_fn(mdef):
@@ -97,13 +98,13 @@ def run_sft(cfg: SFTConfig):
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
               param_shardings=mdef.shardings(mesh), loss_fn=loss_fn, train_arrays=train_arrays, eval_fn=eval_fn,
               seed=cfg.seed, desc="sft")
-    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
+    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     log.info("sft: exported %s", export_dir)
     return res, export_dir
 
 
-def export_model(mdef, params, path, tokenizer=None):
+def export_model(mdef, params, path, tokenizer=None, dtype: str = "float32"):
     from safejax.models import save_pretrained
 
-    save_pretrained(mdef.merge(params), path, tokenizer=tokenizer)
+    save_pretrained(mdef.merge(params), path, tokenizer=tokenizer, dtype=dtype)
     return path
