@@ -48,7 +48,9 @@ def _offline_defaults() -> None:
 
 CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key with its value; the annotated "
                "examples are experiments/configs/ (full scale) and experiments/configs/tiny/ (CPU), and each "
-               "key is documented in the config dataclass (%(where)s).")
+               "key is documented in the config dataclass (%(where)s).  The reference's flags "
+               "(--actor_model_name_or_path ...) are accepted where their meaning is the same: see the README, "
+               "'Coming from safe-rlhf'.")
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
                 "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/cli.py",
                 "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
@@ -87,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser("sft", "supervised fine-tuning", sub)
     _stage_parser("rm", "train the reward model (helpfulness)", sub)
     _stage_parser("cm", "train the cost model (harmlessness)", sub)
-    for alg in ("ppo-lag", "ppo", "ppo-reward-shaping"):
-        _stage_parser(alg, f"RL stage with algorithm {alg}", sub)
+    for alg, what in (("ppo-lag", "Safe RLHF: PPO-Lagrangian, maximise reward with the mean cost under a threshold"),
+                      ("ppo", "baseline: plain PPO on the reward (with KL penalty and ptx)"),
+                      ("ppo-reward-shaping", "baseline: PPO on reward - nu * cost with a fixed nu")):
+        _stage_parser(alg, what, sub)
     ev = sub.add_parser("eval", help="evaluate policies and preference models", epilog=_config_epilog("eval"),
                         description="Evaluations:\n" + "\n".join(f"  {k:6s} {v}" for k, v in EVAL_HELP.items()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
