@@ -99,4 +99,51 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> str:
     p = check_local("tokenizer", path)
     if os.path.isdir(p):
         return _resolve_run_dir(p, _TOKENIZER_FILES, "tokenizer")
+    if not os.path.exists(p):  # a Hub id: fail now, not after a minute of retries, when the Hub is out of reach
+        host = hub_unreachable()
+        if host is not None and not _hub_cached("models", p):
+            raise ValueError(f"tokenizer {p!r}: no such folder (working directory {os.getcwd()}) and the Hugging "
+                             f"Face Hub ({host}) cannot be reached to load it as a Hub id")
     return p
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """The Hub's host when it cannot even be connected to (no network), else None.  None as well in offline
+    mode (``datasets`` then answers from its cache at once) and behind a proxy (a direct connection proves
+    nothing there)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return None
+    except OSError:
+        return str(url.hostname)
+
+
+def dataset_in_local_cache(hub_id: str) -> bool:
+    """Whether ``datasets`` or the Hub cache holds a copy of ``hub_id`` (usable without network)."""
+    import datasets.config
+    from datasets.naming import camelcase_to_snakecase
+
+    org, _, name = hub_id.rpartition("/")
+    built = "___".join(([org] if org else []) + [camelcase_to_snakecase(name)])
+    return os.path.isdir(os.path.join(datasets.config.HF_DATASETS_CACHE, built)) or _hub_cached("datasets", hub_id)
+
+
+def _hub_cached(kind: str, hub_id: str) -> bool:
+    """Whether the Hub cache holds files of repo ``hub_id`` (``kind``: models | datasets)."""
+    from huggingface_hub import constants
+
+    return os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}--" + hub_id.replace("/", "--")))

@@ -227,3 +227,40 @@ def test_loading_a_local_dataset_prints_no_progress_bars(tmp_path, capfd):
     assert len(load_source(str(f))) == 7
     err = capfd.readouterr().err
     assert "Generating" not in err and "split" not in err
+
+
+@pytest.fixture()
+def hub_out_of_reach(monkeypatch):
+    """No network: connecting to the Hub fails; and nothing may call the Hub anyway."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+    import transformers
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    def never(*a, **k):
+        raise AssertionError(f"tried the Hub for {a[:1]}")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+
+
+def test_without_network_a_hub_dataset_or_tokenizer_fails_at_once_with_the_local_copy_hint(hub_out_of_reach):
+    from safejax.data.sources import load_source
+    from safejax.data.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError) as e:
+        load_source("alpaca")
+    msg = str(e.value)
+    assert "cannot reach the Hugging Face Hub (huggingface.co)" in msg and "tatsu-lab/alpaca" in msg
+    assert "alpaca:1:/path/to/train.jsonl" in msg
+    with pytest.raises(ValueError) as e:
+        load_tokenizer("runs/sft")  # one '/' may be a Hub id: tried there only when the Hub can be reached
+    assert "runs/sft" in str(e.value) and os.getcwd() in str(e.value) and "cannot be reached" in str(e.value)

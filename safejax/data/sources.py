@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from safejax.paths import check_local
+from safejax.paths import check_local, dataset_in_local_cache, hub_unreachable
 
 DEFAULT_SEED = 42
 SOURCE_COLUMN = "_source"
@@ -252,14 +252,19 @@ def _load_local_files(path: str, split: str | None):
 def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
     import datasets
 
+    hint = (f"Without network, download it elsewhere and pass a local path, e.g. "
+            f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'")
+    host = hub_unreachable()
+    if host is not None and not dataset_in_local_cache(hub_id):  # fail now rather than after a minute of retries
+        raise ValueError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
+                         f"it is not in the local cache. {hint}")
     try:
         with _quiet_datasets():
             return datasets.load_dataset(hub_id, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
         raise ValueError(
             f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "
-            f"{type(e).__name__}: {e}. Without network, download it elsewhere and pass a local path, e.g. "
-            f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'") from e
+            f"{type(e).__name__}: {e}. {hint}") from e
 
 
 def load_source(spec: str | DatasetSpec, *, split: str | None = None):
