@@ -9,7 +9,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets  # imported at collection: its log handler then binds to a stream that stays open
+import huggingface_hub.constants
 import pytest
+import transformers
 import yaml
 
 import tiny_world
@@ -28,9 +31,6 @@ def world(tmp_path_factory):
 @pytest.fixture()
 def no_hub(monkeypatch):
     """Fail the test if anything asks the Hub (tokenizer, dataset) for a path."""
-    import datasets
-    import transformers
-
     def guard(fn, local):
         def call(*a, **k):
             if not local(a, k):
@@ -233,10 +233,6 @@ def test_loading_a_local_dataset_prints_no_progress_bars(tmp_path, capfd):
 def hub_out_of_reach(monkeypatch):
     """No network: connecting to the Hub fails; and nothing may call the Hub anyway."""
     import socket
-
-    import datasets
-    import huggingface_hub.constants
-    import transformers
 
     def no_network(*a, **k):
         raise OSError("network is unreachable")
