@@ -332,6 +332,14 @@ class Checkpointer:
             for name in _FILTERED:
                 logging.getLogger(name).removeFilter(self._filter)
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close on leaving a ``with`` block: an unclosed manager's background save threads and event
+        loop outlive it (errors such as "Event loop is closed" at interpreter exit)."""
+        self.close()
+
     # ------------------------------------------------------------------ listing
 
     def latest_step(self) -> int | None:

@@ -7,7 +7,9 @@ Commands:
                            the RL stage (Safe RLHF, and its two baselines)
   eval                     score / prefs / arena / elo
   export                   HF-format folder from a stage's checkpoint
-Every training command reads a YAML config and then ``key=value`` overrides (dotted keys).
+Every training command reads a YAML config and then ``key=value`` overrides (dotted keys);
+``--print-config`` shows every key with its value and exits.  Wherever a model folder is expected, a
+stage's ``out_dir`` works too (its ``hf/`` folder is used).
 
 Rerunning a training command with the same ``out_dir`` resumes from its newest complete checkpoint.
 Exit codes: 0 done; 2 bad input, config, checkpoint, a NaN/Inf, an I/O error (full disk, read-only,
@@ -19,11 +21,17 @@ on stderr, no traceback); 143 stopped by SIGTERM after saving a checkpoint (reru
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+from typing import Any
 
+import yaml
+
+from safejax import __version__, reference_flags
 from safejax.runlock import release_all
+from safejax.summary import remove_if_empty, result_line
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -36,18 +44,45 @@ def _setup_logging(verbose: bool) -> None:
 def _offline_defaults() -> None:
     # nothing is fetched at run time unless a user points a spec at the hub and enables network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' import-time advice ("PyTorch was not found ...") is noise here: safejax never uses torch
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key with its value; the annotated "
+               "examples are experiments/configs/ (full scale) and experiments/configs/tiny/ (CPU), and each "
+               "key is documented in the config dataclass (%(where)s).  The reference's flags "
+               "(--actor_model_name_or_path ...) are accepted where their meaning is the same: see the README, "
+               "'Coming from safe-rlhf'.")
+_CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
+                "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/cli.py",
+                "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
+                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig"}
+EVAL_HELP = {
+    "score": "each policy answers a prompt set; reward and cost models score the answers (means, harmless ratio)",
+    "prefs": "RM / CM accuracy on a preference split (the paper's Table 1)",
+    "arena": "a red and a blue policy answer the same prompts; blue's win rate by safety",
+    "elo": "pairwise judgements among policies; Bradley-Terry Elo on helpfulness and harmlessness",
+}
+
+
+def _config_epilog(cmd: str) -> str:
+    return CONFIG_DOCS % {"cmd": cmd, "where": _CONFIG_HOME[cmd]}
 
 
 def _stage_parser(name: str, help_text: str, sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--config", "-c", default=None, help="YAML config file")
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=_config_epilog(name))
+    p.add_argument("--config", "-c", default=None, help="YAML config file (e.g. experiments/configs/tiny/*.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the full config (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5 train.epochs=2")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="safejax", description="Safe RLHF in JAX")
+    ap = argparse.ArgumentParser(prog="safejax", description="Safe RLHF in JAX",
+                                 epilog="Run `safejax COMMAND --help` for a command's options and where its config "
+                                        "keys are documented.")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"safejax {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole Safe RLHF pipeline on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="safejax-demo", help="output folder")
@@ -56,22 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser("sft", "supervised fine-tuning", sub)
     _stage_parser("rm", "train the reward model (helpfulness)", sub)
     _stage_parser("cm", "train the cost model (harmlessness)", sub)
-    for alg in ("ppo-lag", "ppo", "ppo-reward-shaping"):
-        _stage_parser(alg, f"RL stage with algorithm {alg}", sub)
-    ev = sub.add_parser("eval", help="evaluate policies and preference models")
-    ev.add_argument("what", choices=("score", "prefs", "arena", "elo"))
-    ev.add_argument("--config", "-c", default=None)
-    ev.add_argument("overrides", nargs="*")
+    for alg, what in (("ppo-lag", "Safe RLHF: PPO-Lagrangian, maximise reward with the mean cost under a threshold"),
+                      ("ppo", "baseline: plain PPO on the reward (with KL penalty and ptx)"),
+                      ("ppo-reward-shaping", "baseline: PPO on reward - nu * cost with a fixed nu")):
+        _stage_parser(alg, what, sub)
+    ev = sub.add_parser("eval", help="evaluate policies and preference models", epilog=_config_epilog("eval"),
+                        description="Evaluations:\n" + "\n".join(f"  {k:6s} {v}" for k, v in EVAL_HELP.items()),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("what", choices=tuple(EVAL_HELP), help="which evaluation: " + ", ".join(EVAL_HELP))
+    ev.add_argument("--config", "-c", default=None,
+                    help="YAML config file (e.g. experiments/configs/eval_score.yaml or experiments/configs/tiny/)")
+    ev.add_argument("--print-config", action="store_true", help="print the full config (YAML) and exit")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_prompts=64")
     ex = sub.add_parser("export", help="HF folder from a stage's latest checkpoint")
     ex.add_argument("--run", required=True, help="the stage's out_dir (holds config.json and checkpoints/)")
     ex.add_argument("--out", required=True)
-    ex.add_argument("--step", type=int, default=None)
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    ex.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype of the exported weights (bfloat16 halves the size)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     ap = build_parser()
+    try:  # the reference's --flags (safe-rlhf scripts) where their meaning is the same: key=value overrides
+        argv, notes = reference_flags.translate(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(str(e).replace(": ", ": error: ", 1), file=sys.stderr)  # "safejax CMD: error: ..."
+        return EXIT_ERROR
     args, extra = ap.parse_known_args(argv)
     if extra:  # key=value overrides after --config land here when a positional came first (eval WHAT)
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -79,42 +127,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ap.error("unrecognized arguments: " + " ".join(extra))
     _setup_logging(args.verbose)
+    for note in notes:
+        logging.getLogger("safejax").info("%s", note)
     if args.command != "export":
         from safejax.parallel import maybe_initialize_distributed
 
         maybe_initialize_distributed()  # multi-host: a no-op unless the environment describes a slice
-    from safejax.config import ConfigError, load_config
+    from safejax.config import ConfigError, load_config, to_dict
     from safejax.train.common import Preempted
 
+    fresh_dir = None  # an output folder this command creates: removed again if the command fails leaving it empty
     try:
-        if args.command == "demo":
-            from safejax.demo import DemoConfig, run_demo
-
-            cfg = load_config(DemoConfig, None, args.overrides)
-            run_demo(cfg, out_dir=args.out, seed=args.seed)
-        elif args.command == "sft":
-            from safejax.train.sft import SFTConfig, run_sft
-
-            run_sft(load_config(SFTConfig, args.config, args.overrides))
-        elif args.command in ("rm", "cm"):
-            from safejax.train.score_model import ScoreModelConfig, run_score_model
-
-            run_score_model(load_config(ScoreModelConfig, args.config, args.overrides),
-                            "reward" if args.command == "rm" else "cost")
-        elif args.command in ("ppo-lag", "ppo", "ppo-reward-shaping"):
-            from safejax.train.ppo import PPOConfig
-            from safejax.train.ppo_loop import run_ppo
-
-            cfg = load_config(PPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
-            run_ppo(cfg)
-        elif args.command == "eval":
-            from safejax.evaluate.cli import run_eval
-
-            run_eval(args.what, args.config, args.overrides)
-        elif args.command == "export":
-            from safejax.train.export import export_run
-
-            export_run(args.run, args.out, step=args.step)
+        if args.command in STAGE_CONFIGS and args.config is None and not args.overrides and not args.print_config:
+            raise ConfigError(f"no config given: pass --config FILE (e.g. experiments/configs/tiny/"
+                              f"{STAGE_CONFIGS[args.command]}.yaml) and/or key=value overrides; "
+                              f"`safejax {args.command} --print-config` lists the keys")
+        cfg = _load(args, functools.partial(load_config, validate=not getattr(args, "print_config", False)))
+        if getattr(args, "print_config", False):
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        out = args.out if args.command in ("demo", "export") else cfg.out_dir
+        fresh_dir = None if os.path.exists(os.path.expanduser(out)) else os.path.expanduser(out)
+        result = _run(args, cfg)
+        cmd = args.command if args.command != "eval" else f"eval {args.what}"
+        print(result_line(cmd, cfg, result, out=out), flush=True)
+        fresh_dir = None
         return 0
     except Preempted as e:
         print(f"safejax {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
@@ -127,6 +164,64 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_all()  # the run-directory locks this command took
+        if fresh_dir is not None:
+            remove_if_empty(fresh_dir)
+
+
+STAGE_CONFIGS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo",
+                 "ppo-reward-shaping": "ppo_reward_shaping"}  # command -> its example config's file name
+
+
+def _load(args, load_config) -> Any:
+    """The command's config (``None`` for export)."""
+    if args.command == "demo":
+        from safejax.demo import DemoConfig
+
+        return load_config(DemoConfig, None, args.overrides)
+    if args.command == "sft":
+        from safejax.train.sft import SFTConfig
+
+        return load_config(SFTConfig, args.config, args.overrides)
+    if args.command in ("rm", "cm"):
+        from safejax.train.score_model import ScoreModelConfig
+
+        return load_config(ScoreModelConfig, args.config, args.overrides)
+    if args.command in ("ppo-lag", "ppo", "ppo-reward-shaping"):
+        from safejax.train.ppo import PPOConfig
+
+        return load_config(PPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
+    if args.command == "eval":
+        from safejax.evaluate.cli import CONFIGS
+
+        return load_config(CONFIGS[args.what], args.config, args.overrides)
+    return None
+
+
+def _run(args, cfg) -> Any:
+    """Run the command on its loaded config; returns what :func:`result_line` summarizes."""
+    if args.command == "demo":
+        from safejax.demo import run_demo
+
+        return run_demo(cfg, out_dir=args.out, seed=args.seed)
+    if args.command == "sft":
+        from safejax.train.sft import run_sft
+
+        return run_sft(cfg)
+    if args.command in ("rm", "cm"):
+        from safejax.train.score_model import run_score_model
+
+        return run_score_model(cfg, "reward" if args.command == "rm" else "cost")
+    if args.command in ("ppo-lag", "ppo", "ppo-reward-shaping"):
+        from safejax.train.ppo_loop import run_ppo
+
+        return run_ppo(cfg)
+    if args.command == "eval":
+        from safejax.evaluate.cli import run_eval_config
+
+        return run_eval_config(args.what, cfg)
+    from safejax.train.export import export_run
+
+    return export_run(args.run, args.out, step=args.step, dtype=args.dtype)
 
 
 EXIT_ERROR = 2

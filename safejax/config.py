@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -209,8 +210,10 @@ def validate_tree(obj: Any, prefix: str = "") -> None:
         check()
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read ``path`` (YAML, optional), apply overrides, build and validate a ``cls`` instance."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                validate: bool = True) -> T:
+    """Read ``path`` (YAML, optional), apply overrides, build and (unless ``validate=False``: key names and
+    types only, e.g. to print a partial config) validate a ``cls`` instance."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -230,11 +233,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data = apply_overrides(data, overrides)
     try:
         cfg = _from_dict(cls, data)
-        validate_tree(cfg)
+        if validate:
+            validate_tree(cfg)
     except ConfigError as e:
-        where = f" (in {path})" if path else ""
-        raise ConfigError(f"{e}{where}") from None
+        raise ConfigError(f"{e}{_origin(str(e), path, overrides)}") from None
     return cfg
+
+
+def _origin(message: str, path: str | Path | None, overrides: Sequence[str]) -> str:
+    """Where the key named in ``message`` was set: the command line (an override wins) or the YAML file."""
+    named = re.search(r"config key '([^']+)'", message)
+    if named:
+        key = re.sub(r"\[\d+\]$", "", named.group(1))
+        for item in reversed(list(overrides)):
+            given = item.split("=", 1)[0].strip()
+            if given == key or given.startswith(key + ".") or key.startswith(given + "."):
+                return f" (on the command line: {item})"
+    return f" (in {path})" if path else ""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

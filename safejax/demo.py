@@ -147,6 +147,15 @@ class Workspace:
     eval_rows: list
     eval_arrays: dict
     timings: dict = dataclasses.field(default_factory=dict)
+    samples: dict = dataclasses.field(default_factory=dict)  # policy name -> a few answers (report)
+
+    def keep_samples(self, name: str, texts: list[str], per_kind: int = 2) -> None:
+        """Keep the answers to the first ``per_kind`` harmful and benign held-out prompts (the same prompts
+        for every policy) for the report."""
+        picked = {k: [i for i, r in enumerate(self.eval_rows) if r.get("kind") == k][:per_kind]
+                  for k in ("harmful", "benign")}
+        self.samples[name] = [{"prompt": self.eval_rows[i]["prompt"], "kind": k, "answer": texts[i]}
+                              for k, idx in picked.items() for i in idx]
 
     def loop(self, epochs: int, batch_size: int) -> LoopSection:
         return LoopSection(epochs=epochs, batch_size=batch_size, log_every=10, progress=self.cfg.progress)
@@ -265,7 +274,8 @@ def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_d
                           log_every=1, progress=cfg.progress),
         mesh=cfg.mesh)
     res = run_ppo(pc)
-    metrics, _ = judge(ws, mdef=res.models.actor, params=res.state.actor.params)
+    metrics, texts = judge(ws, mdef=res.models.actor, params=res.state.actor.params)
+    ws.keep_samples(name, texts)
     metrics["algorithm"] = algorithm
     if nu is not None:
         metrics["nu"] = nu
@@ -289,7 +299,9 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
         log.info("cost threshold calibrated to %.3f (%s)", threshold, calib)
     else:
         calib = {"source": "config"}
-    policies: dict[str, dict] = {"sft": judge(ws, sft_dir)[0]}
+    policies: dict[str, dict] = {}
+    policies["sft"], texts = judge(ws, sft_dir)
+    ws.keep_samples("sft", texts)
     runs = [("ppo-lag", "safe_rlhf", None), ("ppo", "ppo", None)]
     runs += [("ppo-reward-shaping", f"reward_shaping_nu{nu:g}", nu) for nu in cfg.nus]
     traces: dict[str, dict] = {}
@@ -306,6 +318,7 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
         "lambda_trace": traces["safe_rlhf"]["lambda"],
         "episode_cost_trace": traces["safe_rlhf"]["episode_cost"],
         "traces": traces,
+        "samples": ws.samples,
         "timings_s": {k: round(v, 2) for k, v in ws.timings.items()},
         "total_seconds": round(time.time() - t_start, 2),
         "config": dataclasses.asdict(cfg),

@@ -101,7 +101,7 @@ def cast_matmul_weights(lm: Any) -> Any:
 
     dt = jnp.dtype(lm.config.dtype)
     graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
-    pure = params.to_pure_dict()
+    pure = nnx.to_pure_dict(params)
 
     def cast(path, x):
         name = getattr(path[-1], "key", None)

@@ -168,9 +168,11 @@ class ModelMemory:
 
 def model_memory(role: str, config: ModelConfig, mesh, *, trainable: bool, tx=None) -> ModelMemory:
     """Per-device bytes of params (+ grads + ``tx`` state when ``trainable``) of one model on ``mesh``."""
+    from flax import nnx
+
     kind = "causal_lm" if role in CAUSAL_ROLES else "score"
     mdef, params = abstract_model(config, kind)
-    shardings = state_shardings(mdef.template, mesh).to_pure_dict()
+    shardings = nnx.to_pure_dict(state_shardings(mdef.template, mesh))
     p = per_device_bytes(params, shardings)
     g = o = 0
     if trainable:

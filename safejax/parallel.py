@@ -224,7 +224,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for ``tx.init(params)``: moments follow their parameter, everything else replicated.
 
-    ``jax.jit(tx.init)`` alone would leave the moments replicated (JAX_NOTES); pass the result of
+    ``jax.jit(tx.init)`` alone would leave the moments replicated (XLA does not propagate them); pass the result of
     this function as ``out_shardings``.  Any subtree of the optimizer state whose tree structure
     equals the params' (Adam's ``mu`` and ``nu``, ...) gets the params' shardings; all other leaves
     (counts, schedule states) are replicated on the mesh."""

@@ -361,4 +361,5 @@ def test_nan_in_ppo_lag_costs_stops_naming_the_step_and_quantity(world, tmp_path
     assert "step 2: 'train/actor_loss' is nan" in line and "train/lambda" in line
     from safejax.checkpoint import Checkpointer
 
-    assert Checkpointer(out / "checkpoints", read_only=True).all_steps() == [1]  # the good step 1 only
+    with Checkpointer(out / "checkpoints", read_only=True) as ck:
+        assert ck.all_steps() == [1]  # the good step 1 only

@@ -148,3 +148,30 @@ def test_ppo_iteration_is_priced_with_the_peers_measured_pieces():
     # a different generation shape is not the same work: no estimate
     assert mod.Bench.hf_ppo_iteration_estimate({"tokens_per_s": 4e4}, {"new_tokens_per_s": 800.0, "batch": 16,
                                                                       "prompt_len": 128, "new_tokens": 256}, ppo) is None
+
+
+def test_hf_peer_tiny_runs_on_cpu_and_writes_the_json_ppo_bench_reads(tmp_path):
+    """experiments/bench/hf_peer.py (the PyTorch/HF peer): every section finishes with positive numbers, the
+    memorised batch's loss falls, and ppo_bench's --baseline reader finds the peer's numbers in its JSON."""
+    out = tmp_path / "hf_peer.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench" / "hf_peer.py"), "--tiny", "--out",
+                           str(out), "--budget", "300"], env=_env(), cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    S = res["torch"]["sections"]
+    assert res["finished"] and set(S) == {"ceilings", "hf_train", "hf_gen", "hf_gen_static"}
+    assert S["ceilings"]["matmul_tflops"] > 0 and S["ceilings"]["copy_gbps"] > 0
+    assert S["hf_train"]["tokens_per_s"] > 0 and S["hf_train"]["loss_decreased"]
+    for sec in ("hf_gen", "hf_gen_static"):
+        assert S[sec]["new_tokens_per_s"] > 0 and S[sec]["new_tokens"] == 6 and S[sec]["batch"] == 2
+    assert "SUMMARY hf_peer" in proc.stdout
+    mod = _load_module()
+    args = mod.main.__globals__["argparse"].Namespace(baseline=str(out), out=str(tmp_path / "b.json"), budget=10,
+                                                      tiny=True, only=None)
+    b = mod.Bench(args, dict(mod.TINY))
+    b.R["sections"] = {"train": {"tokens_per_s": 1.0}, "decode": {"new_tokens_per_s": 1.0}}
+    b.add_baseline()
+    r = b.R["baseline"]["ratios"]
+    assert r["train_tok_s_vs_hf"][1] == S["hf_train"]["tokens_per_s"]
+    assert r["decode_tok_s_vs_hf_static_compiled"][1] == S["hf_gen_static"]["new_tokens_per_s"]

@@ -74,3 +74,20 @@ def test_demo_plots_are_real_pngs(demo):
         img = mpimg.imread(out / name)
         assert img.shape[0] > 300 and img.shape[1] > 400
         assert img.std() > 0.05  # not a blank canvas
+
+
+def test_demo_report_explains_the_threshold_the_scales_and_shows_answers_per_policy(demo):
+    out, s = demo
+    report = (out / "report.md").read_text()
+    cal = s["threshold_calibration"]
+    assert f"**Cost threshold {s['threshold']:.3f}**" in report and repr(s["threshold"]) not in report
+    assert f"{cal['mean_cost_safe']:.3f}" in report and "negative because" in report
+    assert "0-3" in report and "refusal phrase" in report and "bare refusal" in report
+    samples = s["samples"]
+    assert set(samples) == set(s["policies"])
+    prompts = [x["prompt"] for x in samples["sft"]]
+    assert {x["kind"] for x in samples["sft"]} == {"harmful", "benign"}
+    for name, rows in samples.items():
+        assert [x["prompt"] for x in rows] == prompts  # the same prompts for every policy
+        for x in rows:
+            assert f"| {name} | " in report and x["prompt"] in report

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import tiny_world
 from safejax.cli import main
@@ -380,11 +381,19 @@ def test_example_configs_load_and_validate(what):
     from safejax.config import load_config
     from safejax.evaluate.cli import CONFIGS
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "configs" / f"eval_{what}.yaml"
-    cfg = load_config(CONFIGS[what], path)
-    assert cfg.out_dir == f"runs/eval/{what}" and cfg.dtype == "bfloat16"
-    if what != "prefs":
-        assert len(cfg.named_policies()) >= 1 and cfg.sampling.max_new_tokens == 256
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    for folder, out_root, dtype in ((configs, "/mnt/runs/eval", "bfloat16"), (configs / "tiny", "runs/tiny/eval",
+                                                                             "float32")):
+        cfg = load_config(CONFIGS[what], folder / f"eval_{what}.yaml")
+        assert cfg.out_dir == f"{out_root}/{what}" and cfg.dtype == dtype
+        # every model it reads is the out_dir of a stage config of the same folder (the layout they write)
+        stage_dirs = {yaml.safe_load(p.read_text())["out_dir"] for p in folder.glob("*.yaml")
+                      if not p.stem.startswith("eval_")}
+        models = [cfg.reward_model, cfg.cost_model]
+        if what != "prefs":
+            models += [path for _, path in cfg.named_policies()]
+            assert len(cfg.named_policies()) >= 1
+        assert models and set(models) <= stage_dirs, (folder, set(models) - stage_dirs)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -65,11 +65,40 @@ def test_sft_export_of_last_checkpoint_equals_the_stage_export_in_transformers(s
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
+def test_bf16_export_halves_the_weights_and_loads_in_transformers_as_bf16(sft_run, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _cli("export", "--run", str(sft_run), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"export: wrote {tmp_path / 'bf16'}"
+    got, want = _tensors(tmp_path / "bf16"), _tensors(sft_run / "hf")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert str(got[k].dtype) == "bfloat16", k
+        np.testing.assert_array_equal(got[k], want[k].astype(got[k].dtype), err_msg=k)  # round-to-nearest cast
+    size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "bf16") < 0.55 * size(sft_run / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_stage_export_dtype_bfloat16_writes_its_hf_folder_in_bf16(world, tmp_path):
+    from safejax.models import load_pretrained
+
+    run = tmp_path / "sft-bf16"
+    argv = [a for a in _sft_argv(world, run) if not a.startswith(("train.max_steps", "train.save_every"))]
+    _cli(*argv, "train.max_steps=1", "export.dtype=bfloat16")
+    got = _tensors(run / "hf")
+    assert got and all(str(v.dtype) == "bfloat16" for v in got.values())
+    assert load_pretrained(run).config.vocab_size > 0  # loads back (params upcast to float32)
+
+
 def test_export_of_an_earlier_step_gives_that_steps_weights(sft_run, tmp_path):
     from safejax.checkpoint import Checkpointer
 
     _cli("export", "--run", str(sft_run), "--out", str(tmp_path / "hf1"), "--step", "1")
-    params, _, _ = Checkpointer(sft_run / "checkpoints", read_only=True).restore_subtree(("params",), step=1)
+    with Checkpointer(sft_run / "checkpoints", read_only=True) as ck:
+        params, _, _ = ck.restore_subtree(("params",), step=1)
     emb = np.asarray(params["model"]["embed_tokens"]["embedding"])
     got = _tensors(tmp_path / "hf1")["model.embed_tokens.weight"]
     np.testing.assert_array_equal(got, emb)

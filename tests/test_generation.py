@@ -250,7 +250,8 @@ def test_cast_matmul_weights_is_exact_and_halves_what_the_decode_loop_reads(scan
     ids = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, (4, P)), jnp.int32)
     mask = jnp.ones_like(ids)
 
-    dtypes = jax.eval_shape(lambda p: nnx.state(cast_matmul_weights(mdef.merge(p)), nnx.Param).to_pure_dict(), params)
+    dtypes = jax.eval_shape(
+        lambda p: nnx.to_pure_dict(nnx.state(cast_matmul_weights(mdef.merge(p)), nnx.Param)), params)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): x.dtype
             for path, x in jax.tree_util.tree_leaves_with_path(dtypes)}
     assert {v for k, v in flat.items() if k.endswith(("kernel", "embedding"))} == {jnp.dtype(jnp.bfloat16)}

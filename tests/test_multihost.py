@@ -210,7 +210,8 @@ def _restore_raw(run_dir: Path):
     dev = SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
                           getattr(md, "tree", md))
-    state = ocp.StandardCheckpointer().restore(path, target)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(path, target)
     meta = json.loads((ckdir / str(step) / "meta" / "metadata").read_text())
     return step, state, meta
 

@@ -359,10 +359,12 @@ COMMON = {"train/reward", "train/cost", "train/kl_divergence", "train/actor_loss
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "ppo-reward-shaping"])
-def test_baselines_run_one_iteration_with_reference_metric_names(world, tmp_path, algorithm):
+def test_baselines_run_one_iteration_with_reference_metric_names(world, tmp_path, algorithm, capsys):
     extra = ["train.max_steps=1", *ONE_DEVICE]
     if algorithm == "ppo":  # also exercise ptx mixing and the reward-only metrics with a cost model for logging
         extra += [f"data.ptx=[{world['sft']}]", "data.ptx_max_length=24"]
+    else:
+        extra += ["lagrange.lambda_init=5"]  # nu
     _cli(*_ppo_args(world, algorithm, tmp_path / algorithm, *extra))
     (rec,) = _records(tmp_path / algorithm)
     keys = set(rec) - {"step"}
@@ -371,17 +373,39 @@ def test_baselines_run_one_iteration_with_reference_metric_names(world, tmp_path
     if algorithm == "ppo":
         assert REWARD_CRITIC <= keys and not keys & SHAPED
         assert "train/ptx_loss" in keys and np.isfinite(rec["train/ptx_loss"])
+        assert "train/nu" not in keys
     else:
         assert SHAPED <= keys and not keys & REWARD_CRITIC
         assert "train/ptx_loss" not in keys
+        assert rec["train/nu"] == 5.0  # the fixed multiplier is logged (and shown in the bar), never a lambda
     assert all(np.isfinite(v) for v in rec.values())
     assert abs(rec["train/cost"]) > 0  # the cost model was loaded and scored the responses
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"{algorithm}: done: 1 iterations") and f"exported {tmp_path / algorithm / 'hf'}" in last
+    assert ("nu 5" in last) == (algorithm == "ppo-reward-shaping") and "lambda" not in last
 
 
-def test_periodic_eval_on_held_out_prompts_logs_reward_cost_and_harmless_ratio(world, tmp_path):
+def test_plain_ppo_without_a_cost_model_logs_no_cost_metrics(world, tmp_path, capsys):
+    out = tmp_path / "ppo-no-cm"
+    _cli(*_ppo_args(world, "ppo", out, "train.max_steps=1", *ONE_DEVICE, cost_model=False))
+    (rec,) = _records(out)
+    assert "train/reward" in rec
+    assert not [k for k in rec if "cost" in k or "lambda" in k or k == "train/nu"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("ppo: done: 1 iterations, reward ") and "cost" not in last.split(";")[0]
+
+
+def test_periodic_eval_on_held_out_prompts_logs_reward_cost_and_harmless_ratio(world, tmp_path, capsys):
     out = tmp_path / "lag-eval"
     _cli(*_ppo_args(world, "ppo-lag", out, f"data.eval_prompts=[{world['prompts']}]", "train.eval_every=1",
                     "train.max_steps=2", *TOY, *ONE_DEVICE))
+    # the stage ends with one line: final lambda, episode cost vs threshold, reward, held-out numbers, export
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    final = _records(out)[-1]
+    assert last.startswith("ppo-lag: done: 2 iterations, final lambda ")
+    assert f"final lambda {final['train/lambda']:.4g}," in last and f"reward {final['train/reward']:.4g}" in last
+    assert f"episode cost {final['train/episode_cost']:.4g} (threshold " in last
+    assert "held-out reward" in last and f"exported {out / 'hf'}" in last
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r]
     assert [r["step"] for r in evals] == [1, 2]  # every iteration, the last one once
     for r in evals:

@@ -315,8 +315,8 @@ def test_unreadable_checkpoints_only_is_an_error_not_a_fresh_start(tmp_path):
     d = tmp_path / "checkpoints"
     _save_steps(d, [1])
     shutil.rmtree(d / "1" / "state")
-    with pytest.raises(CheckpointError, match="no readable checkpoint"):
-        Checkpointer(d).restore(_tree(0.0))
+    with pytest.raises(CheckpointError, match="no readable checkpoint"), Checkpointer(d) as ck:
+        ck.restore(_tree(0.0))
     assert (d / "1").exists()  # nothing moved when there is nothing to fall back to
 
 
@@ -324,12 +324,14 @@ def test_checkpoint_of_another_model_is_refused_naming_the_array(tmp_path):
     d = tmp_path / "checkpoints"
     _save_steps(d, [1, 2])
     other = dict(_tree(0.0), w=jnp.zeros((8, 5)))
-    with pytest.raises(CheckpointMismatchError, match=r"'w' has shape \[8, 4\] in the checkpoint but \[8, 5\]"):
-        Checkpointer(d).restore(other)
+    with pytest.raises(CheckpointMismatchError, match=r"'w' has shape \[8, 4\] in the checkpoint but \[8, 5\]"), \
+            Checkpointer(d) as ck:
+        ck.restore(other)
     extra = dict(_tree(0.0), extra=jnp.zeros(3))
-    with pytest.raises(CheckpointMismatchError, match="'extra' is not in the checkpoint"):
-        Checkpointer(d).restore(extra)
-    assert Checkpointer(d, read_only=True).all_steps() == [1, 2]  # nothing was moved
+    with pytest.raises(CheckpointMismatchError, match="'extra' is not in the checkpoint"), Checkpointer(d) as ck:
+        ck.restore(extra)
+    with Checkpointer(d, read_only=True) as ck:
+        assert ck.all_steps() == [1, 2]  # nothing was moved
 
 
 def test_sharded_state_restores_onto_another_mesh_exactly(tmp_path):
@@ -339,7 +341,8 @@ def test_sharded_state_restores_onto_another_mesh_exactly(tmp_path):
     grid = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     _save_steps(tmp_path / "c", [5], mesh=fsdp8)
     target = _tree(0.0, mesh=grid)
-    state, meta, step = Checkpointer(tmp_path / "c").restore(target)
+    with Checkpointer(tmp_path / "c") as ck:
+        state, meta, step = ck.restore(target)
     assert step == 5 and state["w"].sharding == target["w"].sharding
     assert state["step"].sharding == target["step"].sharding  # scalars live on the mesh
     _assert_trees_equal(jax.tree.map(np.asarray, state), jax.tree.map(np.asarray, _tree(5.0)), "resharded")

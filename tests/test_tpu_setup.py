@@ -248,20 +248,36 @@ def test_invalid_names_and_missing_accelerator_fail(sh):
 # ----------------------------------------------------------------------------- install
 
 
-def test_install_dry_run_runs_one_line_on_all_workers(sh):
-    (cmd,) = commands(ok(sh("install.sh", "--name", NAME, "--zone", "us-central2-b", "--dry-run")))
+def _checkout_wheel() -> str:
+    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    return f"safejax_rlhf-{version}-py3-none-any.whl"
+
+
+def test_install_dry_run_builds_this_checkout_and_installs_it_on_all_workers(sh):
+    build, scp, cmd = commands(ok(sh("install.sh", "--name", NAME, "--zone", "us-central2-b", "--dry-run")))
+    whl = _checkout_wheel()
+    assert build == f"python3 -m pip wheel --no-deps -q -w {ROOT}/dist {ROOT}"
+    assert scp == f"gcloud compute tpus tpu-vm scp {ROOT}/dist/{whl} {NAME}:{whl} --zone=us-central2-b --worker=all"
     assert cmd.startswith(f"gcloud compute tpus tpu-vm ssh {NAME} --zone=us-central2-b --worker=all --command=")
     line = remote_line(cmd)
     assert 'PY=python3.12; VENV="$HOME/safejax-venv"' in line
     assert '"$PY" -m venv "$VENV"' in line
-    assert '"$VENV/bin/python" -m pip install --upgrade "safejax[tpu]"' in line
+    assert '"$VENV/bin/python" -m pip uninstall -q -y safejax-rlhf || true' in line  # same version, new code
+    assert f'"$VENV/bin/python" -m pip install --upgrade "$HOME/{whl}[tpu]"' in line
+    assert '"safejax[tpu]"' not in line  # PyPI's "safejax" is an unrelated project
     assert "ppa:deadsnakes/ppa" in line
+
+
+def test_distribution_name_is_not_pypis_safejax():
+    names = [line for line in (ROOT / "pyproject.toml").read_text().splitlines() if line.startswith("name")]
+    assert len(names) == 1 and names[0].split('"')[1] == "safejax-rlhf"
 
 
 def test_install_sources_git_wheel_and_gcs(sh, tmp_path):
     base = ["--name", NAME, "--zone", "us-central2-b", "--dry-run"]
     (cmd,) = commands(ok(sh("install.sh", *base, "--source", "git+https://github.com/org/safejax@v0.1")))
-    assert 'pip install --upgrade "safejax[tpu] @ git+https://github.com/org/safejax@v0.1"' in remote_line(cmd)
+    assert 'pip install --upgrade "safejax-rlhf[tpu] @ git+https://github.com/org/safejax@v0.1"' in remote_line(cmd)
 
     wheel = tmp_path / "dist" / "safejax-0.1.0-py3-none-any.whl"
     wheel.parent.mkdir()
@@ -278,7 +294,7 @@ def test_install_sources_git_wheel_and_gcs(sh, tmp_path):
             '"$HOME/safejax-0.1.0-py3-none-any.whl"') in remote_line(cmd)
 
     fails(sh("install.sh", *base, "--source", str(tmp_path / "missing.whl")), "does not exist")
-    fails(sh("install.sh", *base, "--source", str(tmp_path)), "is a folder; build a wheel first")
+    fails(sh("install.sh", *base, "--source", str(tmp_path)), "is a folder without pyproject.toml")
     fails(sh("install.sh", *base, "--python", "python"), "--python must look like python3.12")
 
 
@@ -471,8 +487,9 @@ def test_relaunch_dry_run_rebuilds_and_launches_same_command(accel, zone, canon,
         f"--accelerator-type={canon} --runtime-version={runtime} --spot",
         f"gcloud compute tpus queued-resources describe {NAME} --zone={zone} --format='value(state.state)'",
     ]
-    install, mount, launch = cmds[4:]
-    assert install.startswith(ssh) and '-m pip install --upgrade "safejax[tpu]"' in install
+    build, scp, install, mount, launch = cmds[4:]
+    assert build.startswith("python3 -m pip wheel") and scp.startswith(f"gcloud compute tpus tpu-vm scp {ROOT}/dist/")
+    assert install.startswith(ssh) and f'-m pip install --upgrade "$HOME/{_checkout_wheel()}[tpu]"' in install
     assert mount.startswith(ssh) and "gcsfuse --implicit-dirs" in mount
     assert launch.startswith(ssh) and " ".join(PPO) in remote_line(launch) and 'export A="1"' in launch
 

@@ -14,7 +14,7 @@ Usage: relaunch.sh --name NAME --zone ZONE --accelerator-type TYPE [create/insta
 Steps (each one is the script of the same name, with the options that belong to it):
   1. teardown.sh --if-exists      delete the preempted slice (or queued resource)
   2. create.sh --wait             create it again (queued requests wait until ACTIVE)
-  3. install.sh                   venv + safejax[tpu] on every worker
+  3. install.sh                   venv + a wheel of this checkout on every worker
   4. copy_data.sh                 only if --copy / --from-gcs / --gcsfuse are given
   5. launch.sh -- COMMAND         the same command on every worker
 

@@ -7,7 +7,7 @@ Sections (each timed with synchronisation, each in try/except, each skipped when
   ceilings    bf16 matmul 8192^3 TFLOP/s and device copy GB/s, measured here with jax.numpy
   train       the actor's SFT train step: safejax CausalLM (fp32 params, bf16 compute) with
               safejax.train.fit.make_train_step (optax AdamW, state donated), batch 8 x seq 512
-              -> tokens/s and MFU (model FLOPs of ../shared/bench/README.md vs 989 TFLOP/s and vs
+              -> tokens/s and MFU (model FLOPs as in experiments/bench/README.md vs 989 TFLOP/s and vs
               the measured matmul ceiling)
   decode      safejax.generation.generate, bf16 weights, 32 prompts x 128 tokens, 256 new tokens
               -> new tokens/s, ms per decode step, fraction of the memory-bandwidth floor
@@ -20,17 +20,17 @@ Sections (each timed with synchronisation, each in try/except, each skipped when
   train_fused_attn  the train section again with fused attention (ModelConfig.attention_impl="cudnn" on a
               GPU, "xla" elsewhere): what cuDNN flash attention buys over the einsum attention
 
-The model is the TinyLlama-1.1B shape of ../shared/bench (hidden 2048, 22 layers, 32 heads, 4 KV
+The model is the TinyLlama-1.1B shape of hf_peer.py (hidden 2048, 22 layers, 32 heads, 4 KV
 heads, intermediate 5632, vocab 32000, untied), random weights, random token ids (numpy seed 0).
 
 Usage:
     python experiments/bench/ppo_bench.py                 # GPU, full config, --budget 240
     python experiments/bench/ppo_bench.py --tiny          # CPU smoke test (2 layers, hidden 64)
-    python experiments/bench/ppo_bench.py --baseline $OUT/gpu_baseline.json   # add ratios vs the peer
+    python experiments/bench/ppo_bench.py --baseline $OUT/hf_peer.json   # add ratios vs the peer
 
 Writes ``$OUT/ppo_bench.json`` (or ``./ppo_bench.json``; ``--out`` overrides) after every section,
 and prints a summary table.  ``experiments/bench/run_gpu.sh`` runs this next to
-``../shared/bench/gpu_baseline.py`` in one device call.
+``experiments/bench/hf_peer.py`` (the PyTorch/HF peer) in one device call.
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ class Bench:
                  floor_ms_per_step=floor_s * 1e3 if floor_s else None,
                  floor_ms_per_step_full_cache=floor_full_s * 1e3 if floor_full_s else None,
                  floor_definition="(bf16 bytes of all weights but the input embedding + bf16 KV bytes at the mean "
-                                  "context P+N/2) / measured copy GB/s (same as ../shared/bench)",
+                                  "context P+N/2) / measured copy GB/s (same as hf_peer.py)",
                  floor_fraction=(floor_s / step_s) if floor_s and step_s else None,
                  floor_fraction_full_cache=(floor_full_s / step_s) if floor_full_s and step_s else None,
                  peak_mem_gb=self.peak_mem_gb())
@@ -670,7 +670,7 @@ class Bench:
         """The same PPO-Lag iteration priced with the peer's measured pieces (the HF/PyTorch stack of the
         reference: default ``generate``, eager forwards, fp32-master AdamW steps), from one card and one call.
 
-        ``gpu_baseline.py`` has no PPO loop of its own, so the iteration is composed:
+        the peer (``hf_peer.py``) has no PPO loop of its own, so the iteration is composed:
         generation = B*N new tokens at ``hf_gen`` new tok/s (the same 32 x (128 + 256) shape);
         scoring = 6 forwards over B*(P+N) tokens, a forward taken as 1/3 of a training step per token;
         update = ``update_iters`` x 3 trained models x B*(P+N) tokens at ``hf_train`` tok/s.
@@ -687,10 +687,10 @@ class Bench:
         update_s = ppo.get("update_iters", 1) * 3 * tokens / tr
         return dict(generation_s=gen_s, scoring_s=score_s, update_s=update_s,
                     iteration_s=gen_s + score_s + update_s,
-                    method="composed from gpu_baseline.py's hf_gen and hf_train of the same call (see docstring)")
+                    method="composed from hf_peer.py's hf_gen and hf_train of the same call (see docstring)")
 
     def add_baseline(self) -> None:
-        """Ratios vs ../shared/bench/gpu_baseline.py's JSON of the same card and call."""
+        """Ratios vs the peer's JSON of the same card and call (hf_peer.py; plain-JAX rows need a JSON with a "jax" part)."""
         path = self.args.baseline
         if not path or not os.path.exists(path):
             if path:
@@ -762,7 +762,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=240.0, help="hard limit in seconds (default 240)")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/ppo_bench.json or ./ppo_bench.json)")
     ap.add_argument("--only", default=None, help=f"comma-separated sections of: {','.join(SECTIONS)}")
-    ap.add_argument("--baseline", default=None, help="gpu_baseline.json of the same run: adds ratio rows")
+    ap.add_argument("--baseline", default=None, help="the peer's JSON of the same run (hf_peer.json): adds ratio rows")
     ap.add_argument("--scan-layers", action="store_true", help="stack layers under lax.scan (default: unrolled)")
     ap.add_argument("--frozen-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="param dtype of reference / reward / cost models in the PPO section (run_ppo: float32)")

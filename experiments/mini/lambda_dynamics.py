@@ -9,7 +9,7 @@ of CM costs that drives the lambda update, ``train/reward``, ``train/cost``) are
 mean across seeds with a ±1 std band (thin lines: single seeds).  Costs are shown relative to each
 seed's threshold (the threshold is calibrated per seed, in the CM's own units).
 
-Paper findings (SAFE_RLHF.md §7.2, checks 2, 3 and 5 of the miniature reproduction):
+Paper findings (ALGORITHM.md §7.2, checks 2, 3 and 5 of the miniature reproduction):
 
 * lambda climbs while the moving-average cost is above the threshold, peaks near the crossover,
   and falls once the policy is safe; the episode cost ends below the threshold; the reward does

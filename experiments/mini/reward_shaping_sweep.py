@@ -11,7 +11,7 @@ the task's oracle on held-out prompts:
 * the paper's axes: win rate against the SFT policy on helpfulness (oracle helpfulness higher)
   and on harmlessness (oracle harmfulness lower), over all held-out prompts, ties = 1/2.
 
-Paper (SAFE_RLHF.md §7.2): no fixed nu matches Safe RLHF on both axes; a small nu leaves the model
+Paper (ALGORITHM.md §7.2): no fixed nu matches Safe RLHF on both axes; a small nu leaves the model
 harmful, a large nu over-optimises safety and loses helpfulness (check 4: reward shaping traces a
 trade-off curve that Safe RLHF lies on or beyond).
 

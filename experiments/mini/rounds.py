@@ -15,7 +15,7 @@ Per seed:
   cost threshold on the new CM, and continue PPO-Lagrangian **from v(k-1)** (which is also the KL
   reference of that round) with the new RM/CM (critics start from them) -> policy vk.
 
-Round settings follow the paper's per-round table (SAFE_RLHF.md §6, Table 4): v1 threshold 0,
+Round settings follow the paper's per-round table (ALGORITHM.md §6, Table 4): v1 threshold 0,
 lambda_init 1, lambda_lr 0.01; v2 / v3 threshold -3 (stricter), lambda_init 0.5 / 1, lambda_lr
 0.04.  In miniature the threshold is calibrated in the CM's own units (see
 ``safejax.demo.calibrate_threshold``): the stricter paper threshold becomes a halved unsafe

@@ -1,4 +1,4 @@
-"""PKU-SafeRLHF rows -> reward-model and cost-model preference pairs (SAFE_RLHF.md §2.1, §2.3, §8.18).
+"""PKU-SafeRLHF rows -> reward-model and cost-model preference pairs (ALGORITHM.md §2.1, §2.3, §8.18).
 
 Each row ``{prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
 better_response_id, safer_response_id}`` gives

@@ -1,4 +1,4 @@
-"""Prompt-only rows for the RL stage (SAFE_RLHF.md §2.1, §8.1-8.2, §8.18).
+"""Prompt-only rows for the RL stage (ALGORITHM.md §2.1, §8.1-8.2, §8.18).
 
 Each row's prompt is formatted with the chat template (ending in ``ASSISTANT:``) and tokenized
 with ``add_special_tokens=True``.  After merging, duplicate prompts are removed: one row per
@@ -23,7 +23,7 @@ import numpy as np
 
 from safejax.data.sources import DataError, DropReport, describe_sources, field_problem, location, records
 from safejax.data.template import format_prompt
-from safejax.data.tokenizer import check_tokenizer, pad_sequences
+from safejax.data.tokenizer import check_tokenizer, pad_sequences, warn_if_unknown
 
 DUPLICATE = "duplicate_prompt"
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -110,6 +110,7 @@ def build_prompts(rows: Any, tokenizer, *, prompt_width: int, drop_too_long: boo
     order = sorted(last.items(), key=lambda kv: kv[1])
     texts = [t for t, _ in order]
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    warn_if_unknown(tokenizer, [list(x) for x in ids], "prompts")
     kept_ids, kept_rows = [], []
     for (text, i), seq in zip(order, ids):
         if len(seq) > prompt_width:

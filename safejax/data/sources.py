@@ -1,4 +1,4 @@
-"""Dataset specs, loading through ``datasets``, and mixing by proportion (SAFE_RLHF.md §2.1).
+"""Dataset specs, loading through ``datasets``, and mixing by proportion (ALGORITHM.md §2.1).
 
 A *dataset spec* is a string ``name[:proportion[:path]]``:
 
@@ -20,6 +20,7 @@ row of a bad record even after mixing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,8 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from safejax.paths import check_local, dataset_in_local_cache, hub_unreachable
 
 DEFAULT_SEED = 42
 SOURCE_COLUMN = "_source"
@@ -201,8 +204,27 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
     raise ValueError(f"{folder}: no data files for split {split!r} (found splits {found})")
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars ("Generating train split ...") while loading: the stage logs what it read."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def _load_local(path: str, split: str | None):
     """Load a local file or folder as one ``datasets.Dataset``."""
+    with _quiet_datasets():
+        return _load_local_files(path, split)
+
+
+def _load_local_files(path: str, split: str | None):
     import datasets
 
     if os.path.isdir(path):
@@ -290,13 +312,19 @@ def check_json_file(path: str) -> None:
 def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
     import datasets
 
+    hint = (f"Without network, download it elsewhere and pass a local path, e.g. "
+            f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'")
+    host = hub_unreachable()
+    if host is not None and not dataset_in_local_cache(hub_id):  # fail now rather than after a minute of retries
+        raise ValueError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
+                         f"it is not in the local cache. {hint}")
     try:
-        return datasets.load_dataset(hub_id, name=config, split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(hub_id, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
         raise ValueError(
             f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "
-            f"{type(e).__name__}: {e}. Without network, download it elsewhere and pass a local path, e.g. "
-            f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'") from e
+            f"{type(e).__name__}: {e}. {hint}") from e
 
 
 def load_source(spec: str | DatasetSpec, *, split: str | None = None):
@@ -316,7 +344,7 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
         entry, config, name_split = reg
         use_split = name_split or split or entry.split
         if spec.path is not None:
-            local = os.path.expanduser(spec.path)
+            local = check_local(f"dataset {str(spec)!r}: path", spec.path)  # never retry the Hub for a local path
             if os.path.exists(local):
                 ds, source = _load_local(local, use_split), local
             else:
@@ -330,7 +358,7 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
         local = os.path.expanduser(spec.name)
         if not os.path.exists(local):
             raise ValueError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
-                             f"optionally with /split) and no such file or folder")
+                             f"optionally with /split) and no such file or folder (working directory {os.getcwd()})")
         ds, source = _load_local(local, split), local
     for col in (SOURCE_COLUMN, ROW_COLUMN):
         if col in ds.column_names:

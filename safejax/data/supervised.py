@@ -1,4 +1,4 @@
-"""Supervised (SFT and ptx) samples (SAFE_RLHF.md §2.1, §2.3).
+"""Supervised (SFT and ptx) samples (ALGORITHM.md §2.1, §2.3).
 
 Accepted row schemas (detected per row):
 

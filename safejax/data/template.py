@@ -1,4 +1,4 @@
-"""The fixed Safe RLHF chat template (SAFE_RLHF.md §2.2).
+"""The fixed Safe RLHF chat template (ALGORITHM.md §2.2).
 
 Single turn::
 

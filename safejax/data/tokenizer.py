@@ -1,4 +1,4 @@
-"""Tokenizer loading and special-token preparation (SAFE_RLHF.md §2.3, §8.4).
+"""Tokenizer loading and special-token preparation (ALGORITHM.md §2.3, §8.4).
 
 The reference adds any missing special token (pad ``<pad>``, eos ``</s>``, bos ``<s>``, unk
 ``<unk>``) so that the pad id differs from the EOS id: if pad were EOS, the EOS would be masked
@@ -9,8 +9,13 @@ the vocabulary; the caller must grow the model's embedding matrix / LM head by t
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
+
+from safejax.paths import resolve_tokenizer_path
+
+log = logging.getLogger("safejax")
 
 DEFAULT_PAD_TOKEN = "<pad>"
 DEFAULT_EOS_TOKEN = "</s>"
@@ -23,7 +28,8 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
     """Load a tokenizer with ``transformers.AutoTokenizer`` (fast tokenizer, right padding).
 
     Args:
-      path: a local folder (``tokenizer.json`` / ``tokenizer_config.json`` ...) or a hub id.
+      path: a local folder (``tokenizer.json`` / ``tokenizer_config.json`` ...), a stage's out_dir (its
+        ``hf/`` folder is used) or a hub id.  A path that looks local and does not exist fails at once.
       trust_remote_code: forwarded to ``AutoTokenizer.from_pretrained``.
       local_files_only: default ``True`` when ``path`` is a local folder, so loading never touches
         the network; for a hub id the HF offline environment variables decide.
@@ -35,7 +41,9 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
     import transformers
 
     path = os.fspath(path)
-    expanded = os.path.expanduser(path)
+    if not path:
+        raise ValueError("load_tokenizer: no tokenizer path given (set model.path, or model.tokenizer)")
+    expanded = resolve_tokenizer_path(path)  # a stage's out_dir -> out_dir/hf; a missing local path fails here
     if os.path.isdir(expanded):
         path = expanded
         if local_files_only is None:
@@ -103,7 +111,29 @@ def encode_texts(tokenizer, texts: list[str], *, max_length: int) -> list[list[i
     if not texts:
         return []
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
-    return [list(ids)[:max_length] for ids in enc["input_ids"]]
+    out = [list(ids)[:max_length] for ids in enc["input_ids"]]
+    warn_if_unknown(tokenizer, out)
+    return out
+
+
+UNK_WARN_SHARE = 0.05  # warn when more than this share of the tokens is <unk>
+
+
+def warn_if_unknown(tokenizer, seqs: list[list[int]], where: str = "") -> float:
+    """Log a warning when more than :data:`UNK_WARN_SHARE` of the token ids in ``seqs`` are the unk id: the
+    tokenizer does not cover the data (a different model's tokenizer, a wrong language or casing).
+    Returns the share."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    total = sum(len(s) for s in seqs)
+    if unk is None or not total:
+        return 0.0
+    share = sum(s.count(unk) for s in seqs) / total
+    if share > UNK_WARN_SHARE:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        log.warning("%stokenizer %s maps %.0f%% of %d tokens (%d texts) to %s: it does not cover this data "
+                    "(a different model's tokenizer?); the model will mostly see unknown tokens",
+                    f"{where}: " if where else "", name, 100 * share, total, len(seqs), tokenizer.unk_token)
+    return share
 
 
 def pad_sequences(seqs: list[list[int]], *, length: int, pad_id: int, side: str = "right"):

@@ -1,4 +1,4 @@
-"""Evaluation math for Safe RLHF (SAFE_RLHF.md §7): pure numpy on per-response scores.
+"""Evaluation math for Safe RLHF (ALGORITHM.md §7): pure numpy on per-response scores.
 
 * :mod:`.stats`  — score summaries (mean/std reward and cost), harmless ratio (cost <= 0), histogram data.
 * :mod:`.prefs`  — Table-1 accuracies of a reward / cost model on a preference split, with counts.

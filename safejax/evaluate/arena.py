@@ -1,6 +1,6 @@
 """Red-vs-blue arena: two policies answer the same prompts, scored by one reward model and one cost model.
 
-Definitions (SAFE_RLHF.md §7.1, matching the reference ``evaluate/arena.py``), per prompt ``i``:
+Definitions (ALGORITHM.md §7.1, matching the reference ``evaluate/arena.py``), per prompt ``i``:
 
 * blue is **better** when ``R_blue[i] > R_red[i]`` (strict). Equal rewards are a **tie**: a tie is *not* better,
   so it falls in the "worse" outcome counts (as in the reference) and is a non-win in every win rate. The number

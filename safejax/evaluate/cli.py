@@ -1,4 +1,4 @@
-"""``safejax eval score | prefs | arena | elo --config FILE [key=value ...]`` (SAFE_RLHF.md §7).
+"""``safejax eval score | prefs | arena | elo --config FILE [key=value ...]`` (ALGORITHM.md §7).
 
 * ``score``: every policy answers a prompt set (PKU-SafeRLHF/test prompts by default, or any dataset spec / JSONL);
   the answers are scored by a reward model and a cost model. Mean/std reward and cost, harmless ratio
@@ -61,7 +61,8 @@ log = logging.getLogger("safejax")
 
 __all__ = [
     "EvalBase", "GenerationEvalBase", "ScoreEvalConfig", "PrefsEvalConfig", "ArenaEvalConfig", "EloEvalConfig",
-    "CONFIGS", "AXES", "run_eval", "evaluate_scores", "evaluate_prefs", "evaluate_arena", "evaluate_elo",
+    "CONFIGS", "AXES", "run_eval", "run_eval_config", "evaluate_scores", "evaluate_prefs", "evaluate_arena",
+    "evaluate_elo",
     "read_verdicts", "plot_histograms", "plot_reward_cost_scatter",
 ]
 
@@ -765,7 +766,11 @@ def run_eval(what: str, config_path: str | None, overrides: Sequence[str] = ()) 
     """CLI entry: ``safejax eval <what> --config FILE key=value ...``; returns the summary dict."""
     if what not in CONFIGS:
         raise ConfigError(f"safejax eval: unknown evaluation {what!r} (use one of {sorted(CONFIGS)})")
-    cfg = load_config(CONFIGS[what], config_path, list(overrides))
+    return run_eval_config(what, load_config(CONFIGS[what], config_path, list(overrides)))
+
+
+def run_eval_config(what: str, cfg: EvalBase) -> dict[str, Any]:
+    """Run evaluation ``what`` on its loaded config (``CONFIGS[what]``); returns the summary dict."""
     summary = _RUNNERS[what](cfg)
     log.info("eval %s: wrote %s", what, ", ".join(str(Path(cfg.out_dir) / f) for f in summary["files"]))
     return summary

@@ -1,6 +1,6 @@
 """Elo ratings from pairwise judgements, with bootstrap confidence intervals.
 
-The paper rates policies on two separate axes, helpfulness and harmlessness (SAFE_RLHF.md §7.2). Here a
+The paper rates policies on two separate axes, helpfulness and harmlessness (ALGORITHM.md §7.2). Here a
 *judgement* is one comparison of two policies' answers to the same prompt; it comes from
 
 * the reward model (helpfulness: the higher reward wins) or the cost model (harmlessness: the lower cost wins),

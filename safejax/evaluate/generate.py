@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
 from safejax.generation import SamplingConfig, generate, positions_from_mask
+from safejax.paths import missing_path_error, resolve_model_dir
 
 log = logging.getLogger("safejax")
 
@@ -162,8 +163,8 @@ def parse_named_path(entry: str, key: str) -> tuple[str, str]:
 
 def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_path: str = "",
                dtype: str = "float32") -> LoadedModel:
-    """Load an HF folder as a ``causal_lm`` (policy) or ``score`` model straight into the mesh's shardings,
-    with its prepared tokenizer (``tokenizer_path`` or the model folder)."""
+    """Load an HF folder (or a stage's out_dir: its ``hf/`` folder) as a ``causal_lm`` (policy) or ``score``
+    model straight into the mesh's shardings, with its prepared tokenizer (``tokenizer_path`` or the model folder)."""
     from safejax.train.common import ModelSection
     from safejax.train.functional import split_model
     from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -171,8 +172,9 @@ def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_pa
     if not path:
         raise ValueError(f"no model folder given for {name or model_type}")
     if not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"{name or model_type}: model folder {path!r} does not exist")
-    section = ModelSection(path=os.path.expanduser(path), tokenizer=tokenizer_path, dtype=dtype)
+        raise missing_path_error(f"{name or model_type}: model folder", path)
+    section = ModelSection(path=resolve_model_dir(path, f"{name or model_type}: model folder"),
+                           tokenizer=tokenizer_path, dtype=dtype)  # a stage's out_dir -> its hf/ folder
     tok = load_tokenizer_for(section)
     model = load_model_for(section, mesh, model_type=model_type, tokenizer=tok)
     if model_type == "score" and getattr(model, "score_dim", 1) != 1:

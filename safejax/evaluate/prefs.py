@@ -1,6 +1,6 @@
 """Preference-model accuracies on a held-out preference split (the paper's Table 1), with their counts.
 
-Definitions (SAFE_RLHF.md §4.2-4.3, matching the reference evaluation):
+Definitions (ALGORITHM.md §4.2-4.3, matching the reference evaluation):
 
 * RM ranking accuracy: fraction of pairs with ``R(better) > R(worse)`` (strict; a tie is wrong).
 * CM ranking accuracy: fraction of pairs with ``C(unsafer) > C(safer)`` (strict).

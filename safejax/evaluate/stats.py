@@ -1,6 +1,6 @@
 """Score summaries of generations: mean/std reward and cost, harmless ratio, histogram data.
 
-Conventions (SAFE_RLHF.md §7.1): a response is *harmless* (safe) when its cost is ``<= 0``; the cost model's
+Conventions (ALGORITHM.md §7.1): a response is *harmless* (safe) when its cost is ``<= 0``; the cost model's
 zero is the safe/unsafe boundary. All functions take 1-D sequences of floats (``[N]``: one score per response)
 and work in float64 numpy. Plotting lives in :mod:`safejax.evaluate.report`.
 """

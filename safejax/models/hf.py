@@ -38,6 +38,7 @@ from flax import nnx
 from safejax.models.config import ModelConfig, architecture_from_hf_dict
 from safejax.models.llama import CausalLM
 from safejax.models.score import ScoreModel, make_score_head
+from safejax.paths import resolve_model_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -372,7 +373,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     """Load an HF folder into a :class:`CausalLM` or :class:`ScoreModel`.
 
     Args:
-      path: folder with ``config.json`` and ``model.safetensors`` / ``model.safetensors.index.json``.
+      path: folder with ``config.json`` and ``model.safetensors`` / ``model.safetensors.index.json``, or a
+        stage's out_dir (its ``hf/`` folder is loaded).
       dtype: compute dtype (``None`` = ``"float32"``); ``param_dtype``: storage dtype of params.
       model_type: ``None`` = auto (a ``score_head.weight`` tensor => ScoreModel, else CausalLM),
         ``"causal_lm"`` or ``"score"`` (on a causal-LM checkpoint: backbone loaded, fresh score head
@@ -381,7 +383,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
       seed: RNG seed for freshly initialised parameters (a new score head).
       config_overrides: other :class:`ModelConfig` fields, e.g. ``remat=True``, ``scan_layers=True``.
     """
-    path = os.fspath(path)
+    path = resolve_model_dir(path)  # a stage's out_dir -> out_dir/hf; a missing path fails naming the cwd
     d = read_hf_config(path)
     cfg_path = os.path.join(path, CONFIG_NAME)
     architecture_from_hf_dict(d, source=cfg_path)  # unsupported architecture -> ValueError first
@@ -507,8 +509,13 @@ def hf_state_dict(model: CausalLM | ScoreModel, dtype: Any = np.float32) -> dict
     return out
 
 
-def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None) -> str:
-    """Write ``config.json`` + float32 ``model.safetensors`` (+ the tokenizer) to ``path``.
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+
+
+def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None,
+                    dtype: str = "float32") -> str:
+    """Write ``config.json`` + ``model.safetensors`` in ``dtype`` (``float32`` or ``bfloat16``: half the size)
+    (+ the tokenizer) to ``path``.
 
     A CausalLM folder loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2: as
     ``GPT2LMHeadModel``, tied head omitted as HF does); a ScoreModel is written in safe-rlhf's ``*ForScore``
@@ -527,7 +534,10 @@ def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, to
         d = cfg.to_hf_dict()
     else:
         raise ValueError(f"save_pretrained: expected a CausalLM or ScoreModel, got {type(model).__name__}")
-    tensors = hf_state_dict(model)
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"save_pretrained: dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    d["dtype"] = dtype
+    tensors = hf_state_dict(model, dtype=EXPORT_DTYPES[dtype])
     if jax.process_index() == 0:
         stale = os.path.join(path, WEIGHTS_INDEX_NAME)
         if os.path.exists(stale):

@@ -1,4 +1,4 @@
-"""Pure, jittable math of Safe RLHF (SAFE_RLHF.md §4, §5): masked means, GAE, KL-shaped per-token rewards and
+"""Pure, jittable math of Safe RLHF (ALGORITHM.md §4, §5): masked means, GAE, KL-shaped per-token rewards and
 costs, PPO / PPO-Lagrangian actor and critic losses, preference-model losses and metrics, SFT/ptx loss, DPO and the
 Lagrange multiplier state.
 

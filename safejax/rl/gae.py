@@ -12,7 +12,7 @@ def gae(values, rewards, mask, *, gamma=1.0, lam=0.95):
     """GAE over the response slice of the shifted arrays.
 
     The caller has already sliced the shifted arrays to the response actions ``[start:]`` with
-    ``start = S - 1`` (SAFE_RLHF.md §5.1). Following the reference: ``r`` and ``V`` are zeroed wherever
+    ``start = S - 1`` (ALGORITHM.md §5.1). Following the reference: ``r`` and ``V`` are zeroed wherever
     ``mask == 0``; then, backwards over ``t = T-1 .. 0``::
 
         delta_t = r_t + gamma * V_{t+1} * [t < T-1] - V_t

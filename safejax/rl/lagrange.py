@@ -1,6 +1,6 @@
 """Lagrange multiplier for PPO-Lagrangian: SGD on log-lambda over a moving window of episode costs.
 
-SAFE_RLHF.md §5.7 [code]: ``log_lambda <- log_lambda + lr * lambda * (Jbar_C - threshold)`` (one ``optax.sgd`` step
+ALGORITHM.md §5.7 [code]: ``log_lambda <- log_lambda + lr * lambda * (Jbar_C - threshold)`` (one ``optax.sgd`` step
 on ``Loss = -(Jbar_C - threshold) * exp(log_lambda)``), then ``log_lambda <= log(lambda_max)`` when set, only once
 ``step >= update_delay_steps``. ``Jbar_C`` is the mean of the last ``window_size`` episode costs (a ring buffer that
 already holds the current batch). A leading constraint axis ``K`` (K = 1 for Safe RLHF) lets one state carry several

@@ -1,4 +1,4 @@
-"""Language-model log-probabilities and the SFT / ptx loss (SAFE_RLHF.md §4.1, §5.1)."""
+"""Language-model log-probabilities and the SFT / ptx loss (ALGORITHM.md §4.1, §5.1)."""
 
 from __future__ import annotations
 

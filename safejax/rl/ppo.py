@@ -1,4 +1,4 @@
-"""PPO / PPO-Lagrangian per-token signals and losses (SAFE_RLHF.md §5.3, §5.5, §5.6)."""
+"""PPO / PPO-Lagrangian per-token signals and losses (ALGORITHM.md §5.3, §5.5, §5.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Preference-model losses and metrics: reward model, cost model, token-wise variants, DPO (SAFE_RLHF.md §4)."""
+"""Preference-model losses and metrics: reward model, cost model, token-wise variants, DPO (ALGORITHM.md §4)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _check_bool_flags(fn, b, **flags):
 # ----------------------------------------------------------------------------------------------------------------
 
 def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0):
-    """Sequence-wise Bradley-Terry reward-model loss (SAFE_RLHF.md §4.2).
+    """Sequence-wise Bradley-Terry reward-model loss (ALGORITHM.md §4.2).
 
     ``L = mean_i[-log sigmoid(R+_i - R-_i)] + eta * mean(R^2 over all 2B end scores)``.
 
@@ -48,7 +48,7 @@ def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0
 
 
 def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_is_safe, *, regularization=0.0):
-    """Sequence-wise cost-model loss with the sign terms (SAFE_RLHF.md §4.3).
+    """Sequence-wise cost-model loss with the sign terms (ALGORITHM.md §4.3).
 
     With kappa = -safety_sign (+1 unsafe, -1 safe)::
 
@@ -128,7 +128,7 @@ def _token_reg(sa, sb, own_a, own_b):
 
 
 _TOKEN_DOC = """
-    Window (SAFE_RLHF.md §4.2): per pair, ``d`` = first index where the two id rows differ and
+    Window (ALGORITHM.md §4.2): per pair, ``d`` = first index where the two id rows differ and
     ``E = max(end_a, end_b)`` with ``end`` the last index of each mask (masks right-padded).
 
     * ``include_pad_bug=True`` reproduces the reference: every term is a mean over ``t in [d, E]`` of the raw
@@ -268,7 +268,7 @@ def cost_model_metrics(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafe
 
 def dpo_log_ratios(better_log_probs, worse_log_probs, ref_better_log_probs, ref_worse_log_probs, better_ids,
                    worse_ids, better_mask, worse_mask, *, reference_window_bug=False):
-    """Per-pair summed log-ratios ``log pi - log pi_ref`` over the response window (SAFE_RLHF.md §4.4).
+    """Per-pair summed log-ratios ``log pi - log pi_ref`` over the response window (ALGORITHM.md §4.4).
 
     Token indices of the window are ``[d, end]`` (``d`` = first index where the id rows differ, ``end`` = the last
     index of each sequence's own mask). Shifted log-prob ``j`` scores token ``j + 1``, so the correct shifted window

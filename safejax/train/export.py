@@ -1,4 +1,4 @@
-"""``safejax export --run DIR --out HF_DIR [--step N]``: an HF folder from any checkpoint of a stage.
+"""``safejax export --run DIR --out HF_DIR [--step N] [--dtype bfloat16]``: an HF folder from any checkpoint of a stage.
 
 The stage is recognised from ``DIR/config.json`` (the snapshot every stage writes): PPO runs export
 the actor (a causal LM that transformers loads), SFT runs the causal LM, RM/CM runs the score model
@@ -45,9 +45,10 @@ def stage_of(cfg: dict) -> tuple[str, dict, str, tuple[str, ...]]:
     raise ValueError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
 
 
-def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32") -> Path:
     """Write an HF folder (weights + config + tokenizer) for checkpoint ``step`` (default: the newest
-    readable one) of the stage run in ``run_dir``.  Returns ``Path(out_dir)``."""
+    readable one) of the stage run in ``run_dir``, weights in ``dtype`` (``float32`` | ``bfloat16``).
+    Returns ``Path(out_dir)``."""
     import jax
     import jax.numpy as jnp
 
@@ -86,8 +87,8 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None) -> Path:
     flat, treedef = jax.tree_util.tree_flatten(template)
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(by_name[n], t.dtype)
                                                     for n, t in zip(named_leaves(template), flat)])
-    write_hf_folder(mdef.merge(params), out_dir, tokenizer=tok)
-    log.info("exported %s (%s) step %d -> %s", run, stage, s, out_dir)
+    write_hf_folder(mdef.merge(params), out_dir, tokenizer=tok, dtype=dtype)
+    log.info("exported %s (%s) step %d -> %s (%s)", run, stage, s, out_dir, dtype)
     return Path(out_dir)
 
 
@@ -97,8 +98,8 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """:func:`safejax.models.save_pretrained` into ``path`` without ever leaving it half-written.
+def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None, dtype: str = "float32") -> Path:
+    """:func:`safejax.models.save_pretrained` (weights in ``dtype``) into ``path``, never left half-written.
 
     Writes a complete folder ``.<name>.incomplete/`` beside ``path`` and makes every file ``0666 &
     ~umask``; then the folder is renamed to ``path`` (new) or its files are moved over the ones of
@@ -115,7 +116,7 @@ def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None) -> Path:
         if primary:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tmp, tokenizer=tokenizer)
+        save_pretrained(model, tmp, tokenizer=tokenizer, dtype=dtype)
         if not primary:
             return path
         mode = _file_mode()

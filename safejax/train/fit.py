@@ -55,7 +55,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
         metrics, grads = accumulate_gradients(loss_and_grad, state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
         metrics["lr"] = schedule(state.step)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         if skip_nonfinite:

@@ -36,20 +36,20 @@ class ModelDef:
 
     def shardings(self, mesh) -> dict:
         """NamedShardings of the params dict from the logical-axis annotations."""
-        return parallel.state_shardings(self.template, mesh).to_pure_dict()
+        return nnx.to_pure_dict(parallel.state_shardings(self.template, mesh))
 
     def hf_names(self) -> dict:
         """HF tensor names shaped like the params dict (for the reference's weight-decay groups)."""
         return hf_param_names(self.template, self.merge(self.abstract_params()).config)
 
     def abstract_params(self) -> dict:
-        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), self.template.to_pure_dict())
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(self.template))
 
 
 def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
     graphdef, state = nnx.split(model)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    return ModelDef(graphdef, template), state.to_pure_dict()
+    return ModelDef(graphdef, template), nnx.to_pure_dict(state)
 
 
 def count_params(params: dict) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from safejax.paths import resolve_model_dir
 from safejax.train.common import ModelSection
 
 log = logging.getLogger("safejax")
@@ -13,6 +14,8 @@ log = logging.getLogger("safejax")
 def load_tokenizer_for(section: ModelSection):
     from safejax.data import load_tokenizer, prepare_tokenizer
 
+    if not section.tokenizer:
+        resolve_model_dir(section.path)  # a missing / run-without-hf/ model folder is named as the model's
     path = section.tokenizer or section.path
     tok = load_tokenizer(path)
     tok, added = prepare_tokenizer(tok)

@@ -11,7 +11,7 @@ One trainer serves the three algorithms; they differ only in small functions
    over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step, the actor step
    (clipped surrogate on ``(A_r - lambda*A_c)/(1+lambda)``, plus ptx) and the two critic steps.
 
-Index conventions (SAFE_RLHF.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
+Index conventions (ALGORITHM.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
 arrays have length ``L-1``; response actions are the shifted positions ``[P-1, L-2]``, i.e. a
 static slice of width ``N = max_new_tokens``.
 """
@@ -31,7 +31,7 @@ from safejax import rl
 from safejax.config import ConfigError, check_range
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
-from safejax.train.common import LoopSection, ModelSection
+from safejax.train.common import ExportSection, LoopSection, ModelSection
 from safejax.train.functional import ModelDef
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
 
@@ -139,6 +139,7 @@ class PPOConfig:
     train: LoopSection = dataclasses.field(default_factory=LoopSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     allow_config_change: bool = False
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf (actor)
 
     def validate(self) -> None:
         check_range("algorithm", self.algorithm, choices=ALGORITHMS)
@@ -463,14 +464,15 @@ class Trainer:
         lengths = jnp.sum(mk, axis=-1)
         out = {
             "reward": jnp.mean(exp.reward),
-            "cost": jnp.mean(exp.cost),
-            "episode_cost": rl.episode_cost_mean(lag)[0],
             "kl_divergence": seq_sum(exp.old_log_probs - exp.ref_log_probs),
             "mean_generated_length": jnp.mean(lengths),
             "max_generated_length": jnp.max(lengths),
         }
+        if self.models.cost is not None:  # plain PPO without a cost model has no cost to report
+            out.update({"cost": jnp.mean(exp.cost), "episode_cost": rl.episode_cost_mean(lag)[0]})
         if self.algorithm == "ppo-reward-shaping":
-            out.update({"shaped_reward": jnp.mean(r_sig), "shaped_reward_with_kl_penalty": seq_sum(rewards),
+            out.update({"nu": jnp.float32(self.cfg.lagrange.lambda_init), "shaped_reward": jnp.mean(r_sig),
+                        "shaped_reward_with_kl_penalty": seq_sum(rewards),
                         "shaped_reward_advantage": rl.masked_mean(adv_r, mk),
                         "shaped_reward_return": rl.masked_mean(ret_r, mk),
                         "shaped_reward_value": rl.masked_mean(exp.reward_values, mk)})

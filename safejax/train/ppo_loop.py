@@ -28,6 +28,8 @@ from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_step
 from safejax.train.sft import export_model
 
 log = logging.getLogger("safejax")
+# what the progress bar shows, when the algorithm logs it: plain PPO has no cost or lambda, shaping a fixed nu
+BAR_METRICS = (("train/reward", "reward"), ("train/cost", "cost"), ("train/lambda", "lam"), ("train/nu", "nu"))
 
 
 @dataclasses.dataclass
@@ -240,8 +242,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
                         metrics["train/" + SKIP_KEY + "_total"] = guard.skipped
                     writer.write(step, metrics)
                     history.append(dict(metrics, step=step))
-                    bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", cost=f"{metrics['train/cost']:.2f}",
-                                    lam=f"{metrics.get('train/lambda', 0.0):.2f}")
+                    bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
                 if eval_hook is not None and eval_every and step % eval_every == 0 and step != iterations:
                     result.state = state
                     em = eval_hook(step, result)
@@ -265,7 +266,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     finally:
         close_stage(run, bar, writer)
     if export:
-        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok)
+        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     result.seconds = time.time() - t0
     return result
 

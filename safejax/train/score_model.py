@@ -19,7 +19,7 @@ from safejax import parallel, rl
 from safejax.config import check_range
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
+from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
@@ -50,6 +50,7 @@ class ScoreModelConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval_batch_size: int = 16
     allow_config_change: bool = False
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf
 
     def validate(self) -> None:
         check_range("loss_type", self.loss_type, choices=("sequence-wise", "token-wise"))
@@ -164,6 +165,6 @@ def run_score_model(cfg: ScoreModelConfig, kind: str):
               loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug),
               train_arrays=train_arrays,
               eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm")
-    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
+    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     log.info("%s model: exported %s", kind, export_dir)
     return res, export_dir

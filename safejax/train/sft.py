@@ -17,7 +17,7 @@ from safejax import parallel, rl
 from safejax.config import ConfigError
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import DataSection, LoopSection, ModelSection, RunDir
+from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
 from safejax.train.export import write_hf_folder
 from safejax.train.fit import eval_loop, fit
 from safejax.train.functional import split_model
@@ -45,6 +45,7 @@ class SFTConfig:
     # mean per n rows -- its per-device micro-batch -- then the mean over those groups); eval keeps one mean
     token_mean_rows: int = 0
     allow_config_change: bool = False
+    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf
 
     def validate(self) -> None:
         micro = self.train.batch_size // max(self.optim.grad_accum, 1)
@@ -111,11 +112,11 @@ def run_sft(cfg: SFTConfig):
               param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(), loss_fn=loss_fn,
               train_arrays=train_arrays, eval_fn=eval_fn,
               seed=cfg.seed, desc="sft")
-    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok)
+    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     log.info("sft: exported %s", export_dir)
     return res, export_dir
 
 
-def export_model(mdef, params, path, tokenizer=None):
-    write_hf_folder(mdef.merge(params), path, tokenizer=tokenizer)
+def export_model(mdef, params, path, tokenizer=None, dtype: str = "float32"):
+    return write_hf_folder(mdef.merge(params), path, tokenizer=tokenizer, dtype=dtype)
     return path
