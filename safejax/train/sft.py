@@ -118,5 +118,5 @@ def run_sft(cfg: SFTConfig):
 
 
 def export_model(mdef, params, path, tokenizer=None, dtype: str = "float32"):
+    """Write ``params`` as an HF folder at ``path`` (weights in ``dtype``); returns the folder."""
     return write_hf_folder(mdef.merge(params), path, tokenizer=tokenizer, dtype=dtype)
-    return path
