@@ -138,7 +138,7 @@ def log_steps(schedule: optax.Schedule) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         del params
         lr = jnp.asarray(schedule(state.count), jnp.float32)
-        return updates, StepLog(state.count + 1, lr, optax.global_norm(updates).astype(jnp.float32))
+        return updates, StepLog(state.count + 1, lr, optax.tree_utils.tree_norm(updates).astype(jnp.float32))
 
     return optax.GradientTransformation(init, update)
 
