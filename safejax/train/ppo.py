@@ -124,6 +124,9 @@ class PPOConfig:
         if self.train.batch_size % self.ppo.micro_batch_size:
             raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
+        if self.train.batch_size % self.rollout.num_return_sequences:
+            raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
+                              f"'rollout.num_return_sequences' = {self.rollout.num_return_sequences}")
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
