@@ -385,12 +385,14 @@ class Backbone(nnx.Module):
         self.norm = make_norm(c, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
-                 cache: KVCache | None = None, cache_index: Array | int | None = None
-                 ) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, cache_index: Array | int | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """input_ids ``[B, T]`` -> (hidden ``[B, T, D]`` after the final norm, new cache or None).
 
         Without a cache, ``attention_mask`` is ``[B, T]``.  With a cache it is the ``[B, S_max]``
-        mask of valid cache slots (including the T new tokens at ``[cache_index, cache_index+T)``)."""
+        mask of valid cache slots (including the T new tokens at ``[cache_index, cache_index+T)``).
+        ``segment_ids [B, T]`` (packed rows, no cache): a token attends only to earlier tokens of its own
+        segment; pass ``positions`` that restart at 0 in every segment."""
         c = self.config
         input_ids = jnp.asarray(input_ids)
         B, T = input_ids.shape
@@ -411,6 +413,11 @@ class Backbone(nnx.Module):
             positions = pos_all if cache is None else lax.dynamic_slice_in_dim(pos_all, start, T, axis=1)
         positions = jnp.asarray(positions)
         mask = attention_mask_3d(kv_mask, q_slots, c.sliding_window)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are not supported with a KV cache")
+            seg = jnp.asarray(segment_ids)
+            mask = mask & (seg[:, :, None] == seg[:, None, :])
         if self.embed_positions is None:
             cos, sin = rope_cos_sin(positions, c.rope_inv_freq())
             h = self.embed_tokens(input_ids)
@@ -452,7 +459,8 @@ class CausalLM(nnx.Module):
     ``lm(input_ids [B, T], attention_mask [B, T] | None, positions [B, T] | None) -> logits [B, T, V] f32``.
     Decode: ``lm(ids [B, T], attention_mask=kv_mask [B, S_max], positions=[B, T], cache=cache,
     cache_index=i) -> (logits [B, T, V], new_cache)``; new k/v go to slots ``[i, i+T)``.
-    Default positions: ``max(cumsum(mask) - 1, 0)``."""
+    Default positions: ``max(cumsum(mask) - 1, 0)``.  Packed rows: ``segment_ids=[B, T]`` (see
+    :meth:`Backbone.__call__`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -465,9 +473,9 @@ class CausalLM(nnx.Module):
                                  init_std=config.initializer_range, out_dtype="float32", rngs=rngs)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None) -> Array:
+                      positions: Array | None = None, segment_ids: Array | None = None) -> Array:
         """``[B, T, D]`` hidden states after the final norm (compute dtype)."""
-        return self.model(input_ids, attention_mask, positions)[0]
+        return self.model(input_ids, attention_mask, positions, segment_ids=segment_ids)[0]
 
     def logits_from_hidden(self, h: Array) -> Array:
         """h ``[B, T, D]`` -> logits ``[B, T, V]`` float32."""
@@ -478,8 +486,9 @@ class CausalLM(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
-                 *, cache: KVCache | None = None, cache_index: Array | int | None = None):
-        h, new_cache = self.model(input_ids, attention_mask, positions, cache, cache_index)
+                 *, cache: KVCache | None = None, cache_index: Array | int | None = None,
+                 segment_ids: Array | None = None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache, cache_index, segment_ids)
         logits = self.logits_from_hidden(h)
         if cache is None:
             return logits
