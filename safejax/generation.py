@@ -152,8 +152,9 @@ def prefill(lm: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: Samplin
     cache = init_cache(lm.config, b0, p + n, jnp.dtype(lm.config.dtype))
     kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b0, n), jnp.bool_)], axis=1)
     positions = positions_from_mask(prompt_mask)
-    logits, cache = lm(prompt_ids, attention_mask=kv_mask, positions=positions, cache=cache, cache_index=0)
-    next_logits = logits[:, -1, :].astype(jnp.float32)
+    h, cache = lm.model(prompt_ids, kv_mask, positions, cache, 0)
+    # the LM head on the last prompt position only: no [B0, P, V] float32 logits of which one column is used
+    next_logits = lm.logits_from_hidden(h[:, -1:, :])[:, 0, :].astype(jnp.float32)
     # share the prompt's work among its G samples: the cache's batch axis is -4 (unrolled or stacked layers)
     cache = jax.tree.map(lambda x: repeat_rows(x, g, axis=-4), cache)
     prompt_ids, kv_mask, positions, next_logits = (repeat_rows(x, g) for x in

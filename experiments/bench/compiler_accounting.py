@@ -8,7 +8,13 @@ and reads ``compiled.cost_analysis()``:
   decode     one step of the rollout's decode loop (``safejax.generation.decode_step``): 32 rows, cache of
              128 + 256 slots, bf16 weights -> bytes accessed against the floor (every bf16 weight read once
              but the input embedding table, of which only 32 rows are gathered, plus the KV cache read: all
-             384 slots, which the step's attention reads, and at the mean context 128 + 128)
+             384 slots, which the step's attention reads, and at the mean context 128 + 128).  Two CPU
+             artefacts are reported separately: XLA's cost model counts a gather as reading its whole operand
+             (the embedding table), and the CPU backend has no bf16 dot, so it converts every bf16 weight to
+             fp32 before each matmul (about 5x the bf16 bytes; a GPU reads bf16 directly).  The same step in
+             fp32 (no conversion) against the fp32 floor is the program's structural overhead.
+  prefill    the rollout's prefill, 32 rows x 128 prompt tokens, against ``2 N 32 128`` (LM head: last position
+             only): 32 prompts, and 8 prompts x ``num_return_sequences=4`` (one prefill per prompt)
   scoring    the six forwards of the rollout (actor and reference log-probs, reward and cost end scores,
              reward and cost critic values) over 32 x 384 tokens -> FLOPs against ``2 N tokens`` (N = matmul
              parameters of that model: blocks + LM head or score head)
@@ -28,6 +34,7 @@ Usage (CPU):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -82,8 +89,10 @@ def cost(fn, *args) -> dict:
 # ----------------------------------------------------------------------------- the programs
 
 
-def decode_cost(s: dict, layers: int) -> dict:
-    cfg = model_config(s, layers, param_dtype="bfloat16")
+def decode_cost(s: dict, layers: int, dtype: str = "bfloat16") -> dict:
+    cfg = model_config(s, layers, param_dtype=dtype)
+    if dtype == "float32":
+        cfg = dataclasses.replace(cfg, dtype="float32")
     mdef, params = abstract_model(CausalLM, cfg)
     sc = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
     ids, mask = sds((ROLLOUT_ROWS, PROMPT), jnp.int32), sds((ROLLOUT_ROWS, PROMPT), jnp.bool_)
@@ -95,6 +104,20 @@ def decode_cost(s: dict, layers: int) -> dict:
                            pad_token_id=0)
 
     return cost(step, params, state, key)
+
+
+def prefill_costs(s: dict, layers: int) -> dict:
+    """The rollout's prefill of 32 rows x 128 prompt tokens (bf16 weights): 32 distinct prompts, and 8 prompts
+    sampled 4 times each (``num_return_sequences=4``: each prompt prefilled once, its cache copied to 4 rows)."""
+    cfg = model_config(s, layers, param_dtype="bfloat16")
+    mdef, params = abstract_model(CausalLM, cfg)
+    out = {}
+    for name, g in (("rows_32", 1), ("prompts_8_x4", 4)):
+        sc = SamplingConfig(max_new_tokens=NEW, num_return_sequences=g)
+        ids = sds((ROLLOUT_ROWS // g, PROMPT), jnp.int32)
+        mask = sds((ROLLOUT_ROWS // g, PROMPT), jnp.bool_)
+        out[name] = cost(lambda p, i, m, sc=sc: prefill(mdef.merge(p), i, m, sc, pad_token_id=0), params, ids, mask)
+    return out
 
 
 def scoring_costs(s: dict, layers: int) -> dict:
@@ -170,19 +193,31 @@ def analyse(name: str, la: int, lb: int, full: bool) -> dict:
         return extend(fn(s, la, *extra), fn(s, lb, *extra), la, lb, L)
 
     dec = at(decode_cost)
+    dec32 = at(decode_cost, "float32")
     score = at(scoring_costs)
+    pre = at(prefill_costs)
     upd = at(update_costs, False)
     upd_remat = at(update_costs, True)
     T = PROMPT + NEW
     weights_bf16 = 2 * (z["blocks"] + z["norms"] + s["vocab"] * s["hidden"])
     kv_full, kv_mean = z["kv_slot_bytes"] * T, z["kv_slot_bytes"] * (PROMPT + NEW // 2)
+    # HloCostAnalysis counts a gather as reading its whole operand: the input embedding table, of which a decode
+    # step reads 32 rows, is counted in full; the "structural" ratio takes it out again
+    table = s["vocab"] * s["hidden"]
     out = {"shape": name, "layers": L, "method": "full depth" if full else f"{la} and {lb} layers, extended",
            "n_causal": z["n_causal"], "n_score": z["n_score"],
            "decode": {**dec, "floor_full_cache": weights_bf16 + kv_full, "floor_mean_ctx": weights_bf16 + kv_mean,
                       "weights_bf16": weights_bf16, "kv_full": kv_full,
                       "ratio_full_cache": dec["bytes"] / (weights_bf16 + kv_full),
-                      "ratio_mean_ctx": dec["bytes"] / (weights_bf16 + kv_mean)},
-           "scoring": {}, "update": {}, "compile_s": None}
+                      "ratio_mean_ctx": dec["bytes"] / (weights_bf16 + kv_mean),
+                      "ratio_full_cache_no_gather": (dec["bytes"] - 2 * table) / (weights_bf16 + kv_full)},
+           "decode_f32": {**dec32, "floor_full_cache": 2 * (weights_bf16 + kv_full),
+                          "ratio_full_cache": dec32["bytes"] / (2 * (weights_bf16 + kv_full)),
+                          "ratio_full_cache_no_gather": (dec32["bytes"] - 4 * table) / (2 * (weights_bf16 + kv_full))},
+           "scoring": {}, "update": {}, "compile_s": None, "table": table}
+    blocks_flops = 2 * z["blocks"] * ROLLOUT_ROWS * PROMPT + 2 * s["vocab"] * s["hidden"] * ROLLOUT_ROWS
+    out["prefill"] = {k: {**v, "model_flops": blocks_flops, "ratio": v["flops"] / blocks_flops} for k, v in pre.items()}
+    out["prefill"]["shared_over_rows"] = pre["rows_32"]["flops"] / pre["prompts_8_x4"]["flops"]
     tok = ROLLOUT_ROWS * T
     for k, v in score.items():
         n = z["n_causal"] if "log_probs" in k else z["n_score"]
@@ -204,6 +239,17 @@ def table(results: list[dict]) -> str:
                     f"{d['bytes'] / 1e9:.3f} GB | {d['floor_full_cache'] / 1e9:.3f} GB | {d['ratio_full_cache']:.3f} |")
         rows.append(f"| decode step, bytes (vs weights + KV at mean context 256) | {r['shape']} | "
                     f"{d['bytes'] / 1e9:.3f} GB | {d['floor_mean_ctx'] / 1e9:.3f} GB | {d['ratio_mean_ctx']:.3f} |")
+        rows.append(f"| decode step, bytes less the counted embedding table (bf16) | {r['shape']} | "
+                    f"{(d['bytes'] - 2 * r['table']) / 1e9:.3f} GB | {d['floor_full_cache'] / 1e9:.3f} GB | "
+                    f"{d['ratio_full_cache_no_gather']:.3f} |")
+        f = r["decode_f32"]
+        rows.append(f"| decode step in fp32, bytes less the counted embedding table (vs fp32 weights + KV) | "
+                    f"{r['shape']} | {(f['bytes'] - 4 * r['table']) / 1e9:.3f} GB | "
+                    f"{f['floor_full_cache'] / 1e9:.3f} GB | {f['ratio_full_cache_no_gather']:.3f} |")
+        for k in ("rows_32", "prompts_8_x4"):
+            v = r["prefill"][k]
+            rows.append(f"| prefill {k.replace('_', ' ')}, FLOPs vs 2·N·(32 x 128 tokens) | {r['shape']} | "
+                        f"{v['flops'] / 1e12:.2f} T | {v['model_flops'] / 1e12:.2f} T | {v['ratio']:.3f} |")
         for k, v in r["scoring"].items():
             rows.append(f"| scoring: {k}, FLOPs vs 2·N·tokens | {r['shape']} | {v['flops'] / 1e12:.2f} T | "
                         f"{v['model_flops'] / 1e12:.2f} T | {v['ratio']:.3f} |")
