@@ -387,3 +387,16 @@ def test_grouped_rollout_samples_each_prompt_g_times_from_one_prefill(world, tmp
 
     bad = _ppo_args(world, "ppo-lag", tmp_path / "bad", "rollout.num_return_sequences=3", *ONE_DEVICE)
     assert main([str(a) for a in bad]) == 2  # 16 rows are not groups of 3
+
+
+def test_packed_ptx_rows_train_with_a_finite_ptx_loss(world, tmp_path):
+    """``data.ptx_pack=true``: the ptx examples are packed several per row (segment ids); the iteration runs and
+    logs a finite ptx loss of the same order as the unpacked run's."""
+    losses = {}
+    for pack in ("false", "true"):
+        out = tmp_path / f"ptx-{pack}"
+        _cli(*_ppo_args(world, "ppo", out, f"data.ptx=[{world['sft']}]", "data.ptx_max_length=24",
+                        f"data.ptx_pack={pack}", "train.max_steps=1", *ONE_DEVICE))
+        (rec,) = _records(out)
+        losses[pack] = rec["train/ptx_loss"]
+    assert np.isfinite(losses["true"]) and abs(losses["true"] - losses["false"]) < 0.5 * losses["false"]

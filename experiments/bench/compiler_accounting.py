@@ -78,9 +78,9 @@ def sds(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def cost(fn, *args) -> dict:
-    """``{"flops", "bytes"}`` of ``jax.jit(fn)`` compiled for abstract ``args``."""
-    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+def cost(fn, *args, donate=()) -> dict:
+    """``{"flops", "bytes"}`` of ``jax.jit(fn, donate_argnums=donate)`` compiled for abstract ``args``."""
+    ca = jax.jit(fn, donate_argnums=donate).lower(*args).compile().cost_analysis()
     if isinstance(ca, (list, tuple)):  # older jax: one dict per computation
         ca = ca[0]
     return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0))}
@@ -103,7 +103,8 @@ def decode_cost(s: dict, layers: int, dtype: str = "bfloat16") -> dict:
         return decode_step(mdef.merge(p), st, jnp.int32(NEW // 2), k, sc, prompt_width=PROMPT, eos_token_id=-1,
                            pad_token_id=0)
 
-    return cost(step, params, state, key)
+    # the state is donated, as the decode loop carries it: the cache update may then be done in place
+    return cost(step, params, state, key, donate=(1,))
 
 
 def prefill_costs(s: dict, layers: int) -> dict:

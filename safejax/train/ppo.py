@@ -52,6 +52,7 @@ class PPODataSection:
     prompt_width: int = 64
     ptx_max_length: int = 128
     skip_bad_rows: bool = False
+    ptx_pack: bool = False             # pack several ptx examples per row (safejax.data.packing); same token loss
 
 
 @dataclasses.dataclass
@@ -300,8 +301,9 @@ class Trainer:
 
         def ptx_loss(params, pb):
             lm = m.actor.merge(params)
-            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"],
-                        positions=positions_from_mask(pb["attention_mask"]))
+            seg = pb.get("segment_ids")  # packed ptx rows (data.ptx_pack)
+            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"], segment_ids=seg,
+                        positions=positions_from_mask(pb["attention_mask"]) if seg is None else pb["positions"])
             return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:])
 
         def critic_loss(params, mb, which):

@@ -106,6 +106,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     default one (eval/reward, eval/cost, eval/harmless_ratio every ``train.eval_every`` iterations)."""
     from safejax.data import build_supervised, load_rows
     from safejax.data.batching import BatchIterator
+    from safejax.data.packing import pack_supervised
 
     t0 = time.time()
     mesh = make_mesh(cfg.mesh)
@@ -136,8 +137,12 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if cfg.data.ptx and cfg.ppo.ptx_coeff > 0:
         ptx_arrays, rep = build_supervised(load_rows(cfg.data.ptx), tok, max_length=cfg.data.ptx_max_length,
                                            skip_bad_rows=cfg.data.skip_bad_rows)
-        ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
-                      "loss_mask": ptx_arrays.label_mask}
+        if cfg.data.ptx_pack:
+            packed = pack_supervised(ptx_arrays)
+            ptx_arrays = {**packed, "loss_mask": packed.pop("label_mask")}
+        else:
+            ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
+                          "loss_mask": ptx_arrays.label_mask}
     n_prompts = len(prompts["prompt_ids"])
     bsz = cfg.train.batch_size
     n_per_batch = bsz // cfg.rollout.num_return_sequences  # prompts per rollout (each sampled G times)
