@@ -163,3 +163,14 @@ def test_segment_ids_are_refused_with_a_kv_cache():
     with pytest.raises(ValueError, match="segment_ids"):
         lm(ids, attention_mask=jnp.ones((1, 5), bool), cache=init_cache(lm.config, 1, 5), cache_index=0,
            segment_ids=jnp.ones((1, 3), jnp.int32))
+
+
+def test_pair_losses_with_zero_weights_ignore_those_pairs():
+    hi, lo = jnp.array([1.0, -0.5, 3.0]), jnp.array([0.2, 0.4, -7.0])
+    safe_a, safe_b = jnp.array([True, False, True]), jnp.array([False, False, True])
+    w = jnp.array([1.0, 1.0, 0.0])
+    np.testing.assert_allclose(rl.reward_model_loss(hi, lo, regularization=0.1, weights=w),
+                               rl.reward_model_loss(hi[:2], lo[:2], regularization=0.1), rtol=1e-6)
+    np.testing.assert_allclose(rl.cost_model_loss(hi, lo, safe_a, safe_b, regularization=0.1, weights=w),
+                               rl.cost_model_loss(hi[:2], lo[:2], safe_a[:2], safe_b[:2], regularization=0.1),
+                               rtol=1e-6)
