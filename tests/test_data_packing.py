@@ -4,6 +4,10 @@ losses equal the unpacked batch's (fp32), and the rows hold more real tokens."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +23,9 @@ from safejax.parallel import MeshConfig, make_mesh, use_mesh
 from safejax.train.functional import split_model
 from safejax.train.score_model import ScoreModelConfig, pair_scores, packed_pair_ends, score_loss_fn
 from safejax.train.sft import sft_loss_fn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments", "bench"))
+from packing_fraction import fractions, train_tokenizer  # noqa: E402
 
 VOCAB, L = 37, 24
 
@@ -174,3 +181,19 @@ def test_pair_losses_with_zero_weights_ignore_those_pairs():
     np.testing.assert_allclose(rl.cost_model_loss(hi, lo, safe_a, safe_b, regularization=0.1, weights=w),
                                rl.cost_model_loss(hi[:2], lo[:2], safe_a[:2], safe_b[:2], regularization=0.1),
                                rtol=1e-6)
+
+
+def test_packing_the_pku_sample_keeps_every_token_and_removes_most_padding(pku_sample_path):
+    """The real PKU-SafeRLHF sample at max_length 512 (tokenizer: experiments/bench/packing_fraction.py's BPE):
+    packed rows hold every real token of the padded ones, and nearly no padding."""
+    with open(pku_sample_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tok, chars_per_token = train_tokenizer(rows, 2500)
+    assert 3.0 < chars_per_token < 5.0
+    out = fractions(rows, tok, 512)
+    for kind, (n, padded, packed_rows, packed) in out.items():
+        width = 512 if kind == "sft" else 1024
+        padded_rows = n if kind == "sft" else 2 * n
+        assert packed > 0.9 > padded, kind
+        # same number of real tokens in both layouts
+        assert round(packed * packed_rows * width) == round(padded * padded_rows * 512), kind
