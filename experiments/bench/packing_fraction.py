@@ -2,9 +2,9 @@
 """packing_fraction.py - useful-token fraction (real tokens / computed tokens) of SFT, RM and CM batches on a
 PKU-SafeRLHF file, padded (one example per row) against packed (``data.pack: true``).
 
-No Llama tokenizer is available offline here, so the script trains a byte-level BPE (``--vocab``, default 2500: about 4.1 characters per token here)
-on the file's own prompts and responses and prints its characters per token (a Llama tokenizer gives about 4 on
-English).  SFT rows are ``prompt + response_0`` and ``prompt + response_1``; RM and CM rows are the pairs of
+No Llama tokenizer is available offline here, so the script trains a byte-level BPE (``--vocab``, default 2500:
+about 4.1 characters per token on the sample) on the file's own prompts and responses and prints its characters
+per token (a Llama tokenizer gives about 4 on English).  SFT rows are ``prompt + response_0`` and ``prompt + response_1``; RM and CM rows are the pairs of
 ``safejax.data.build_reward_pairs`` / ``build_cost_pairs``.  Padded rows are ``max_length`` wide (a pair: two
 rows); packed SFT rows are ``max_length`` wide, packed pairs ``2 x max_length``.
 
