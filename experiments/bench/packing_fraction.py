@@ -4,8 +4,9 @@ PKU-SafeRLHF file, padded (one example per row) against packed (``data.pack: tru
 
 No Llama tokenizer is available offline here, so the script trains a byte-level BPE (``--vocab``, default 2500:
 about 4.1 characters per token on the sample) on the file's own prompts and responses and prints its characters
-per token (a Llama tokenizer gives about 4 on English).  SFT rows are ``prompt + response_0`` and ``prompt + response_1``; RM and CM rows are the pairs of
-``safejax.data.build_reward_pairs`` / ``build_cost_pairs``.  Padded rows are ``max_length`` wide (a pair: two
+per token (a Llama tokenizer gives about 4 on English).  SFT rows are ``prompt + response_0`` and
+``prompt + response_1``; RM and CM rows are the pairs of ``safejax.data.build_reward_pairs`` /
+``build_cost_pairs``.  Padded rows are ``max_length`` wide (a pair: two
 rows); packed SFT rows are ``max_length`` wide, packed pairs ``2 x max_length``.
 
 Usage:
