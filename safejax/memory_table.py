@@ -209,7 +209,7 @@ def activation_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len
 
 
 def rollout_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len: int, *, tensor: int = 1) -> int:
-    """Bytes of one device's rollout working set: the bf16 KV cache ``[L, 2, B, S, KV, hd]`` of the
+    """Bytes of one device's rollout working set: the bf16 KV cache ``[L, 2, B, KV, S, hd]`` of the
     sampler (exact for :func:`safejax.models.init_cache` with the batch split over the device's rows and
     kv heads over ``tensor``) plus the float32 logits ``[B, S, V]`` and their log-softmax when the
     actor and the reference score the sequences."""

@@ -230,7 +230,7 @@ def test_kv_cache_decode_matches_full_forward(hf_model, loaded, batch):
 def test_kv_cache_decode_with_scanned_layers(llama, batch):
     ids, mask = batch
     lm = load_pretrained(llama[2], scan_layers=True)
-    assert lm.config.scan_layers and init_cache(lm.config, 2, 5).k.shape == (2, 2, 5, 2, 8)
+    assert lm.config.scan_layers and init_cache(lm.config, 2, 5).k.shape == (2, 2, 2, 5, 8)  # [L, B, KV, S, hd]
     assert _decode_matches_full_forward(lm, ids, mask, 7, max_len=T) <= 1e-4
 
 

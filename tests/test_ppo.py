@@ -415,3 +415,32 @@ def test_periodic_eval_on_held_out_prompts_logs_reward_cost_and_harmless_ratio(w
     # the held-out costs come from the same cost model as training: same scale as the train/cost of the run
     train = _records(out)
     assert abs(evals[0]["eval/cost"] - train[0]["train/cost"]) < 2.0
+
+
+def test_grouped_rollout_samples_each_prompt_g_times_from_one_prefill(world, tmp_path):
+    """``rollout.num_return_sequences=4``: a batch of 16 rows comes from 4 prompts (each prefilled once), the
+    iteration trains on it, and the periodic eval scores 4 samples of each of the 64 held-out prompts."""
+    out = tmp_path / "grouped"
+    _cli(*_ppo_args(world, "ppo-lag", out, "rollout.num_return_sequences=4", f"data.eval_prompts=[{world['prompts']}]",
+                    "train.eval_every=1", "train.max_steps=1", *TOY, *ONE_DEVICE))
+    (rec,) = _records(out)
+    assert all(np.isfinite(v) for v in rec.values())
+    (ev,) = [r for r in read_metrics(out / "metrics.jsonl") if "eval/reward" in r]
+    assert ev["eval/count"] == 64 and np.isfinite(ev["eval/cost"])
+    from safejax.cli import main
+
+    bad = _ppo_args(world, "ppo-lag", tmp_path / "bad", "rollout.num_return_sequences=3", *ONE_DEVICE)
+    assert main([str(a) for a in bad]) == 2  # 16 rows are not groups of 3
+
+
+def test_packed_ptx_rows_train_with_a_finite_ptx_loss(world, tmp_path):
+    """``data.ptx_pack=true``: the ptx examples are packed several per row (segment ids); the iteration runs and
+    logs a finite ptx loss of the same order as the unpacked run's."""
+    losses = {}
+    for pack in ("false", "true"):
+        out = tmp_path / f"ptx-{pack}"
+        _cli(*_ppo_args(world, "ppo", out, f"data.ptx=[{world['sft']}]", "data.ptx_max_length=24",
+                        f"data.ptx_pack={pack}", "train.max_steps=1", *ONE_DEVICE))
+        (rec,) = _records(out)
+        losses[pack] = rec["train/ptx_loss"]
+    assert np.isfinite(losses["true"]) and abs(losses["true"] - losses["false"]) < 0.5 * losses["false"]

@@ -104,3 +104,27 @@ def test_unknown_config_key_fails_with_named_key(world, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "optim.learning_rate" in err and "optim.lr" in err
+
+
+def test_packed_cost_model_learns_the_planted_token_like_the_unpacked_one(world, tmp_path):
+    """``data.pack=true``: pairs packed into rows of 2 x 24 tokens (8 rows per step); the held-out (unpacked)
+    evaluation reaches the same sign accuracy as the unpacked run."""
+    out = tmp_path / "cm-packed"
+    _cli("cm", f"out_dir={out}", f"model.path={world['root']}/sft/hf", f"data.train=[{world['pref_train']}]",
+         f"data.eval=[{world['pref_eval']}]", "data.pack=true", "data.max_length=24", "train.batch_size=8",
+         "train.epochs=3", "optim.lr=3e-3", "train.log_every=4", "train.progress=false")
+    recs = _eval_records(out / "metrics.jsonl")
+    assert recs[-1]["eval/accuracy_sign"] >= 0.95 and recs[-1]["eval/count"] == 64
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+
+
+def test_packed_sft_trains_on_fewer_rows_with_a_falling_loss(world, tmp_path):
+    """Rows of 48 tokens hold two or more examples each: at most half the steps per epoch, and the loss falls."""
+    out = tmp_path / "sft-packed"
+    _cli("sft", f"out_dir={out}", f"model.path={world['model']}", f"data.train=[{world['sft']}]", "data.pack=true",
+         "data.max_length=48", "train.batch_size=8", "train.epochs=4", "optim.lr=3e-3", "train.log_every=1",
+         "train.progress=false")
+    losses = [r["train/loss"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert 0 < len(losses) <= 4 * 64 // 8  # at most 64 packed rows for the 128 examples
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2

@@ -110,6 +110,7 @@ class GenerationEvalBase(EvalBase):
         check_range("max_prompts", self.max_prompts, low=0)
         check_range("score_input", self.score_input, choices=SCORE_INPUTS)
         check_range("score_max_length", self.score_max_length, low=0)
+        check_range("sampling.num_return_sequences", self.sampling.num_return_sequences, low=1, high=1)
         if not self.prompts:
             raise ConfigError("config key 'prompts' needs at least one dataset spec")
 

@@ -206,7 +206,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None = None,
                  cache_index: Array | int = 0) -> tuple[Array, tuple[Array, Array] | None]:
-        """x ``[B, T, D]``; mask ``[B, T, S]`` bool (True = may attend); kv: cache ``([B, S, KV, hd],)*2``.
+        """x ``[B, T, D]``; mask ``[B, T, S]`` bool (True = may attend); kv: cache ``([B, KV, S, hd],)*2``.
 
         Without a cache S = T.  With a cache the new k/v are written at slots ``[cache_index,
         cache_index + T)`` and attention runs over all S cache slots.  Returns (``[B, T, D]``, new kv)."""
@@ -217,14 +217,20 @@ class Attention(nnx.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
-        if kv is not None:
-            ck, cv = kv
-            idx = (0, cache_index, 0, 0)
-            ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-            cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-            new_kv = (ck, cv)
-            k, v = ck, cv
         dt = jnp.dtype(self.dtype)
+        qg = q.reshape(B, T, KV, G, hd).astype(dt)
+        if kv is not None:
+            # the cache is kv-head-major [B, KV, S, hd]: both attention matmuls read it in place, with no
+            # per-step transposed copy of the whole cache
+            ck, cv = kv
+            idx = (0, 0, cache_index, 0)
+            ck = lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), idx)
+            cv = lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), idx)
+            new_kv = (ck, cv)
+            scores = jnp.einsum("btkgd,bksd->bkgts", qg, ck.astype(dt), preferred_element_type=jnp.float32)
+            probs = self._masked_softmax(scores, mask)
+            out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(dt), cv.astype(dt))
+            return self.o_proj(out.reshape(B, T, H, hd)), new_kv
         if kv is None and self.attention_impl != "einsum":
             # full sequence (S = T, query slot t = key slot t): the mask already holds causality and padding;
             # is_causal lets a fused kernel skip the blocks above the diagonal
@@ -232,16 +238,19 @@ class Attention(nnx.Module):
                                                scale=self.scale, is_causal=True,
                                                implementation=ATTENTION_IMPLS[self.attention_impl])
             return self.o_proj(out), None
-        qg = q.reshape(B, T, KV, G, hd).astype(dt)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dt), preferred_element_type=jnp.float32)
+        probs = self._masked_softmax(scores, mask)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt))
+        out = out.reshape(B, T, H, hd)
+        return self.o_proj(out), new_kv
+
+    def _masked_softmax(self, scores: Array, mask: Array) -> Array:
+        """scores ``[B, KV, G, T, S]`` float32, mask ``[B, T, S]`` -> probabilities (0 where masked)."""
         scores = scores * np.float32(self.scale)
         m = mask[:, None, None, :, :]
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(m, probs, 0.0)  # a fully masked row (left padding) gives zeros, never NaN
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt))
-        out = out.reshape(B, T, H, hd)
-        return self.o_proj(out), new_kv
+        return jnp.where(m, probs, 0.0)  # a fully masked row (left padding) gives zeros, never NaN
 
 
 class MLP(nnx.Module):
@@ -308,8 +317,8 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> DecoderBlock:
 class KVCache:
     """Per-layer key/value cache, in compute dtype.
 
-    Unrolled layers (default): ``k``, ``v`` are tuples of ``L`` arrays ``[B, S_max, KV, hd]``.
-    ``scan_layers=True``: ``k``, ``v`` are stacked arrays ``[L, B, S_max, KV, hd]``.
+    Unrolled layers (default): ``k``, ``v`` are tuples of ``L`` arrays ``[B, KV, S_max, hd]``.
+    ``scan_layers=True``: ``k``, ``v`` are stacked arrays ``[L, B, KV, S_max, hd]``.
     Slot ``s`` of the cache holds the token at column ``s`` of the (prompt + generated) buffer;
     which slots hold real tokens is given by the ``attention_mask [B, S_max]`` passed each call."""
 
@@ -318,7 +327,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return jax.tree.leaves(self.k)[0].shape[-3]
+        return jax.tree.leaves(self.k)[0].shape[-2]
 
     @property
     def batch_size(self) -> int:
@@ -328,7 +337,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """Zero cache for ``batch`` rows and ``max_len`` slots (dtype default: ``config.dtype``)."""
     dt = jnp.dtype(dtype or config.dtype)
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     if config.scan_layers:
         z = jnp.zeros((config.num_layers,) + shape, dt)
         return KVCache(k=z, v=jnp.zeros_like(z))
@@ -376,12 +385,14 @@ class Backbone(nnx.Module):
         self.norm = make_norm(c, rngs)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
-                 cache: KVCache | None = None, cache_index: Array | int | None = None
-                 ) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, cache_index: Array | int | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """input_ids ``[B, T]`` -> (hidden ``[B, T, D]`` after the final norm, new cache or None).
 
         Without a cache, ``attention_mask`` is ``[B, T]``.  With a cache it is the ``[B, S_max]``
-        mask of valid cache slots (including the T new tokens at ``[cache_index, cache_index+T)``)."""
+        mask of valid cache slots (including the T new tokens at ``[cache_index, cache_index+T)``).
+        ``segment_ids [B, T]`` (packed rows, no cache): a token attends only to earlier tokens of its own
+        segment; pass ``positions`` that restart at 0 in every segment."""
         c = self.config
         input_ids = jnp.asarray(input_ids)
         B, T = input_ids.shape
@@ -402,6 +413,11 @@ class Backbone(nnx.Module):
             positions = pos_all if cache is None else lax.dynamic_slice_in_dim(pos_all, start, T, axis=1)
         positions = jnp.asarray(positions)
         mask = attention_mask_3d(kv_mask, q_slots, c.sliding_window)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are not supported with a KV cache")
+            seg = jnp.asarray(segment_ids)
+            mask = mask & (seg[:, :, None] == seg[:, None, :])
         if self.embed_positions is None:
             cos, sin = rope_cos_sin(positions, c.rope_inv_freq())
             h = self.embed_tokens(input_ids)
@@ -443,7 +459,8 @@ class CausalLM(nnx.Module):
     ``lm(input_ids [B, T], attention_mask [B, T] | None, positions [B, T] | None) -> logits [B, T, V] f32``.
     Decode: ``lm(ids [B, T], attention_mask=kv_mask [B, S_max], positions=[B, T], cache=cache,
     cache_index=i) -> (logits [B, T, V], new_cache)``; new k/v go to slots ``[i, i+T)``.
-    Default positions: ``max(cumsum(mask) - 1, 0)``."""
+    Default positions: ``max(cumsum(mask) - 1, 0)``.  Packed rows: ``segment_ids=[B, T]`` (see
+    :meth:`Backbone.__call__`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -456,9 +473,9 @@ class CausalLM(nnx.Module):
                                  init_std=config.initializer_range, out_dtype="float32", rngs=rngs)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None) -> Array:
+                      positions: Array | None = None, segment_ids: Array | None = None) -> Array:
         """``[B, T, D]`` hidden states after the final norm (compute dtype)."""
-        return self.model(input_ids, attention_mask, positions)[0]
+        return self.model(input_ids, attention_mask, positions, segment_ids=segment_ids)[0]
 
     def logits_from_hidden(self, h: Array) -> Array:
         """h ``[B, T, D]`` -> logits ``[B, T, V]`` float32."""
@@ -469,8 +486,9 @@ class CausalLM(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None,
-                 *, cache: KVCache | None = None, cache_index: Array | int | None = None):
-        h, new_cache = self.model(input_ids, attention_mask, positions, cache, cache_index)
+                 *, cache: KVCache | None = None, cache_index: Array | int | None = None,
+                 segment_ids: Array | None = None):
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache, cache_index, segment_ids)
         logits = self.logits_from_hidden(h)
         if cache is None:
             return logits

@@ -56,12 +56,14 @@ class ScoreModel(nnx.Module):
         self.score_head = make_score_head(config, self.score_dim, bias, rngs)
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None) -> Array:
-        return self.model(input_ids, attention_mask, positions)[0]
+                      positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        return self.model(input_ids, attention_mask, positions, segment_ids=segment_ids)[0]
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-                 positions: Array | None = None) -> ScoreOutput:
-        h = self.hidden_states(input_ids, attention_mask, positions)
+                 positions: Array | None = None, segment_ids: Array | None = None) -> ScoreOutput:
+        """Packed rows (``segment_ids``): ``end_scores`` is the row's last real token; gather each segment's
+        end from ``scores`` instead."""
+        h = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
         scores = self.score_head(h).astype(jnp.float32)  # [B, T, score_dim]
         if self.score_dim == 1:
             scores = scores[..., 0]

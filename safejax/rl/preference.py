@@ -25,7 +25,15 @@ def _check_bool_flags(fn, b, **flags):
 # sequence-wise losses (the reference default)
 # ----------------------------------------------------------------------------------------------------------------
 
-def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0):
+def _mean(x, weights):
+    """``mean(x)``, or ``sum(w x) / max(sum(w), 1)`` over the last axis with ``weights`` (broadcast; 0 = padding)."""
+    if weights is None:
+        return jnp.mean(x)
+    w = jnp.broadcast_to(jnp.asarray(weights).astype(x.dtype), x.shape)
+    return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0, weights=None):
     """Sequence-wise Bradley-Terry reward-model loss (ALGORITHM.md §4.2).
 
     ``L = mean_i[-log sigmoid(R+_i - R-_i)] + eta * mean(R^2 over all 2B end scores)``.
@@ -34,6 +42,8 @@ def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0
       better_end_scores: ``[B]`` end scores of the preferred (more helpful) sequences.
       worse_end_scores: ``[B]`` end scores of the other sequences.
       regularization: eta (scripts: 0.001; argparse default 0).
+      weights: optional ``[B]`` 0/1 pair weights (packed batches: 0 on empty pair slots); the means run over
+        the weighted pairs.
     Returns:
       scalar.
     """
@@ -42,12 +52,13 @@ def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0
     dtype = float_dtype(better_end_scores, worse_end_scores)
     hi = jnp.asarray(better_end_scores).astype(dtype)
     lo = jnp.asarray(worse_end_scores).astype(dtype)
-    loss = -jnp.mean(_log_sigmoid(hi - lo))
-    reg = jnp.mean(jnp.square(jnp.stack([lo, hi])))
+    loss = -_mean(_log_sigmoid(hi - lo), weights)
+    reg = _mean(jnp.square(jnp.stack([lo, hi])), weights)
     return loss + jnp.asarray(regularization, dtype) * reg
 
 
-def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_is_safe, *, regularization=0.0):
+def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_is_safe, *, regularization=0.0,
+                    weights=None):
     """Sequence-wise cost-model loss with the sign terms (ALGORITHM.md §4.3).
 
     With kappa = -safety_sign (+1 unsafe, -1 safe)::
@@ -61,6 +72,7 @@ def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_i
       safer_is_safe: ``[B]`` bool safety label of the safer sequence.
       unsafer_is_safe: ``[B]`` bool safety label of the unsafer sequence.
       regularization: eta.
+      weights: optional ``[B]`` 0/1 pair weights, as in :func:`reward_model_loss`.
     Returns:
       scalar.
     """
@@ -73,8 +85,8 @@ def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_i
     cu = jnp.asarray(unsafer_end_costs).astype(dtype)
     ks = _cost_sign(safer_is_safe, dtype)
     ku = _cost_sign(unsafer_is_safe, dtype)
-    loss = jnp.mean(-_log_sigmoid(cu - cs) - _log_sigmoid(ks * cs) - _log_sigmoid(ku * cu))
-    reg = jnp.mean(jnp.square(jnp.stack([cs, cu])))
+    loss = _mean(-_log_sigmoid(cu - cs) - _log_sigmoid(ks * cs) - _log_sigmoid(ku * cu), weights)
+    reg = _mean(jnp.square(jnp.stack([cs, cu])), weights)
     return loss + jnp.asarray(regularization, dtype) * reg
 
 

@@ -59,6 +59,10 @@ class DataSection:
     eval: list[str] = dataclasses.field(default_factory=list)
     max_length: int = 512
     skip_bad_rows: bool = False
+    # pack several training examples per row (segment ids; attention stays inside an example, positions restart):
+    # same per-example losses and scores, fewer padded tokens.  train.batch_size then counts packed rows
+    # (SFT: rows of max_length; RM/CM: rows of 2 x max_length holding whole pairs).  Eval data is not packed.
+    pack: bool = False
 
     def validate(self) -> None:
         check_range("data.max_length", self.max_length, low=2)

@@ -59,6 +59,7 @@ class PPODataSection:
     prompt_buckets: list[int] = dataclasses.field(default_factory=list)
     ptx_max_length: int = 128
     skip_bad_rows: bool = False
+    ptx_pack: bool = False             # pack several ptx examples per row (safejax.data.packing); same token loss
 
 
 @dataclasses.dataclass
@@ -156,6 +157,9 @@ class PPOConfig:
         if self.ppo.ptx_token_mean_rows and self.ppo.micro_batch_size % self.ppo.ptx_token_mean_rows:
             raise ConfigError(f"config key 'ppo.ptx_token_mean_rows' = {self.ppo.ptx_token_mean_rows} must divide "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
+        if self.train.batch_size % self.rollout.num_return_sequences:
+            raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
+                              f"'rollout.num_return_sequences' = {self.rollout.num_return_sequences}")
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
@@ -369,8 +373,9 @@ class Trainer:
 
         def ptx_loss(params):
             lm = self.models.actor.merge(params)
-            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"],
-                        positions=positions_from_mask(pb["attention_mask"]))
+            seg = pb.get("segment_ids")  # packed ptx rows (data.ptx_pack)
+            logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"], segment_ids=seg,
+                        positions=positions_from_mask(pb["attention_mask"]) if seg is None else pb["positions"])
             return rl.sft_loss(logits[:, :-1], pb["input_ids"][:, 1:], pb["loss_mask"][:, 1:],
                                group_rows=pc.ptx_token_mean_rows)
 

@@ -57,9 +57,11 @@ def _replicate(tree, mesh):
     return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), tree), jax.tree.map(lambda _: rep, tree)
 
 
-def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh) -> Callable[[int, Any], dict]:
-    """Default periodic eval: sample one answer per held-out prompt with the current actor (the same
-    jitted rollout as training, so no extra compile) and report the mean RM reward and CM cost."""
+def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1
+                         ) -> Callable[[int, Any], dict]:
+    """Default periodic eval: sample ``samples_per_prompt`` answers per held-out prompt with the current actor (the
+    same jitted rollout as training, so no extra compile; ``batch_size`` prompts per call) and report the mean RM
+    reward and CM cost."""
 
     def hook(step: int, result: "PPOResult") -> dict:
         n = len(arrays["prompt_ids"])
@@ -68,7 +70,7 @@ def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh
             idx = np.arange(i, i + batch_size) % n  # the last batch is padded by repetition
             batch = parallel.host_local_to_global({k: v[idx] for k, v in arrays.items()}, mesh)
             exp = rollout_fn(result.state, frozen, batch["prompt_ids"], batch["prompt_mask"])
-            k = min(batch_size, n - i)
+            k = min(batch_size, n - i) * samples_per_prompt
             rewards.append(np.asarray(_gather(exp.reward))[:k])
             costs.append(np.asarray(_gather(exp.cost))[:k])
         r, c = np.concatenate(rewards), np.concatenate(costs)
@@ -93,9 +95,10 @@ def load_prompts(cfg: PPOConfig, tokenizer, specs=None, what: str = "prompts"):
     arrays, report = build_prompts(rows, tokenizer, prompt_width=cfg.data.prompt_width,
                                    skip_bad_rows=cfg.data.skip_bad_rows)
     (log.warning if report.dropped else log.info)("%s: %s", what, report)
-    if len(arrays.prompt_ids) < (cfg.train.batch_size if what == "prompts" else 1):
+    need = cfg.train.batch_size // cfg.rollout.num_return_sequences
+    if len(arrays.prompt_ids) < (need if what == "prompts" else 1):
         raise ValueError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
-                         f"{cfg.train.batch_size} ({report}; data.prompt_width={cfg.data.prompt_width})")
+                         f"{cfg.train.batch_size} needs {need} ({report}; data.prompt_width={cfg.data.prompt_width})")
     return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
 
 
@@ -106,6 +109,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     default one (eval/reward, eval/cost, eval/harmless_ratio every ``train.eval_every`` iterations)."""
     from safejax.data import build_supervised, load_rows
     from safejax.data.batching import BatchIterator
+    from safejax.data.packing import pack_supervised
 
     t0 = time.time()
     mesh = make_mesh(cfg.mesh)
@@ -136,13 +140,18 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if cfg.data.ptx and cfg.ppo.ptx_coeff > 0:
         ptx_arrays, rep = build_supervised(load_rows(cfg.data.ptx), tok, max_length=cfg.data.ptx_max_length,
                                            skip_bad_rows=cfg.data.skip_bad_rows)
-        ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
-                      "loss_mask": ptx_arrays.label_mask}
+        if cfg.data.ptx_pack:
+            packed = pack_supervised(ptx_arrays)
+            ptx_arrays = {**packed, "loss_mask": packed.pop("label_mask")}
+        else:
+            ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
+                          "loss_mask": ptx_arrays.label_mask}
     n_prompts = len(prompts["prompt_ids"])
     bsz = cfg.train.batch_size
-    if n_prompts < bsz:
-        raise ValueError(f"only {n_prompts} distinct prompts but train.batch_size={bsz}")
-    per_epoch = n_prompts // bsz
+    n_per_batch = bsz // cfg.rollout.num_return_sequences  # prompts per rollout (each sampled G times)
+    if n_prompts < n_per_batch:
+        raise ValueError(f"only {n_prompts} distinct prompts but train.batch_size={bsz} needs {n_per_batch}")
+    per_epoch = n_prompts // n_per_batch
     iterations = per_epoch * cfg.train.epochs
     if cfg.train.max_steps > 0:
         iterations = min(iterations, cfg.train.max_steps)
@@ -185,7 +194,8 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     rollout_fn = rollout_fns[cfg.data.prompt_width]
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
-        eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, bsz, mesh)
+        eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, n_per_batch, mesh,
+                                         cfg.rollout.num_return_sequences)
         eval_every = eval_every or cfg.train.eval_every
     update_fns = {w: parallel.mesh_jit(guarded_update(t.update, skip_nonfinite=cfg.train.skip_nonfinite,
                                                       inject_nan_step=cfg.train.inject_nan_step, lag=lag),
@@ -193,7 +203,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
                                        donate_argnums=(0,)) for w, t in trainers.items()}
 
     # ---- resume
-    prompt_iter = BatchIterator(prompts, bsz, seed=cfg.seed, shuffle=True, drop_last=True)
+    prompt_iter = BatchIterator(prompts, n_per_batch, seed=cfg.seed, shuffle=True, drop_last=True)
     ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
                 if ptx_arrays is not None else None)
     run.record_data("prompts", prompts)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safejax import parallel, rl
-from safejax.config import check_range
+from safejax.config import ConfigError, check_range
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
@@ -55,6 +55,9 @@ class ScoreModelConfig:
     def validate(self) -> None:
         check_range("loss_type", self.loss_type, choices=("sequence-wise", "token-wise"))
         check_range("regularization", self.regularization, low=0.0)
+        if self.data.pack and self.loss_type != "sequence-wise":
+            raise ConfigError("config key 'data.pack' = true needs loss_type 'sequence-wise' (packed rows carry "
+                              "each pair's end scores only)")
 
 
 # (first, second) field names of a pair batch, per kind
@@ -74,9 +77,41 @@ def pair_scores(sm, batch: dict, kind: str):
     return out.scores[:n], out.scores[n:], out.end_scores[:n], out.end_scores[n:]
 
 
+def packed_pair_ends(sm, batch: dict, kind: str):
+    """End scores of packed pair rows (:func:`safejax.data.packing.pack_pairs`): one forward over ``[R, 2L]``,
+    each side's score gathered at its last token.  Returns ``(end_a, end_b, valid)``, each ``[R * K]``."""
+    a, b = PAIR_FIELDS[kind]
+    out = sm(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"],
+             segment_ids=batch["segment_ids"])
+    ea = jnp.take_along_axis(out.scores, batch[f"{a}_end"], axis=1).reshape(-1)
+    eb = jnp.take_along_axis(out.scores, batch[f"{b}_end"], axis=1).reshape(-1)
+    return ea, eb, batch["pair_valid"].reshape(-1)
+
+
+def _packed_loss(sm, batch, kind, regularization):
+    ea, eb, w = packed_pair_ends(sm, batch, kind)
+    wf = w.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(wf), 1.0)
+    both, w2 = jnp.concatenate([ea, eb]), jnp.concatenate([wf, wf])
+    mean = jnp.sum(both * w2) / (2 * n)
+    stats = {"mean": mean, "std": jnp.sqrt(jnp.sum(w2 * jnp.square(both - mean)) / (2 * n))}
+    if kind == "reward":
+        loss = rl.reward_model_loss(ea, eb, regularization=regularization, weights=w)
+        return loss, {"accuracy": jnp.sum(wf * (ea > eb)) / n, "reward_mean": stats["mean"],
+                      "reward_std": stats["std"]}
+    sa, sb = batch["safer_is_safe"].reshape(-1), batch["unsafer_is_safe"].reshape(-1)
+    loss = rl.cost_model_loss(ea, eb, sa, sb, regularization=regularization, weights=w)
+    sign = jnp.where(jnp.concatenate([sa, sb]), 1.0, -1.0)
+    return loss, {"accuracy": jnp.sum(wf * (eb > ea)) / n,
+                  "accuracy_sign": jnp.sum(w2 * (both * sign < 0)) / (2 * n),
+                  "cost_mean": stats["mean"], "cost_std": stats["std"]}
+
+
 def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float, include_pad_bug: bool = False):
     def loss_fn(params, batch, rng):  # noqa: ARG001
         sm = mdef.merge(params)
+        if "pair_valid" in batch:  # packed rows (data.pack), sequence-wise loss only
+            return _packed_loss(sm, batch, kind, regularization)
         sa, sb, ea, eb = pair_scores(sm, batch, kind)
         a, b = PAIR_FIELDS[kind]
         if kind == "reward":
@@ -111,14 +146,24 @@ def cost_metrics(safer, unsafer, safer_is_safe, unsafer_is_safe):
             "cost_mean": jnp.mean(costs), "cost_std": jnp.std(costs)}
 
 
-def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str):
+def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str, pack: bool = False):
     from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+    from safejax.data.packing import pack_pairs, useful_token_fraction
 
     rows = load_rows(specs)
     build = build_reward_pairs if kind == "reward" else build_cost_pairs
     arrays, report = build(rows, tokenizer, max_length=data.max_length, skip_bad_rows=data.skip_bad_rows)
     (log.warning if report.dropped else log.info)("%s data: %s", what, report)
-    return arrays.as_dict(), report
+    if not pack:
+        return arrays.as_dict(), report
+    a, b = PAIR_FIELDS[kind]
+    d = arrays.as_dict()
+    packed = pack_pairs(d, a, b, ("safer_is_safe", "unsafer_is_safe") if kind == "cost" else ())
+    padded = np.concatenate([d[f"{a}_mask"], d[f"{b}_mask"]])
+    log.info("%s data: %d pairs packed into %d rows of %d; useful tokens %.1f%% padded, %.1f%% packed", what,
+             len(d[f"{a}_mask"]), len(packed["input_ids"]), packed["input_ids"].shape[1],
+             100 * useful_token_fraction(padded), 100 * useful_token_fraction(packed["attention_mask"]))
+    return packed, report
 
 
 def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh):
@@ -155,7 +200,7 @@ def run_score_model(cfg: ScoreModelConfig, kind: str):
     tok = load_tokenizer_for(cfg.model)
     sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok)
     mdef, params = split_model(sm)
-    train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train")
+    train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train", pack=cfg.data.pack)
     eval_fn = None
     if cfg.data.eval:
         eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval")

@@ -55,13 +55,16 @@ class SFTConfig:
 
 
 def sft_loss_fn(mdef, token_mean_rows: int = 0):
-    """Pure ``loss(params, batch, rng) -> (loss, metrics)`` on ``input_ids/attention_mask/label_mask [B, L]``;
+    """Pure ``loss(params, batch, rng) -> (loss, metrics)`` on ``input_ids/attention_mask/label_mask [B, L]``
+    (packed rows add ``segment_ids/positions [B, L]``, see :mod:`safejax.data.packing`);
     ``token_mean_rows``: the unit of the token mean (:func:`safejax.rl.sft_loss`'s ``group_rows``)."""
 
     def loss_fn(params, batch, rng):  # noqa: ARG001
         lm = mdef.merge(params)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = lm(ids, attention_mask=mask, positions=positions_from_mask(mask))
+        seg = batch.get("segment_ids")  # packed rows (data.pack): positions restart in every segment
+        pos = positions_from_mask(mask) if seg is None else batch["positions"]
+        logits = lm(ids, attention_mask=mask, positions=pos, segment_ids=seg)
         loss = rl.sft_loss(logits[:, :-1], ids[:, 1:], batch["label_mask"][:, 1:], group_rows=token_mean_rows)
         return loss, {}
 
@@ -82,8 +85,9 @@ def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh):
     return eval_fn
 
 
-def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str):
+def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str, pack: bool = False):
     from safejax.data import build_supervised, load_rows
+    from safejax.data.packing import pack_supervised, useful_token_fraction
 
     rows = load_rows(specs)
     arrays, report = build_supervised(rows, tokenizer, max_length=data.max_length,
@@ -92,7 +96,13 @@ def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str):
         log.warning("%s data: %s", what, report)
     else:
         log.info("%s data: %s", what, report)
-    return arrays.as_dict(), report
+    if not pack:
+        return arrays.as_dict(), report
+    packed = pack_supervised(arrays)
+    log.info("%s data: %d examples packed into %d rows; useful tokens %.1f%% padded, %.1f%% packed", what,
+             len(arrays), len(packed["input_ids"]), 100 * useful_token_fraction(arrays.attention_mask),
+             100 * useful_token_fraction(packed["attention_mask"]))
+    return packed, report
 
 
 def run_sft(cfg: SFTConfig):
@@ -101,7 +111,7 @@ def run_sft(cfg: SFTConfig):
     tok = load_tokenizer_for(cfg.model)
     lm = load_model_for(cfg.model, mesh, model_type="causal_lm", tokenizer=tok)
     mdef, params = split_model(lm)
-    train_arrays, report = load_supervised(cfg.data.train, tok, cfg.data, "sft train")
+    train_arrays, report = load_supervised(cfg.data.train, tok, cfg.data, "sft train", pack=cfg.data.pack)
     eval_arrays = load_supervised(cfg.data.eval, tok, cfg.data, "sft eval")[0] if cfg.data.eval else None
     loss_fn = sft_loss_fn(mdef, cfg.token_mean_rows)
 
