@@ -1,6 +1,7 @@
 """Pure, jittable math of Safe RLHF (SAFE_RLHF.md §4, §5): masked means, GAE, KL-shaped per-token rewards and
-costs, PPO / PPO-Lagrangian actor and critic losses, preference-model losses and metrics, SFT/ptx loss, DPO and the
-Lagrange multiplier state.
+costs, PPO / PPO-Lagrangian actor and critic losses, preference-model losses and metrics, SFT/ptx loss, DPO,
+SafeDPO-style and BFPO losses, group-relative (GRPO/RLOO/Dr. GRPO) advantages and the sequence-level GRPO loss, and
+the Lagrange multiplier rules (SGD on log lambda, PID) over K constraints.
 
 Conventions: arrays are ``[B, T]`` (batch, response time) unless noted; ``mask`` is 1 on positions that count;
 computations run in float32 (float64 when the inputs are float64); quantities the reference treats as constants
@@ -8,7 +9,9 @@ computations run in float32 (float64 when the inputs are float64); quantities th
 """
 
 from safejax.rl._util import end_index
+from safejax.rl.dpo import bfpo_loss, dpo_loss, safe_dpo_labels, safe_dpo_loss
 from safejax.rl.gae import gae
+from safejax.rl.group import GROUP_ADVANTAGE_METHODS, group_advantages, grpo_actor_loss, k3_kl
 from safejax.rl.lagrange import (
     LagrangeState,
     episode_cost_mean,
@@ -20,6 +23,13 @@ from safejax.rl.lagrange import (
 )
 from safejax.rl.lm import log_probs_from_logits, sft_loss
 from safejax.rl.masked import masked_mean, masked_sum
+from safejax.rl.pid import (
+    SUGGESTED_PID_GAINS,
+    PIDLagrangeState,
+    pid_lagrange_init,
+    pid_lagrange_step,
+    pid_lagrange_update,
+)
 from safejax.rl.ppo import (
     combined_advantages,
     kl_shaped_rewards,
@@ -34,7 +44,7 @@ from safejax.rl.preference import (
     cost_model_metrics,
     cost_sign_accuracy,
     dpo_log_ratios,
-    dpo_loss,
+    dpo_window_loss,
     reward_accuracy,
     reward_model_loss,
     reward_model_metrics,
@@ -43,7 +53,11 @@ from safejax.rl.preference import (
 )
 
 __all__ = [
+    "GROUP_ADVANTAGE_METHODS",
     "LagrangeState",
+    "PIDLagrangeState",
+    "SUGGESTED_PID_GAINS",
+    "bfpo_loss",
     "combined_advantages",
     "cost_accuracy",
     "cost_model_loss",
@@ -51,9 +65,13 @@ __all__ = [
     "cost_sign_accuracy",
     "dpo_log_ratios",
     "dpo_loss",
+    "dpo_window_loss",
     "end_index",
     "episode_cost_mean",
     "gae",
+    "group_advantages",
+    "grpo_actor_loss",
+    "k3_kl",
     "kl_shaped_rewards",
     "lagrange_init",
     "lagrange_record",
@@ -63,12 +81,17 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "multiplier",
+    "pid_lagrange_init",
+    "pid_lagrange_step",
+    "pid_lagrange_update",
     "ppo_actor_loss",
     "ppo_lag_actor_loss",
     "reward_accuracy",
     "reward_model_loss",
     "reward_model_metrics",
     "reward_shaping",
+    "safe_dpo_labels",
+    "safe_dpo_loss",
     "sft_loss",
     "token_wise_cost_model_loss",
     "token_wise_reward_model_loss",
