@@ -110,9 +110,10 @@ def pid_lagrange_init(*, num_constraints=1, window_size=128, d_delay=10, lambda_
     if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
         raise ValueError(f"safejax.rl.pid_lagrange_init: lambda_init must be >= 0, got {concrete.tolist()}")
     lam = jnp.broadcast_to(jnp.asarray(lambda_init, dtype).reshape(-1), (k,))
-    zeros = jnp.zeros((k,), dtype)
+    # distinct buffers for every leaf: a train step that donates the state must not see one buffer twice
     return PIDLagrangeState(
-        lam=lam, integral=lam, delta_p=zeros, cost_d=zeros,
+        lam=jnp.array(lam, copy=True), integral=jnp.array(lam, copy=True),
+        delta_p=jnp.zeros((k,), dtype), cost_d=jnp.zeros((k,), dtype),
         cost_d_history=jnp.zeros((k, d), dtype),
         cost_window=jnp.zeros((k, w), dtype),
         window_count=jnp.zeros((), jnp.int32),
