@@ -1,11 +1,15 @@
 """Pure, jittable math of Safe RLHF (SAFE_RLHF.md §4, §5): masked means, GAE, KL-shaped per-token rewards and
-costs, PPO / PPO-Lagrangian actor and critic losses, preference-model losses and metrics, SFT/ptx loss, DPO,
-SafeDPO-style and BFPO losses, group-relative (GRPO/RLOO/Dr. GRPO) advantages and the sequence-level GRPO loss, and
-the Lagrange multiplier rules (SGD on log lambda, PID) over K constraints.
+costs, PPO / PPO-Lagrangian actor and critic losses, preference-model losses and metrics, SFT/ptx loss, DPO and the
+Lagrange multiplier state.
 
 Conventions: arrays are ``[B, T]`` (batch, response time) unless noted; ``mask`` is 1 on positions that count;
 computations run in float32 (float64 when the inputs are float64); quantities the reference treats as constants
 (old log-probs, advantages, returns, lambda inside the actor loss) are wrapped in ``stop_gradient``.
+
+The constrained-alignment family adds: K constraints in the PPO-Lagrangian advantage, the PID multiplier rule
+(:mod:`safejax.rl.pid`; :func:`multiplier` serves both rules), group-relative advantages, the k3 KL and the
+sequence-level GRPO(-Lagrangian) loss (:mod:`safejax.rl.group`), and offline losses on summed log-probs: DPO,
+the SafeDPO-style label transform and loss, BFPO (:mod:`safejax.rl.dpo`).
 """
 
 from safejax.rl._util import end_index
