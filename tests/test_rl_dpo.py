@@ -158,3 +158,18 @@ def test_offline_losses_reject_mismatched_shapes_and_b1_of_one():
         rl.bfpo_loss(z3, z3, z3, z3, z3 > 0, z3 > 0, beta=0.1, b1=1.0)
     with pytest.raises(ValueError, match="safe_dpo_labels"):
         rl.safe_dpo_labels(jnp.zeros(3, int), z3 > 0, z4 > 0)
+
+
+def test_dpo_metrics_match_numpy_implicit_rewards():
+    rng = np.random.default_rng(9)
+    pb, pw, rb, rw = _sums(rng, 10)
+    beta = 0.1
+    r_b, r_w = beta * (pb - rb), beta * (pw - rw)
+    with x64():
+        got = rl.dpo_metrics(pb, pw, rb, rw, beta=beta)
+    want = {"better_sample_reward": r_b.mean(), "worse_sample_reward": r_w.mean(),
+            "reward_accuracy": np.mean(r_b > r_w), "reward_margin": np.mean(r_b - r_w)}
+    assert 0.0 < want["reward_accuracy"] < 1.0
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert float(got[key]) == pytest.approx(value, rel=1e-12), key

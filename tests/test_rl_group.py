@@ -109,3 +109,22 @@ def test_combined_advantages_accept_sequence_level_k_constraints():
     with x64():
         got = rl.combined_advantages(a_r, a_c, lam)
     np.testing.assert_allclose(np.asarray(got), (a_r - lam @ a_c) / (1 + lam.sum()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_kl_shaped_scores_move_reward_down_and_costs_up_by_the_sequence_kl(k):
+    rng = np.random.default_rng(k)
+    b, t = 4, 6
+    old, ref = rng.normal(size=(2, b, t))
+    mask = right_padded_mask(rng, b, t)
+    old_nan = np.where(mask == 1, old, np.nan)  # padding never enters the sum
+    reward = rng.normal(size=b)
+    cost = None if k == 0 else (rng.normal(size=b) if k == 1 else rng.normal(size=(k, b)))
+    pen = 0.05 * np.array([sum(old[i, j] - ref[i, j] for j in range(t) if mask[i, j]) for i in range(b)])
+    with x64():
+        r, c = rl.kl_shaped_scores(reward, cost, old_nan, ref, mask, kl_coeff=0.05)
+    np.testing.assert_allclose(np.asarray(r), reward - pen, rtol=1e-12, atol=1e-14)
+    if k == 0:
+        assert c is None
+    else:
+        np.testing.assert_allclose(np.asarray(c), cost + pen, rtol=1e-12, atol=1e-14)

@@ -13,9 +13,9 @@ the SafeDPO-style label transform and loss, BFPO (:mod:`safejax.rl.dpo`).
 """
 
 from safejax.rl._util import end_index
-from safejax.rl.dpo import bfpo_loss, dpo_loss, safe_dpo_labels, safe_dpo_loss
+from safejax.rl.dpo import bfpo_loss, dpo_loss, dpo_metrics, safe_dpo_labels, safe_dpo_loss
 from safejax.rl.gae import gae
-from safejax.rl.group import GROUP_ADVANTAGE_METHODS, group_advantages, grpo_actor_loss, k3_kl
+from safejax.rl.group import GROUP_ADVANTAGE_METHODS, group_advantages, grpo_actor_loss, k3_kl, kl_shaped_scores
 from safejax.rl.lagrange import (
     LagrangeState,
     episode_cost_mean,
@@ -69,6 +69,7 @@ __all__ = [
     "cost_sign_accuracy",
     "dpo_log_ratios",
     "dpo_loss",
+    "dpo_metrics",
     "dpo_window_loss",
     "end_index",
     "episode_cost_mean",
@@ -77,6 +78,7 @@ __all__ = [
     "grpo_actor_loss",
     "k3_kl",
     "kl_shaped_rewards",
+    "kl_shaped_scores",
     "lagrange_init",
     "lagrange_record",
     "lagrange_step",

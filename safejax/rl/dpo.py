@@ -40,6 +40,26 @@ def dpo_loss(policy_better_logp, policy_worse_logp, ref_better_logp, ref_worse_l
     return -jnp.mean(jax.nn.log_sigmoid(jnp.asarray(beta, h.dtype) * h))
 
 
+def dpo_metrics(policy_better_logp, policy_worse_logp, ref_better_logp, ref_worse_logp, *, beta):
+    """The implicit-reward metrics the reference's DPO logs (means over the batch).
+
+    Implicit reward ``r = beta * (policy - ref)`` per response. Args as :func:`dpo_loss`.
+
+    Returns:
+      dict of scalars: ``better_sample_reward``, ``worse_sample_reward``, ``reward_accuracy`` (fraction of pairs
+      with ``r+ > r-``), ``reward_margin`` (mean of ``r+ - r-``).
+    """
+    _margin("dpo_metrics", policy_better_logp, policy_worse_logp, ref_better_logp, ref_worse_logp)  # shape checks
+    dtype = float_dtype(policy_better_logp, policy_worse_logp, ref_better_logp, ref_worse_logp)
+    beta = jnp.asarray(beta, dtype)
+    r_b = jax.lax.stop_gradient(beta * (jnp.asarray(policy_better_logp).astype(dtype)
+                                        - jnp.asarray(ref_better_logp).astype(dtype)))
+    r_w = jax.lax.stop_gradient(beta * (jnp.asarray(policy_worse_logp).astype(dtype)
+                                        - jnp.asarray(ref_worse_logp).astype(dtype)))
+    return {"better_sample_reward": jnp.mean(r_b), "worse_sample_reward": jnp.mean(r_w),
+            "reward_accuracy": jnp.mean((r_b > r_w).astype(dtype)), "reward_margin": jnp.mean(r_b - r_w)}
+
+
 def safe_dpo_labels(better_response_id, is_response_0_safe, is_response_1_safe):
     """SafeDPO-style label transform on PKU-SafeRLHF pairs (helpfulness preference made safety-aware).
 

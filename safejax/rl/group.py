@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from safejax.rl._util import check_ndim, check_same_shape, float_dtype
-from safejax.rl.masked import masked_mean
+from safejax.rl.masked import masked_mean, masked_sum
 from safejax.rl.ppo import combined_advantages, ppo_actor_loss
 
 GROUP_ADVANTAGE_METHODS = ("grpo", "rloo", "dr_grpo")
@@ -80,6 +80,39 @@ def k3_kl(log_probs, ref_log_probs):
     dtype = float_dtype(log_probs, ref_log_probs)
     d = jax.lax.stop_gradient(jnp.asarray(ref_log_probs).astype(dtype)) - jnp.asarray(log_probs).astype(dtype)
     return jnp.exp(d) - d - 1.0
+
+
+def kl_shaped_scores(reward, cost, old_log_probs, ref_log_probs, mask, *, kl_coeff):
+    """The ``k1_reward`` KL mode: ``kl_coeff * sum_t (old_log_probs - ref_log_probs)`` over each sequence's response
+    tokens is subtracted from its reward and added to its cost(s), before the group normalisation (Safe RLHF shapes
+    both signals this way, so the KL weight in ``(A_r - lambda A_c) / (1 + lambda)`` stays ``kl_coeff``).
+
+    Args:
+      reward: ``[B]`` reward-model end scores.
+      cost: None, ``[B]`` or ``[K, B]`` cost-model end scores.
+      old_log_probs, ref_log_probs: ``[B, T]`` rollout-time policy and reference log-probs (constants).
+      mask: ``[B, T]`` response mask.
+      kl_coeff: beta.
+    Returns:
+      ``(reward [B], cost [B] | [K, B] | None)`` shaped scores (``stop_gradient``).
+    """
+    fn = "kl_shaped_scores"
+    check_ndim(fn, "old_log_probs", old_log_probs, (2,))
+    check_same_shape(fn, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, mask=mask)
+    b = jnp.shape(old_log_probs)[0]
+    if tuple(jnp.shape(reward)) != (b,):
+        raise ValueError(f"safejax.rl.{fn}: reward must have shape [{b}], got {list(jnp.shape(reward))}")
+    if cost is not None and (jnp.ndim(cost) not in (1, 2) or tuple(jnp.shape(cost)[-1:]) != (b,)):
+        raise ValueError(f"safejax.rl.{fn}: cost must have shape [{b}] or [K, {b}], got {list(jnp.shape(cost))}")
+    dtype = float_dtype(reward, cost, old_log_probs, ref_log_probs)
+    m = jnp.asarray(mask) != 0
+    kl = masked_sum(jnp.where(m, jnp.asarray(old_log_probs).astype(dtype) - jnp.asarray(ref_log_probs).astype(dtype),
+                              0), m)
+    pen = jax.lax.stop_gradient(jnp.asarray(kl_coeff, dtype) * kl)
+    sg = jax.lax.stop_gradient
+    shaped_reward = sg(jnp.asarray(reward).astype(dtype)) - pen
+    shaped_cost = None if cost is None else sg(jnp.asarray(cost).astype(dtype)) + pen
+    return shaped_reward, shaped_cost
 
 
 def grpo_actor_loss(log_probs, old_log_probs, reward_advantages, mask, *, clip_range_ratio, cost_advantages=None,
