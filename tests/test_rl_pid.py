@@ -174,3 +174,9 @@ def test_suggested_pid_gains_violate_less_than_sgd_and_settle_near_threshold_on_
     sgd_violation, _ = _toy_run("sgd", seed=0)
     assert pid_violation < 0.5 * sgd_violation
     assert abs(pid_final) < 0.1
+
+
+def test_pid_init_works_under_eval_shape_with_a_traced_lambda_init():
+    shapes = jax.eval_shape(lambda lam: rl.pid_lagrange_init(num_constraints=2, d_delay=4, window_size=8,
+                                                             lambda_init=lam), jnp.zeros(2))
+    assert shapes.lam.shape == (2,) and shapes.cost_d_history.shape == (2, 4) and shapes.cost_window.shape == (2, 8)

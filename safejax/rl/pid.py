@@ -103,11 +103,15 @@ def pid_lagrange_init(*, num_constraints=1, window_size=128, d_delay=10, lambda_
     for name, v in (("num_constraints", k), ("window_size", w), ("d_delay", d)):
         if v < 1:
             raise ValueError(f"safejax.rl.pid_lagrange_init: {name} must be >= 1, got {v}")
-    concrete = np.asarray(lambda_init, dtype=np.float64)
-    if concrete.size not in (1, k) or concrete.ndim > 1:
+    try:
+        concrete = np.asarray(lambda_init, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None  # traced (e.g. under jax.eval_shape): checked by shape only
+    shape = tuple(concrete.shape) if concrete is not None else tuple(jnp.shape(lambda_init))
+    if len(shape) > 1 or int(np.prod(shape)) not in (1, k):
         raise ValueError(f"safejax.rl.pid_lagrange_init: lambda_init must be a number or have {k} entries, "
-                         f"got shape {list(concrete.shape)}")
-    if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
+                         f"got shape {list(shape)}")
+    if concrete is not None and (not np.all(np.isfinite(concrete)) or np.any(concrete < 0)):
         raise ValueError(f"safejax.rl.pid_lagrange_init: lambda_init must be >= 0, got {concrete.tolist()}")
     lam = jnp.broadcast_to(jnp.asarray(lambda_init, dtype).reshape(-1), (k,))
     # distinct buffers for every leaf: a train step that donates the state must not see one buffer twice
