@@ -41,6 +41,7 @@ mean of ``-mu`` over the last 20% of updates, lambda peak):
 On a slower process (rate 0.02, target ``2 - 0.5 * lam``) the suggested gains gave 101, -0.001, 5.4 against
 367, -0.26, 3.8 for omnisafe's; on a faster one (rate 0.1, target ``1 - 2 * lam``) 20, 0.020, 0.84 against SGD's
 14, 0.018, 1.53. ``ki`` scales with the number of updates per run: halve it when updates are twice as frequent.
+``tests/test_rl_pid.py`` reruns the first toy process with these functions (PID against SGD on log lambda).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class PIDLagrangeState(NamedTuple):
       delta_p: ``[K]`` EMA of the violation ``J - threshold`` (starts at 0).
       cost_d: ``[K]`` EMA of the window mean ``J`` (starts at 0).
       cost_d_history: ``[K, d_delay]`` shift register of past ``cost_d`` values, oldest first (starts at zeros,
-        which equals the reference deque ``[0.0]`` of maxlen ``d_delay``; see the module docstring).
+        which equals omnisafe's deque ``[0.0]`` of maxlen ``d_delay``; see the module docstring).
       cost_window: ``[K, W]`` ring buffer of episode costs (as :class:`safejax.rl.LagrangeState`).
       window_count: ``[]`` int32, number of valid window entries (``<= W``).
       window_pos: ``[]`` int32, next write index of the ring buffer.
