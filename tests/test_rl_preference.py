@@ -260,7 +260,7 @@ def test_dpo_loss_matches_reference_loop_in_both_window_modes(bug):
     lp_b, lp_w, ref_b, ref_w = rng.normal(size=(4, 8, 9))
     want, want_rb, want_rw = np_dpo(lp_b, lp_w, ref_b, ref_w, ib, iw, mb, mw, 0.1, bug)
     with x64():
-        got = rl.dpo_loss(lp_b, lp_w, ref_b, ref_w, ib, iw, mb, mw, scale_coeff=0.1, reference_window_bug=bug)
+        got = rl.dpo_window_loss(lp_b, lp_w, ref_b, ref_w, ib, iw, mb, mw, scale_coeff=0.1, reference_window_bug=bug)
         rb, rw = rl.dpo_log_ratios(lp_b, lp_w, ref_b, ref_w, ib, iw, mb, mw, reference_window_bug=bug)
     assert float(got) == pytest.approx(want, rel=1e-6)
     np.testing.assert_allclose(np.asarray(rb), want_rb, **TOL)

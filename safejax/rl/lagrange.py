@@ -85,6 +85,9 @@ def lagrange_init(lambda_init, *, num_constraints=1, window_size=128, lambda_lr=
 def lagrange_record(state, episode_costs, valid=None):
     """Append a batch of episode costs to the ring buffer (oldest entries are overwritten first).
 
+    The window mechanism of both multiplier rules: ``state`` is a :class:`LagrangeState` or a
+    :class:`safejax.rl.PIDLagrangeState` (any state with ``cost_window``, ``window_count`` and ``window_pos``).
+
     Equivalent to appending the costs one by one to ``collections.deque(maxlen=W)``; when more than W arrive at
     once only the last W are kept.
 
@@ -131,8 +134,11 @@ def episode_cost_mean(state):
 
 
 def multiplier(state):
-    """lambda = exp(log_lambda): ``[K]``."""
-    return jnp.exp(state.log_lambda)
+    """The current multipliers ``[K]`` of either rule: ``exp(log_lambda)`` for a :class:`LagrangeState` (SGD on
+    log lambda), the stored ``lam`` for a :class:`safejax.rl.PIDLagrangeState`."""
+    if isinstance(state, LagrangeState):
+        return jnp.exp(state.log_lambda)
+    return state.lam
 
 
 def lagrange_step(state, *, threshold, lambda_lr, lambda_max=None, update_delay_steps=0):

@@ -322,9 +322,10 @@ def dpo_log_ratios(better_log_probs, worse_log_probs, ref_better_log_probs, ref_
     return better, worse
 
 
-def dpo_loss(better_log_probs, worse_log_probs, ref_better_log_probs, ref_worse_log_probs, better_ids, worse_ids,
-             better_mask, worse_mask, *, scale_coeff, reference_window_bug=False):
-    """DPO loss ``mean_i -log sigmoid(beta * [(log pi+ - log ref+) - (log pi- - log ref-)])``.
+def dpo_window_loss(better_log_probs, worse_log_probs, ref_better_log_probs, ref_worse_log_probs, better_ids,
+                    worse_ids, better_mask, worse_mask, *, scale_coeff, reference_window_bug=False):
+    """The reference's token-level DPO loss ``mean_i -log sigmoid(beta * [(log pi+ - log ref+) - (log pi- -
+    log ref-)])`` summed over :func:`dpo_log_ratios`' response window (:func:`safejax.rl.dpo_loss` takes the sums).
 
     Arguments as :func:`dpo_log_ratios`; ``scale_coeff`` is beta (script: 0.1). Reference log-probs are constants.
     Implicit rewards for logging are ``scale_coeff * dpo_log_ratios(...)``.
