@@ -60,11 +60,12 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
 
     from safejax.data.batching import BatchIterator
     from safejax.models import load_pretrained
-    from safejax.train.common import init_train_state, micro_batch_sharding, put_batch, split_micro
+    from safejax.train.common import TrainState, micro_batch_sharding, put_batch, split_micro
     from safejax.train.fit import make_train_step
     from safejax.train.functional import split_model
     from safejax.train.optim import OptimConfig, make_optimizer
     from safejax.train.sft import sft_loss_fn
+    from safejax.train.state import build_state, spread, trainable
 
     mesh = parallel.make_mesh(parallel.MeshConfig(*mesh_shape))
     lm = load_pretrained(model_path, mesh=mesh)
@@ -75,7 +76,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     local_weight_blocks = sorted({(s.index[0].start or 0, s.index[1].start or 0) for s in emb.addressable_shards})
     arrays = step_arrays(lm.config.vocab_size)
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.01), STEP_STEPS)
-    state, state_sh = init_train_state(params, mdef.shardings(mesh), tx, mesh, seed=0)
+    state, state_sh = build_state(TrainState, mesh, 0, **spread(trainable(params, mdef.shardings(mesh), tx, mesh)))
     example = split_micro({k: v[:STEP_BATCH] for k, v in arrays.items()}, accum)
     batch_sh = {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
     step = make_train_step(sft_loss_fn(mdef), tx, schedule, state_sh, batch_sh)

@@ -2,7 +2,7 @@
 
 Every case under ``<golden>/expected/*/summary.json`` is driven through the same load path
 (``load_model_for``: HF Llama actor, safe-rlhf ``LlamaForScore`` critics whose normaliser buffers are ignored)
-and the same jitted ``Trainer.update`` that ``safejax ppo-lag`` runs; the case's experience arrays stand in
+and the same jitted ``PPOPhases.update`` that ``safejax ppo-lag`` runs; the case's experience arrays stand in
 for the rollout's output.  Every hyper-parameter and the geometry come from the case's ``summary.json`` and
 input arrays (:func:`ppo_config_from_reference_args`), so any folder of the same layout is checked the same
 way.  Tolerances are the README's recommended ones (float32 on CPU, highest matmul precision).
@@ -22,16 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
-from safejax import parallel, rl
+from safejax import rl
 from safejax.models.hf import hf_state_dict
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for
-from safejax.train.ppo import Experience, Models, PPOState, Trainer
+from safejax.train.ppo import Experience, Models, PPOPhases, PPOState
 from safejax.train.ppo_shapes import rl_micro_steps
-from safejax.train.ppo_loop import _model_state, guarded_update
+from safejax.train.ppo_loop import make_update
+from safejax.train.state import build_state, replicated, trainable
 from safejax.train.reference_args import ppo_config_from_reference_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,22 +87,18 @@ def _build(case: str, update_iters: int | None = None):
     (a_def, a_p), (_, ref_p) = load("actor", "causal_lm"), load("ref", "causal_lm")
     (rc_def, rc_p), (cc_def, cc_p) = load("reward_critic", "score"), load("cost_critic", "score")
     models = Models(actor=a_def, reward_critic=rc_def, cost_critic=cc_def, reward=rc_def, cost=cc_def)
-    trainer = Trainer(cfg, models, mesh, prompt_width=width, eos_id=eos, pad_id=pad, total_updates=micro_steps,
-                      ptx_enabled=use_ptx, unk_id=unk, trace=True)
-    actor_s, actor_sh = _model_state(a_def, a_p, trainer.actor_tx, mesh)
-    rc_s, rc_sh = _model_state(rc_def, rc_p, trainer.critic_tx, mesh)
-    cc_s, cc_sh = _model_state(cc_def, cc_p, trainer.critic_tx, mesh)
+    phases = PPOPhases(cfg, models, mesh, prompt_width=width, eos_id=eos, pad_id=pad, total_updates=micro_steps,
+                       ptx_enabled=use_ptx, unk_id=unk, trace=True)
     lc = cfg.lagrange
     lag = rl.lagrange_init(lc.lambda_init, window_size=lc.window, lambda_lr=lc.lambda_lr)
     prior = exp_np["prior_episode_costs"]
     if prior.size:
         lag = rl.lagrange_record(lag, jnp.asarray(prior, jnp.float32))
-    rep = NamedSharding(mesh, PartitionSpec())
-    lag = jax.device_put(lag, rep)
-    state = PPOState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), actor=actor_s, reward_critic=rc_s,
-                     cost_critic=cc_s, lagrange=lag, rng=jax.device_put(jax.random.key_data(jax.random.key(0)), rep))
-    state_sh = PPOState(step=rep, actor=actor_sh, reward_critic=rc_sh, cost_critic=cc_sh,
-                        lagrange=jax.tree.map(lambda _: rep, lag), rng=rep)
+    state, state_sh = build_state(PPOState, mesh, 0,
+                                  actor=trainable(a_p, a_def.shardings(mesh), phases.actor_tx, mesh),
+                                  reward_critic=trainable(rc_p, rc_def.shardings(mesh), phases.critic_tx, mesh),
+                                  cost_critic=trainable(cc_p, cc_def.shardings(mesh), phases.critic_tx, mesh),
+                                  lagrange=replicated(lag, mesh))
 
     seq = jnp.asarray(exp_np["input_ids"], jnp.int32)
     mask = jnp.asarray(exp_np["attention_mask"], jnp.bool_)
@@ -111,17 +107,15 @@ def _build(case: str, update_iters: int | None = None):
                                   ("old_log_probs", "ref_log_probs")),
                      jnp.asarray(exp_np["reward"], jnp.float32), jnp.asarray(exp_np["cost"], jnp.float32),
                      *(jnp.asarray(exp_np[k][:, start:], jnp.float32) for k in ("reward_values", "cost_values")),
-                     trainer.action_mask(mask))
+                     phases.action_mask(mask))
     ptx = None
     if use_ptx:
         p = dict(np.load(GOLDEN / "inputs" / "ptx.npz"))
         ptx = {"input_ids": jnp.asarray(p["input_ids"], jnp.int32),
                "attention_mask": jnp.asarray(p["attention_mask"], jnp.bool_),
                "loss_mask": jnp.asarray(p["labels"] != -100)}
-    update_fn = parallel.mesh_jit(guarded_update(trainer.update, skip_nonfinite=False, inject_nan_step=0, lag=True),
-                                  mesh=mesh, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
-                                  donate_argnums=(0,))
-    return dict(summary=summary, cfg=cfg, trainer=trainer, state=state, exp=exp, ptx=ptx, exp_np=exp_np,
+    update_fn = make_update(phases, mesh, state_sh)
+    return dict(summary=summary, cfg=cfg, phases=phases, state=state, exp=exp, ptx=ptx, exp_np=exp_np,
                 ref_params=ref_p, update_fn=update_fn, start=start, micro_steps=micro_steps)
 
 
@@ -129,7 +123,7 @@ def _run(case: str) -> dict:
     if case in _RUNS:
         return _RUNS[case]
     full = _build(case)
-    tr: Trainer = full["trainer"]
+    tr: PPOPhases = full["phases"]
     state0 = full["state"]
     models = tr.models
     defs = {"actor": models.actor, "reward_critic": models.reward_critic, "cost_critic": models.cost_critic}

@@ -75,7 +75,7 @@ def test_rollout_experience_matches_independent_rescoring(rollout_world):
     come from each row re-scored *without* padding: log-probs by the transformers model, scores by our
     ScoreModel on the bare row (no mask, positions 0..n-1)."""
     from safejax.generation import SamplingConfig
-    from safejax.train.ppo import PPOConfig, Trainer
+    from safejax.train.ppo import PPOConfig, PPOPhases as Trainer
 
     w = rollout_world
     vocab, pad, p, n, hf, models = w["vocab"], w["pad"], w["p"], w["n"], w["hf"], w["models"]
@@ -128,7 +128,7 @@ def test_rollout_masks_sampled_pad_and_unk_tokens_like_the_reference(rollout_wor
     hole in the experience mask (tokens after it stay real), and the RM/CM end score is read at the last token
     that is still real.  ``ppo.mask_sampled_special=false`` keeps every generated token."""
     from safejax.generation import SamplingConfig
-    from safejax.train.ppo import PPOConfig, PPOSection, Trainer
+    from safejax.train.ppo import PPOConfig, PPOSection, PPOPhases as Trainer
 
     w = rollout_world
     p, n, models, frozen, state = w["p"], w["n"], w["models"], w["frozen"], w["state"]
@@ -172,7 +172,7 @@ def test_rollout_cuts_responses_at_the_reference_budget_of_max_length_minus_the_
     """data.max_length counts prompt and response: a batch whose longest prompt has k tokens keeps at most
     max_length - k response tokens (the rest is pad with mask 0), whatever bucket width it ran in."""
     from safejax.generation import SamplingConfig
-    from safejax.train.ppo import PPOConfig, PPODataSection, Trainer
+    from safejax.train.ppo import PPOConfig, PPODataSection, PPOPhases as Trainer
 
     w = rollout_world
     p, n, models, frozen, state = w["p"], w["n"], w["models"], w["frozen"], w["state"]

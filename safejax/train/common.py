@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
@@ -27,6 +27,7 @@ from safejax.checkpoint import Checkpointer
 from safejax.config import ConfigError, check_range, dump_yaml, to_dict
 from safejax.runlock import RunLock
 from safejax.train.resume_guard import CONFIG_KEY, DATA_KEY, array_fingerprint, check_data, read_snapshot
+from safejax.train.state import TrainState  # noqa: F401  (re-exported: the supervised stages' state)
 
 log = logging.getLogger("safejax")
 
@@ -112,33 +113,6 @@ class LoopSection:
 
 
 # ----------------------------------------------------------------------------- train state
-
-
-@struct.dataclass
-class TrainState:
-    """One optimizer-driven model: ``params`` (pure dict), ``opt_state``, ``step`` and ``rng`` (raw key data)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-
-
-def scalar_on_mesh(x, mesh, dtype=jnp.int32):
-    return jax.device_put(jnp.asarray(x, dtype), NamedSharding(mesh, P()))
-
-
-def init_train_state(params: Any, param_shardings: Any, tx, mesh, seed: int) -> tuple[TrainState, Any]:
-    """Place params on their shardings, create the optimizer state sharded like the params, and
-    return ``(state, state_shardings)`` (the latter for ``jit`` in/out shardings)."""
-    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings)
-    opt_sh = parallel.opt_state_shardings(tx, params, param_shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    rep = NamedSharding(mesh, P())
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), rep)
-    state = TrainState(step=scalar_on_mesh(0, mesh), params=params, opt_state=opt_state, rng=rng)
-    shardings = TrainState(step=rep, params=param_shardings, opt_state=opt_sh, rng=rep)
-    return state, shardings
 
 
 def tree_add(a, b):
@@ -474,6 +448,8 @@ class GracefulStop:
     :meth:`requested_now` agrees across processes (any host's flag stops all), so every host saves
     the same step."""
 
+    every = 10  # multi-host: steps between two agreements on the flag (see :meth:`poll`)
+
     def __init__(self):
         self.requested = False
         self._old = None
@@ -489,12 +465,18 @@ class GracefulStop:
         self.requested = True
 
     def requested_now(self) -> bool:
+        """The flag agreed by every process (one ``process_allgather`` when multi-host)."""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             flags = multihost_utils.process_allgather(np.int32(self.requested))
             self.requested = bool(np.any(flags))
         return self.requested
+
+    def poll(self, step: int) -> bool:
+        """:meth:`requested_now` at ``step``: single-process every step (no sync); multi-host only every
+        :attr:`every` steps, so the hosts agree without a collective per step."""
+        if jax.process_count() > 1 and step % self.every:
+            return False
+        return self.requested_now()
 
     def __exit__(self, *exc):
         if self._old is not None:

@@ -19,10 +19,12 @@ import numpy as np
 import optax
 
 from safejax import parallel
-from safejax.train.common import (SKIP_KEY, GracefulStop, LoopSection, MetricGuard, Preempted, RunDir, TrainState,
-                                  accumulate_gradients, close_stage, init_train_state, progress, put_batch,
-                                  save_checkpoint, split_micro)
+from safejax.data.batching import BatchIterator
+from safejax.train.common import (SKIP_KEY, LoopSection, RunDir, TrainState, accumulate_gradients,
+                                  micro_batch_sharding, put_batch, split_micro)
+from safejax.train.loop import HostLoop, to_host
 from safejax.train.optim import OptimConfig, make_optimizer
+from safejax.train.state import ModelState, apply_gradients, build_state, keep_finite, spread, trainable
 
 log = logging.getLogger("safejax")
 
@@ -53,16 +55,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
             return dict(metrics, loss=loss), grads
 
         metrics, grads = accumulate_gradients(loss_and_grad, state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        model = apply_gradients(ModelState(state.params, state.opt_state), grads, tx)
         metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
         metrics["lr"] = schedule(state.step)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new = state.replace(step=state.step + 1, params=model.params, opt_state=model.opt_state)
         if skip_nonfinite:
-            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            kept = state.replace(step=state.step + 1)
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
-            metrics[SKIP_KEY] = (~ok).astype(jnp.float32)
+            new, metrics[SKIP_KEY] = keep_finite(state, new, (metrics["loss"], metrics["grad_norm"]))
         return new, metrics
 
     mesh = jax.tree.leaves(state_shardings)[0].mesh
@@ -71,8 +69,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
 
 
 def _batch_shardings(example: dict, mesh):
-    from safejax.train.common import micro_batch_sharding
-
     return {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
 
 
@@ -95,8 +91,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     continuation is step-for-step identical to an uninterrupted run.  Checkpoints: every
     ``loop.save_every`` steps, at the end, and on SIGTERM (then :class:`Preempted` is raised).  A
     NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved.  ``param_names``: HF names
-    shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups."""
-    from safejax.data.batching import BatchIterator
+    shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups.  The loop itself
+    is :class:`HostLoop`; this function adds the stage's log and eval hooks."""
 
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
@@ -109,73 +105,36 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     if loop.max_steps > 0:
         total = min(total, loop.max_steps)
     tx, schedule = make_optimizer(optim, total, param_names)
-    state, state_sh = init_train_state(params, param_shardings, tx, mesh, seed)
+    state, state_sh = build_state(TrainState, mesh, seed, **spread(trainable(params, param_shardings, tx, mesh)))
 
     batches = BatchIterator(train_arrays, loop.batch_size, seed=seed, shuffle=True, drop_last=True,
                             micro_batches=optim.grad_accum)
     run.record_data("train", train_arrays)
-    ckpt = run.checkpointer(loop.keep_checkpoints)
-    writer = None
     t0 = time.time()
-    metrics: dict = {}
     eval_metrics: dict = {}
-    bar = None
-    try:
-        restored = ckpt.restore(state, required_meta=("data",))
-        start, meta = 0, {}
-        guard = MetricGuard(prefix=metric_prefix, max_consecutive=loop.max_consecutive_skips)
-        if restored is not None:
-            state, meta, start = restored
-            batches.restore(meta["data"])
-            guard.restore(meta)
-            log.info("%s: resumed from step %d in %s", desc, start, ckpt.directory)
-        run.write_config()
-        writer = run_writer(run, start if restored is not None else None, meta.get("metrics_offset"))
+    example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
+    step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh),
+                              skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step)
+    host = HostLoop(run, loop, name=desc, total=total, iterators={"data": batches}, metric_prefix=metric_prefix)
 
-        example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
-        step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh),
-                                  skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step)
-        bar = progress(total, desc, loop.progress, initial=start)
-        step = start
-        with GracefulStop() as stop:
-            it = iter(batches)
-            while step < total:
-                batch = next(it)
-                batch = put_batch(split_micro(batch, optim.grad_accum), mesh)
-                state, m = step_fn(state, batch)
-                step += 1
-                guard.add(step, m)
-                bar.update(1)
-                epoch_end = step % steps_per_epoch == 0
-                if step % loop.log_every == 0 or step == total:
-                    metrics = guard.drain()[step]
-                    metrics["train/epoch"] = (step - 1) // steps_per_epoch
-                    if loop.skip_nonfinite:
-                        metrics[metric_prefix + SKIP_KEY + "_total"] = guard.skipped
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
-                                     if k.endswith(("loss", "accuracy"))})
-                    writer.write(step, metrics)
-                do_eval = eval_fn is not None and ((loop.eval_every and step % loop.eval_every == 0) or epoch_end
-                                                   or step == total)
-                if do_eval:
-                    eval_metrics = eval_fn(state.params)
-                    writer.write(step, eval_metrics)
-                stop_now = stop.requested_now()
-                if (loop.save_every and step % loop.save_every == 0) or step == total or stop_now:
-                    save_checkpoint(ckpt, step, state, guard, writer, {"data": batches.state()})
-                if stop_now:
-                    raise Preempted(f"{desc}: SIGTERM received; saved a checkpoint at step {step}/{total} in "
-                                    f"{ckpt.directory}; rerun the same command to resume", step)
-    finally:
-        close_stage(run, bar, writer)
+    def log_hook(h: HostLoop, step: int, state) -> None:
+        metrics = h.log(step, {"train/epoch": (step - 1) // steps_per_epoch})
+        h.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.endswith(("loss", "accuracy"))})
+
+    def eval_hook(h: HostLoop, step: int, state) -> None:
+        nonlocal eval_metrics
+        eval_metrics = eval_fn(state.params)
+        h.write(step, eval_metrics)
+
+    host.add_hook(log_hook, every=loop.log_every)
+    if eval_fn is not None:
+        host.add_hook(eval_hook, when=lambda s: bool(loop.eval_every and s % loop.eval_every == 0)
+                      or s % steps_per_epoch == 0 or s == total)
+    state, step = host.run_steps(state, lambda st, batch: step_fn(st, put_batch(split_micro(batch, optim.grad_accum),
+                                                                                mesh)), lambda: iter(batches))
+    metrics = host.last_metrics
     return FitResult(state=state, last_metrics=metrics, eval_metrics=eval_metrics, steps=step,
                      seconds=time.time() - t0)
-
-
-def run_writer(run: RunDir, resume_step: int | None, resume_offset: int | None = None):
-    from safejax.metrics import MetricWriter
-
-    return MetricWriter(run.path, resume_step=resume_step, resume_offset=resume_offset)
 
 
 def batched_apply(fn: Callable, arrays: dict, batch_size: int) -> list:
@@ -185,19 +144,10 @@ def batched_apply(fn: Callable, arrays: dict, batch_size: int) -> list:
     for i in range(0, n, batch_size):
         idx = np.arange(i, i + batch_size) % n
         b = {k: v[idx] for k, v in arrays.items()}
-        out = jax.tree.map(_fetch, fn(b))
+        out = jax.tree.map(to_host, fn(b))
         k = min(batch_size, n - i)
         outs.append(jax.tree.map(lambda x: np.asarray(x)[:k], out))
     return outs
-
-
-def _fetch(x):
-    """Device array -> numpy, gathering batch-sharded outputs from every host when multi-host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def concat_outputs(outs: list) -> Any:
@@ -205,14 +155,9 @@ def concat_outputs(outs: list) -> Any:
 
 
 def to_device_batch(batch: dict, mesh) -> dict:
-    from safejax.parallel import batch_sharding
-
-    return {k: jax.device_put(np.asarray(v), batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+    return {k: jax.device_put(np.asarray(v), parallel.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
 
 
 def eval_loop(apply_fn: Callable, arrays: dict, batch_size: int, mesh) -> Any:
     return concat_outputs(batched_apply(lambda b: apply_fn(to_device_batch(b, mesh)), arrays, batch_size))
 
-
-def jnp_mean(x):
-    return jnp.mean(jnp.asarray(x, jnp.float32))

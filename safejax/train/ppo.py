@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from safejax import rl
@@ -34,6 +33,7 @@ from safejax.parallel import MeshConfig
 from safejax.train.common import ExportSection, LoopSection, ModelSection
 from safejax.train.functional import ModelDef
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
+from safejax.train.state import ModelState, apply_gradients
 
 log = logging.getLogger("safejax")
 
@@ -169,12 +169,6 @@ class PPOConfig:
 
 
 @struct.dataclass
-class ModelState:
-    params: Any
-    opt_state: Any
-
-
-@struct.dataclass
 class PPOState:
     """Everything that must survive a restart (frozen models are separate)."""
 
@@ -265,8 +259,9 @@ def _end_scores(sm, seq, mask):
     return sm(seq, attention_mask=mask, positions=positions_from_mask(mask)).end_scores
 
 
-class Trainer:
-    """Builds the jitted phases for one config; holds no mutable training state itself.
+class PPOPhases:
+    """The PPO phases of one config and prompt width: ``rollout`` and ``update``, pure functions (:func:`make_rollout`
+    and :func:`make_update` in ``ppo_loop`` jit them); holds the optimizers, no training state.
 
     ``total_updates`` is the number of RL micro-steps of the whole run (iterations x update_iters x
     mini-batches); each model's schedule spans ``total_updates // grad_accum`` optimizer updates, with or
@@ -414,10 +409,10 @@ class Trainer:
             ptx = jax.tree.map(lambda x: x.reshape(nmb, x.shape[0] // nmb, *x.shape[1:]), ptx)
 
         def apply(tx, ms: ModelState, grads, name, out):
-            upd, opt = tx.update(grads, ms.opt_state, ms.params)
-            log_ = step_log(opt)
+            ms = apply_gradients(ms, grads, tx)
+            log_ = step_log(ms.opt_state)
             out.update({f"{name}_lr": log_.lr, f"{name}_grad_norm": log_.grad_norm, f"{name}_updates": log_.count})
-            return ModelState(optax.apply_updates(ms.params, upd), opt)
+            return ms
 
         def micro_step(carry, xs):
             actor_s, rc_s, cc_s, lag = carry

@@ -1,8 +1,9 @@
-"""Host loop of the RL stage: load the six models, build the state, run iterations, log, checkpoint.
+"""Host side of the RL stage: load the six models, build the state, jit the phases, run the host loop.
 
 ``safejax ppo-lag | ppo | ppo-reward-shaping --config ...`` -> :func:`run_ppo`.  Per iteration the
-host does three things: hand a prompt batch to the jitted ``rollout``, hand the experience to the
-jitted ``update`` (state donated), and every ``log_every`` iterations pull the metrics back.
+host hands a prompt batch to the jitted ``rollout`` (:func:`make_rollout`), hands the experience to the
+jitted ``update`` (:func:`make_update`, state donated), and every ``log_every`` iterations pulls the
+metrics back (:class:`safejax.train.loop.HostLoop`, the loop every stage runs).
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
+from safejax.data import build_prompts, build_supervised, load_rows
+from safejax.data.batching import BatchIterator
+from safejax.data.packing import pack_supervised
 from safejax.parallel import make_mesh
-from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, close_stage, progress,
-                                  save_checkpoint, scalar_on_mesh)
+from safejax.train.common import SKIP_KEY, RunDir
 from safejax.train.functional import split_model
 from safejax.train.loading import load_model_for, load_tokenizer_for
-from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+from safejax.train.loop import HostLoop, to_host
+from safejax.train.ppo import Frozen, Models, PPOConfig, PPOPhases, PPOState
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
 from safejax.train.sft import export_model
+from safejax.train.state import build_state, keep_finite, place, replicated, trainable
 
 log = logging.getLogger("safejax")
 # what the progress bar shows, when the algorithm logs it: plain PPO has no cost or lambda, shaping a fixed nu
@@ -36,7 +40,7 @@ BAR_METRICS = (("train/reward", "reward"), ("train/cost", "cost"), ("train/lambd
 class PPOResult:
     state: PPOState
     models: Models
-    trainer: Trainer
+    phases: PPOPhases
     tokenizer: Any
     history: list[dict]
     export_dir: Any
@@ -44,17 +48,44 @@ class PPOResult:
     mesh: Any
 
 
-def _model_state(mdef, params, tx, mesh):
-    sh = mdef.shardings(mesh)
-    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, sh)
-    opt_sh = parallel.opt_state_shardings(tx, params, sh, mesh)
-    opt = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    return ModelState(params, opt), ModelState(sh, opt_sh)
+def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, mesh) -> tuple[PPOState, PPOState]:
+    """``(state, shardings)`` of the RL stage: actor and critics trainable, the Lagrange state replicated.
+
+    ``params``: ``{"actor", "reward_critic", "cost_critic"}`` host params (``cost_critic`` None unless ppo-lag)."""
+    lag = rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1, window_size=cfg.lagrange.window,
+                           lambda_lr=cfg.lagrange.lambda_lr)
+    cc = models.cost_critic
+    return build_state(
+        PPOState, mesh, cfg.seed,
+        actor=trainable(params["actor"], models.actor.shardings(mesh), phases.actor_tx, mesh),
+        reward_critic=trainable(params["reward_critic"], models.reward_critic.shardings(mesh), phases.critic_tx, mesh),
+        cost_critic=(trainable(params["cost_critic"], cc.shardings(mesh), phases.critic_tx, mesh) if cc is not None
+                     else (None, None)),
+        lagrange=replicated(lag, mesh))
 
 
-def _replicate(tree, mesh):
-    rep = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), tree), jax.tree.map(lambda _: rep, tree)
+def frozen_models(models: Models, ref, reward, cost, mesh) -> tuple[Frozen, Frozen]:
+    """``(Frozen params placed on their shardings, their shardings)``; ``cost`` may be None."""
+    sh = Frozen(ref=models.actor.shardings(mesh), reward=models.reward.shardings(mesh),
+                cost=models.cost.shardings(mesh) if models.cost is not None else None)
+    return Frozen(ref=place(ref, sh.ref), reward=place(reward, sh.reward),
+                  cost=place(cost, sh.cost) if cost is not None else None), sh
+
+
+def make_rollout(phases: PPOPhases, mesh, state_shardings, frozen_shardings) -> Callable:
+    """The jitted ``rollout(state, frozen, prompt_ids [B/G, P], prompt_mask [B/G, P]) -> Experience``."""
+    bsh = parallel.batch_sharding(mesh, 2)
+    return parallel.mesh_jit(phases.rollout, mesh=mesh, in_shardings=(state_shardings, frozen_shardings, bsh, bsh))
+
+
+def make_update(phases: PPOPhases, mesh, state_shardings, *, skip_nonfinite: bool = False,
+                inject_nan_step: int = 0) -> Callable:
+    """The jitted ``update(state, exp, ptx) -> (state, metrics)``, state donated, with the numerics options of
+    :func:`guarded_update`."""
+    fn = guarded_update(phases.update, skip_nonfinite=skip_nonfinite, inject_nan_step=inject_nan_step,
+                        lag=phases.lag)
+    return parallel.mesh_jit(fn, mesh=mesh, in_shardings=(state_shardings, None, None),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1
@@ -71,8 +102,8 @@ def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh
             batch = parallel.host_local_to_global({k: v[idx] for k, v in arrays.items()}, mesh)
             exp = rollout_fn(result.state, frozen, batch["prompt_ids"], batch["prompt_mask"])
             k = min(batch_size, n - i) * samples_per_prompt
-            rewards.append(np.asarray(_gather(exp.reward))[:k])
-            costs.append(np.asarray(_gather(exp.cost))[:k])
+            rewards.append(to_host(exp.reward)[:k])
+            costs.append(to_host(exp.cost)[:k])
         r, c = np.concatenate(rewards), np.concatenate(costs)
         return {"eval/reward": float(r.mean()), "eval/cost": float(c.mean()),
                 "eval/harmless_ratio": float(np.mean(c <= 0)), "eval/count": int(n)}
@@ -80,17 +111,7 @@ def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh
     return hook
 
 
-def _gather(x):
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(x, tiled=True)
-    return jax.device_get(x)
-
-
 def load_prompts(cfg: PPOConfig, tokenizer, specs=None, what: str = "prompts"):
-    from safejax.data import build_prompts, load_rows
-
     rows = load_rows(specs or cfg.data.prompts)
     arrays, report = build_prompts(rows, tokenizer, prompt_width=cfg.data.prompt_width,
                                    skip_bad_rows=cfg.data.skip_bad_rows)
@@ -107,182 +128,111 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     """Run the RL stage.  ``eval_hook(iteration, result_so_far) -> metrics`` is called every
     ``eval_every`` iterations (and at the end).  Without a hook, ``data.eval_prompts`` turns on the
     default one (eval/reward, eval/cost, eval/harmless_ratio every ``train.eval_every`` iterations)."""
-    from safejax.data import build_supervised, load_rows
-    from safejax.data.batching import BatchIterator
-    from safejax.data.packing import pack_supervised
-
     t0 = time.time()
     mesh = make_mesh(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.actor)
     lag = cfg.algorithm == "ppo-lag"
 
-    actor = load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok)
-    actor_def, actor_params = split_model(actor)
+    def score_model(section):
+        return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
+                                          attention=cfg.actor.attention))
+
+    actor_def, actor_params = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
     ref_params = jax.tree.map(jnp.copy, actor_params)
-    dtype = cfg.actor.dtype
-    rm_def, rm_params = split_model(load_model_for(cfg.reward_model, mesh, model_type="score", tokenizer=tok,
-                                                   dtype=dtype, attention=cfg.actor.attention))
-    cm_def, cm_params = None, None
-    if cfg.cost_model:
-        cm_def, cm_params = split_model(load_model_for(cfg.cost_model, mesh, model_type="score", tokenizer=tok,
-                                                       dtype=dtype, attention=cfg.actor.attention))
-    rc_def, rc_params = split_model(load_model_for(cfg.reward_critic or cfg.reward_model, mesh, model_type="score",
-                                                   tokenizer=tok, dtype=dtype, attention=cfg.actor.attention))
-    cc_def, cc_params = (None, None)
-    if lag:
-        cc_def, cc_params = split_model(load_model_for(cfg.cost_critic or cfg.cost_model, mesh, model_type="score",
-                                                       tokenizer=tok, dtype=dtype, attention=cfg.actor.attention))
+    rm_def, rm_params = score_model(cfg.reward_model)
+    cm_def, cm_params = score_model(cfg.cost_model) if cfg.cost_model else (None, None)
+    rc_def, rc_params = score_model(cfg.reward_critic or cfg.reward_model)
+    cc_def, cc_params = score_model(cfg.cost_critic or cfg.cost_model) if lag else (None, None)
     models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
 
     prompts = load_prompts(cfg, tok)
-    ptx_arrays = None
-    if cfg.data.ptx and cfg.ppo.ptx_coeff > 0:
-        ptx_arrays, rep = build_supervised(load_rows(cfg.data.ptx), tok, max_length=cfg.data.ptx_max_length,
-                                           skip_bad_rows=cfg.data.skip_bad_rows)
-        if cfg.data.ptx_pack:
-            packed = pack_supervised(ptx_arrays)
-            ptx_arrays = {**packed, "loss_mask": packed.pop("label_mask")}
-        else:
-            ptx_arrays = {"input_ids": ptx_arrays.input_ids, "attention_mask": ptx_arrays.attention_mask,
-                          "loss_mask": ptx_arrays.label_mask}
-    n_prompts = len(prompts["prompt_ids"])
+    ptx_arrays = load_ptx(cfg, tok) if cfg.data.ptx and cfg.ppo.ptx_coeff > 0 else None
     bsz = cfg.train.batch_size
     n_per_batch = bsz // cfg.rollout.num_return_sequences  # prompts per rollout (each sampled G times)
-    if n_prompts < n_per_batch:
-        raise ValueError(f"only {n_prompts} distinct prompts but train.batch_size={bsz} needs {n_per_batch}")
-    per_epoch = n_prompts // n_per_batch
+    per_epoch = len(prompts["prompt_ids"]) // n_per_batch
     iterations = per_epoch * cfg.train.epochs
     if cfg.train.max_steps > 0:
         iterations = min(iterations, cfg.train.max_steps)
     updates = rl_micro_steps(cfg, iterations)
 
-    buckets = prompt_buckets(cfg)  # (prompt width, decode steps) per compiled shape; the widest is `trainer`
-    trainers = {w: Trainer(cfg, models, mesh, prompt_width=w, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                           total_updates=updates, ptx_enabled=ptx_arrays is not None, unk_id=tok.unk_token_id,
-                           max_new_tokens=n) for w, n in buckets}
-    trainer = trainers[cfg.data.prompt_width]
-
-    # ---- state (sharded) and frozen models
-    actor_s, actor_sh = _model_state(actor_def, actor_params, trainer.actor_tx, mesh)
-    rc_s, rc_sh = _model_state(rc_def, rc_params, trainer.critic_tx, mesh)
-    cc_s, cc_sh = (None, None)
-    if lag:
-        cc_s, cc_sh = _model_state(cc_def, cc_params, trainer.critic_tx, mesh)
-    lag_state, lag_sh = _replicate(rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1,
-                                                    window_size=cfg.lagrange.window,
-                                                    lambda_lr=cfg.lagrange.lambda_lr), mesh)
-    rep = NamedSharding(mesh, P())
-    rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), rep)
-    state = PPOState(step=scalar_on_mesh(0, mesh), actor=actor_s, reward_critic=rc_s, cost_critic=cc_s,
-                     lagrange=lag_state, rng=rng)
-    state_sh = PPOState(step=rep, actor=actor_sh, reward_critic=rc_sh, cost_critic=cc_sh, lagrange=lag_sh, rng=rep)
-
-    def put(params, mdef):
-        sh = mdef.shardings(mesh)
-        return jax.tree.map(lambda x, s: jax.device_put(x, s), params, sh), sh
-
-    ref_p, ref_sh = put(ref_params, actor_def)
-    rm_p, rm_sh = put(rm_params, rm_def)
-    cm_p, cm_sh = put(cm_params, cm_def) if cm_def is not None else (None, None)
-    frozen = Frozen(ref=ref_p, reward=rm_p, cost=cm_p)
-    frozen_sh = Frozen(ref=ref_sh, reward=rm_sh, cost=cm_sh)
-
-    bsh = parallel.batch_sharding(mesh, 2)
-    rollout_fns = {w: parallel.mesh_jit(t.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
-                   for w, t in trainers.items()}
-    rollout_fn = rollout_fns[cfg.data.prompt_width]
+    buckets = prompt_buckets(cfg)  # (prompt width, decode steps) per compiled shape; the widest is `phases`
+    all_phases = {w: PPOPhases(cfg, models, mesh, prompt_width=w, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                               total_updates=updates, ptx_enabled=ptx_arrays is not None, unk_id=tok.unk_token_id,
+                               max_new_tokens=n) for w, n in buckets}
+    phases = all_phases[cfg.data.prompt_width]
+    state, state_sh = ppo_state(cfg, models, {"actor": actor_params, "reward_critic": rc_params,
+                                              "cost_critic": cc_params}, phases, mesh)
+    frozen, frozen_sh = frozen_models(models, ref_params, rm_params, cm_params, mesh)
+    rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh) for w, p in all_phases.items()}
+    update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
+                                 inject_nan_step=cfg.train.inject_nan_step) for w, p in all_phases.items()}
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
-        eval_hook = make_score_eval_hook(rollout_fn, frozen, eval_arrays, n_per_batch, mesh,
+        eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
                                          cfg.rollout.num_return_sequences)
         eval_every = eval_every or cfg.train.eval_every
-    update_fns = {w: parallel.mesh_jit(guarded_update(t.update, skip_nonfinite=cfg.train.skip_nonfinite,
-                                                      inject_nan_step=cfg.train.inject_nan_step, lag=lag),
-                                       mesh=mesh, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),
-                                       donate_argnums=(0,)) for w, t in trainers.items()}
 
-    # ---- resume
     prompt_iter = BatchIterator(prompts, n_per_batch, seed=cfg.seed, shuffle=True, drop_last=True)
-    ptx_iter = (BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
-                if ptx_arrays is not None else None)
+    iterators = {"prompts": prompt_iter}
     run.record_data("prompts", prompts)
     if ptx_arrays is not None:
+        iterators["ptx"] = BatchIterator(ptx_arrays, bsz, seed=cfg.seed + 1, shuffle=True, drop_last=True)
         run.record_data("ptx", ptx_arrays)
-    ckpt = run.checkpointer(cfg.train.keep_checkpoints)
-    writer = None
-    bar = None
-    try:
-        restored = ckpt.restore(state, required_meta=("prompts",) + (("ptx",) if ptx_iter is not None else ()))
-        start, meta = 0, {}
-        guard = MetricGuard(max_consecutive=cfg.train.max_consecutive_skips)
-        if restored is not None:
-            state, meta, start = restored
-            prompt_iter.restore(meta["prompts"])
-            if ptx_iter is not None:
-                ptx_iter.restore(meta["ptx"])
-            guard.restore(meta)
-            log.info("%s: resumed from iteration %d in %s", cfg.algorithm, start, ckpt.directory)
-        run.write_config()
-        from safejax.metrics import MetricWriter
+    history: list[dict] = []
+    result = PPOResult(state, models, phases, tok, history, None, 0.0, mesh)
+    host = HostLoop(run, cfg.train, name=cfg.algorithm, total=iterations, iterators=iterators, unit="iteration")
 
-        writer = MetricWriter(run.path, resume_step=start if restored is not None else None,
-                              resume_offset=meta.get("metrics_offset"))
+    def batches():
+        ptx_it = iter(iterators["ptx"]) if "ptx" in iterators else None
+        for batch in prompt_iter:
+            yield batch, (next(ptx_it) if ptx_it is not None else None)
 
-        history: list[dict] = []
-        result = PPOResult(state, models, trainer, tok, history, None, 0.0, mesh)
-        bar = progress(iterations, cfg.algorithm, cfg.train.progress, initial=start)
-        it = iter(prompt_iter)
-        ptx_it = iter(ptx_iter) if ptx_iter is not None else None
-        step = start
-        with GracefulStop() as stop:
-            while step < iterations:
-                batch = next(it)
-                w = bucket_width(batch["prompt_mask"], buckets)  # left-padded: the last w columns
-                batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh)
-                exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
-                ptx = parallel.host_local_to_global(next(ptx_it), mesh) if ptx_it is not None else None
-                state, m = update_fns[w](state, exp, ptx)
-                step += 1
-                guard.add(step, m)
-                bar.update(1)
-                if step % cfg.train.log_every == 0 or step == iterations:
-                    metrics = guard.drain()[step]
-                    if cfg.train.skip_nonfinite:
-                        metrics["train/" + SKIP_KEY + "_total"] = guard.skipped
-                    writer.write(step, metrics)
-                    history.append(dict(metrics, step=step))
-                    bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
-                if eval_hook is not None and eval_every and step % eval_every == 0 and step != iterations:
-                    result.state = state
-                    em = eval_hook(step, result)
-                    writer.write(step, em)
-                    history.append(dict(em, step=step))
-                stop_now = stop.requested_now()
-                save_now = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == iterations
-                if save_now or stop_now:
-                    meta = {"prompts": prompt_iter.state()}
-                    if ptx_iter is not None:
-                        meta["ptx"] = ptx_iter.state()
-                    save_checkpoint(ckpt, step, state, guard, writer, meta)
-                if stop_now:
-                    raise Preempted(f"{cfg.algorithm}: SIGTERM received; saved a checkpoint at iteration {step}/"
-                                    f"{iterations} in {ckpt.directory}; rerun the same command to resume", step)
+    def step(state, batch_ptx):
+        batch, ptx = batch_ptx
+        w = bucket_width(batch["prompt_mask"], buckets)  # left-padded: the last w columns
+        batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh)
+        exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
+        ptx = parallel.host_local_to_global(ptx, mesh) if ptx is not None else None
+        return update_fns[w](state, exp, ptx)
+
+    def log_hook(h: HostLoop, step: int, state) -> None:
+        metrics = h.log(step)
+        history.append(dict(metrics, step=step))
+        h.bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
+
+    def eval_step(h: HostLoop, step: int, state) -> None:
         result.state = state
-        if eval_hook is not None:
-            em = eval_hook(step, result)
-            writer.write(step, em)
-            history.append(dict(em, step=step))
-    finally:
-        close_stage(run, bar, writer)
+        em = eval_hook(step, result)
+        h.write(step, em)
+        history.append(dict(em, step=step))
+
+    host.add_hook(log_hook, every=cfg.train.log_every)
+    if eval_hook is not None:
+        host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
+        host.add_end_hook(eval_step)
+    state, _ = host.run_steps(state, step, batches)
+    result.state = state
     if export:
         result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok, dtype=cfg.export.dtype)
     result.seconds = time.time() - t0
     return result
 
 
+def load_ptx(cfg: PPOConfig, tokenizer) -> dict:
+    """The ptx (pretraining) rows, packed when ``data.ptx_pack``: ``input_ids``, ``attention_mask``, ``loss_mask``
+    (+ ``segment_ids``, ``positions`` when packed), ``[rows, data.ptx_max_length]``."""
+    arrays, report = build_supervised(load_rows(cfg.data.ptx), tokenizer, max_length=cfg.data.ptx_max_length,
+                                      skip_bad_rows=cfg.data.skip_bad_rows)
+    (log.warning if report.dropped else log.info)("ptx: %s", report)
+    if cfg.data.ptx_pack:
+        packed = pack_supervised(arrays)
+        return {**packed, "loss_mask": packed.pop("label_mask")}
+    return {"input_ids": arrays.input_ids, "attention_mask": arrays.attention_mask, "loss_mask": arrays.label_mask}
+
+
 def guarded_update(update: Callable, *, skip_nonfinite: bool, inject_nan_step: int, lag: bool) -> Callable:
-    """Wrap ``Trainer.update(state, exp, ptx) -> (state, metrics)`` with the numerics options.
+    """Wrap ``PPOPhases.update(state, exp, ptx) -> (state, metrics)`` with the numerics options.
 
     ``inject_nan_step`` (> 0, a test hook): at that iteration (1-based) the experience's episode costs
     (PPO-Lag; else the rewards) are NaN, which poisons the cost window, lambda, advantages, losses and
@@ -301,11 +251,8 @@ def guarded_update(update: Callable, *, skip_nonfinite: bool, inject_nan_step: i
                 exp = exp.replace(reward=jnp.where(hit, jnp.float32(jnp.nan), exp.reward))
         new, metrics = update(state, exp, ptx)
         if skip_nonfinite:
-            leaves = [jnp.asarray(v) for v in jax.tree.leaves(metrics)]  # constant schedules give Python floats
-            ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves if jnp.issubdtype(v.dtype, jnp.inexact)]))
-            kept = state.replace(step=state.step + 1)
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
-            metrics = dict(metrics, **{"train/" + SKIP_KEY: (~ok).astype(jnp.float32)})
+            new, skipped = keep_finite(state, new, metrics)
+            metrics = dict(metrics, **{"train/" + SKIP_KEY: skipped})
         return new, metrics
 
     return wrapped
