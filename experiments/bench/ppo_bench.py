@@ -13,7 +13,7 @@ Sections (each timed with synchronisation, each in try/except, each skipped when
               -> new tokens/s, ms per decode step, fraction of the memory-bandwidth floor
   decode_fp32 the same with fp32 master weights (what the PPO rollout runs: the actor is trained), cast
               once to bf16 before the decode loop (SamplingConfig.cast_weights; --no-cast-weights: off)
-  ppo         one full PPO-Lagrangian iteration with safejax.train.ppo.Trainer on six random models
+  ppo         one full PPO-Lagrangian iteration with safejax.train.ppo.PPOPhases on six random models
               (actor, reference, reward, cost, reward critic, cost critic, all of the same shape):
               rollout (generation + 6 scoring forwards) and update (lambda step, actor, two
               critics), one warm-up iteration (compile) then timed iterations
@@ -309,10 +309,11 @@ class Bench:
         import jax
         import numpy as np
 
-        from safejax.train.common import init_train_state, micro_batch_sharding
+        from safejax.train.common import TrainState, micro_batch_sharding
         from safejax.train.fit import make_train_step
         from safejax.train.optim import OptimConfig, make_optimizer
         from safejax.train.sft import sft_loss_fn
+        from safejax.train.state import build_state, spread, trainable
 
         c, S = self.c, self.sizes
         mesh = self.mesh()
@@ -326,7 +327,7 @@ class Bench:
         # the baseline's optimizer: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, wd 0.01, no clipping
         tx, sched = make_optimizer(OptimConfig(lr=1e-4, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
                                                weight_decay=0.01, clip_norm=0.0), total)
-        state, state_sh = init_train_state(params, mdef.shardings(mesh), tx, mesh, seed=0)
+        state, state_sh = build_state(TrainState, mesh, 0, **spread(trainable(params, mdef.shardings(mesh), tx, mesh)))
         del params
         B, T = c["train_batch"], c["train_seq"]
         ids = np.random.default_rng(0).integers(0, c["vocab"], size=(1, B, T)).astype(np.int32)
@@ -475,12 +476,10 @@ class Bench:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from jax.sharding import NamedSharding, PartitionSpec as P_
-
-        from safejax import parallel, rl
+        from safejax import parallel
         from safejax.generation import SamplingConfig
-        from safejax.train.common import scalar_on_mesh
-        from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
+        from safejax.train.ppo import Models, PPOConfig, PPOPhases
+        from safejax.train.ppo_loop import frozen_models, make_rollout, make_update, ppo_state
 
         c, S = self.c, self.sizes
         B, Pw, N, M = c["ppo_batch"], c["ppo_prompt"], c["ppo_new"], c["ppo_micro"]
@@ -502,35 +501,19 @@ class Bench:
         rc_def, rc_p = self.build("score", train_cfg, mesh, seed=1)  # critics start from the score models
         cc_def, cc_p = self.build("score", train_cfg, mesh, seed=2)
         models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
-        trainer = Trainer(cfg, models, mesh, prompt_width=Pw, eos_id=-1, pad_id=0, total_updates=100,
-                          ptx_enabled=False)
-
-        def model_state(mdef, params, tx):
-            sh = mdef.shardings(mesh)
-            opt_sh = parallel.opt_state_shardings(tx, params, sh, mesh)
-            return ModelState(params, jax.jit(tx.init, out_shardings=opt_sh)(params)), ModelState(sh, opt_sh)
-
-        rep = NamedSharding(mesh, P_())
-        a_s, a_sh = model_state(actor_def, actor_p, trainer.actor_tx)
-        r_s, r_sh = model_state(rc_def, rc_p, trainer.critic_tx)
-        c_s, c_sh = model_state(cc_def, cc_p, trainer.critic_tx)
-        lag = rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1,
-                               window_size=cfg.lagrange.episode_cost_window_size, lambda_lr=cfg.lagrange.lambda_lr)
-        lag = jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), lag)
-        state = PPOState(step=scalar_on_mesh(0, mesh), actor=a_s, reward_critic=r_s, cost_critic=c_s, lagrange=lag,
-                         rng=jax.device_put(jax.random.key_data(jax.random.key(0)), rep))
-        state_sh = PPOState(step=rep, actor=a_sh, reward_critic=r_sh, cost_critic=c_sh,
-                            lagrange=jax.tree.map(lambda _: rep, lag), rng=rep)
-        frozen = Frozen(ref=ref_p, reward=rm_p, cost=cm_p)
-        frozen_sh = Frozen(ref=actor_def.shardings(mesh), reward=rm_def.shardings(mesh), cost=cm_def.shardings(mesh))
+        phases = PPOPhases(cfg, models, mesh, prompt_width=Pw, eos_id=-1, pad_id=0, total_updates=100,
+                           ptx_enabled=False)
+        cfg.seed = 0
+        state, state_sh = ppo_state(cfg, models, {"actor": actor_p, "reward_critic": rc_p, "cost_critic": cc_p},
+                                    phases, mesh)
+        frozen, frozen_sh = frozen_models(models, ref_p, rm_p, cm_p, mesh)
         jax.block_until_ready((state, frozen))
         init_s = time.perf_counter() - t
         log(f"   six models built in {init_s:.1f}s (frozen params {frozen_dtype}, remat {remat}); "
             f"device memory in use {self.peak_mem_gb() or 0:.1f} GB peak")
         bsh = parallel.batch_sharding(mesh, 2)
-        rollout_fn = parallel.mesh_jit(trainer.rollout, mesh=mesh, in_shardings=(state_sh, frozen_sh, bsh, bsh))
-        update_fn = parallel.mesh_jit(trainer.update, mesh=mesh, in_shardings=(state_sh, None, None),
-                                      out_shardings=(state_sh, None), donate_argnums=(0,))
+        rollout_fn = make_rollout(phases, mesh, state_sh, frozen_sh)
+        update_fn = make_update(phases, mesh, state_sh)
         rng = np.random.default_rng(0)
 
         def prompts():
@@ -576,7 +559,7 @@ class Bench:
         scoring_flops = seq_flops(n_a, L, D, B, T, False) * 2 + seq_flops(n_s, L, D, B, T, False) * 4
         update_flops = seq_flops(n_a, L, D, B, T, True) + 2 * seq_flops(n_s, L, D, B, T, True)
         t_roll, t_upd = median(rollouts), median(updates)
-        r = dict(trainer="safejax.train.ppo.Trainer (rollout + update jitted as in run_ppo)", algorithm="ppo-lag",
+        r = dict(trainer="safejax.train.ppo.PPOPhases (rollout + update jitted by ppo_loop.make_rollout / make_update)", algorithm="ppo-lag",
                  models="actor, reference, reward model, cost model, reward critic, cost critic (same shape)",
                  train_param_dtype="float32", frozen_param_dtype=frozen_dtype, compute_dtype="bfloat16", remat=remat,
                  scan_layers=train_cfg.scan_layers, batch=B, prompt_len=Pw, new_tokens=N, micro_batch=M,
