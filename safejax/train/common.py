@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
-from safejax import parallel
-from safejax.checkpoint import Checkpointer
+from safejax.checkpoint import Checkpointer, _key_name
 from safejax.config import ConfigError, check_range, dump_yaml, to_dict
 from safejax.runlock import RunLock
 from safejax.train.resume_guard import CONFIG_KEY, DATA_KEY, array_fingerprint, check_data, read_snapshot
@@ -347,10 +347,6 @@ def check_finite(step: int, metrics: dict, keys: Iterable[str] | None = None) ->
                              "(the last checkpoint is intact; train.skip_nonfinite=true skips such steps instead)")
 
 
-def host_metrics(metrics: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-
-
 class MetricGuard:
     """Per-step device metrics waiting for the host, checked for NaN/Inf in step order.
 
@@ -418,8 +414,6 @@ def nonfinite_state_leaves(state: Any) -> list[str]:
     if not floats:
         return []
     flags = np.asarray(jax.device_get(_finite_flags([x for _, x in floats])))
-    from safejax.checkpoint import _key_name
-
     return [".".join(_key_name(k) for k in p) for (p, _), ok in zip(floats, flags) if not ok]
 
 
@@ -485,8 +479,6 @@ class GracefulStop:
 
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, initial=initial, disable=not enabled or jax.process_index() != 0,
                 dynamic_ncols=True, leave=False)
 

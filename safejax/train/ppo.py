@@ -275,7 +275,6 @@ class PPOPhases:
                  max_new_tokens: int | None = None):
         self.cfg = cfg
         self.models = models
-        self.mesh = mesh
         self.P = prompt_width
         self.eos_id, self.pad_id = eos_id, pad_id
         self.unk_id = None if unk_id is None or unk_id == eos_id else unk_id

@@ -17,6 +17,8 @@ import numpy as np
 
 from safejax import parallel, rl
 from safejax.config import ConfigError, check_range
+from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+from safejax.data.packing import pack_pairs, useful_token_fraction
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
@@ -147,9 +149,6 @@ def cost_metrics(safer, unsafer, safer_is_safe, unsafer_is_safe):
 
 
 def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str, pack: bool = False):
-    from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
-    from safejax.data.packing import pack_pairs, useful_token_fraction
-
     rows = load_rows(specs)
     build = build_reward_pairs if kind == "reward" else build_cost_pairs
     arrays, report = build(rows, tokenizer, max_length=data.max_length, skip_bad_rows=data.skip_bad_rows)

@@ -15,6 +15,8 @@ import numpy as np
 
 from safejax import parallel, rl
 from safejax.config import ConfigError
+from safejax.data import build_supervised, load_rows
+from safejax.data.packing import pack_supervised, useful_token_fraction
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
@@ -86,9 +88,6 @@ def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh):
 
 
 def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str, pack: bool = False):
-    from safejax.data import build_supervised, load_rows
-    from safejax.data.packing import pack_supervised, useful_token_fraction
-
     rows = load_rows(specs)
     arrays, report = build_supervised(rows, tokenizer, max_length=data.max_length,
                                       skip_bad_rows=data.skip_bad_rows)
