@@ -371,7 +371,8 @@ class Sections:
         scoring_flops = seq_flops(n_a, L, D, B, T, False) * 2 + seq_flops(n_s, L, D, B, T, False) * 4
         update_flops = seq_flops(n_a, L, D, B, T, True) + 2 * seq_flops(n_s, L, D, B, T, True)
         t_roll, t_upd = median(rollouts), median(updates)
-        r = dict(trainer="safejax.train.ppo.PPOPhases (rollout + update jitted by ppo_loop.make_rollout / make_update)", algorithm="ppo-lag",
+        r = dict(trainer="safejax.train.ppo.PPOPhases (rollout + update jitted by ppo_loop.make_rollout / make_update)",
+                 algorithm="ppo-lag",
                  models="actor, reference, reward model, cost model, reward critic, cost critic (same shape)",
                  train_param_dtype="float32", frozen_param_dtype=frozen_dtype, compute_dtype="bfloat16", remat=remat,
                  scan_layers=train_cfg.scan_layers, batch=B, prompt_len=Pw, new_tokens=N, micro_batch=M,

@@ -93,7 +93,6 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved.  ``param_names``: HF names
     shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups.  The loop itself
     is :class:`HostLoop`; this function adds the stage's log and eval hooks."""
-
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
         raise ValueError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
@@ -119,7 +118,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
 
     def log_hook(h: HostLoop, step: int, state) -> None:
         metrics = h.log(step, {"train/epoch": (step - 1) // steps_per_epoch})
-        h.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.endswith(("loss", "accuracy"))})
+        h.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items()
+                           if k.endswith(("loss", "accuracy"))})
 
     def eval_hook(h: HostLoop, step: int, state) -> None:
         nonlocal eval_metrics
@@ -130,10 +130,12 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     if eval_fn is not None:
         host.add_hook(eval_hook, when=lambda s: bool(loop.eval_every and s % loop.eval_every == 0)
                       or s % steps_per_epoch == 0 or s == total)
-    state, step = host.run_steps(state, lambda st, batch: step_fn(st, put_batch(split_micro(batch, optim.grad_accum),
-                                                                                mesh)), lambda: iter(batches))
-    metrics = host.last_metrics
-    return FitResult(state=state, last_metrics=metrics, eval_metrics=eval_metrics, steps=step,
+
+    def step(st: TrainState, batch: dict):
+        return step_fn(st, put_batch(split_micro(batch, optim.grad_accum), mesh))
+
+    state, steps = host.run_steps(state, step, lambda: iter(batches))
+    return FitResult(state=state, last_metrics=host.last_metrics, eval_metrics=eval_metrics, steps=steps,
                      seconds=time.time() - t0)
 
 
