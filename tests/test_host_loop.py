@@ -56,10 +56,12 @@ def test_host_loop_runs_hooks_in_order_and_on_their_steps(tmp_path):
     host.add_hook(lambda h, s, st: calls.append(("log", s, float(h.log(s)["train/loss"]))), every=2)
     host.add_hook(lambda h, s, st: calls.append(("eval", s, None)), when=lambda s: s == 3)
     host.add_end_hook(lambda h, s, st: calls.append(("end", s, None)))
+    host.add_export(lambda st: (calls.append(("export", int(st["step"]), host.run.checkpoints)), "hf")[1])
     final, n = host.run_steps(state, step, lambda: iter(it))
     assert n == 6 and int(final["step"]) == 6
-    assert [c[:2] for c in calls] == [("log", 2), ("eval", 3), ("log", 4), ("log", 6), ("end", 6)]
-    assert calls[-2][2] == pytest.approx(float(final["sum"]))
+    assert [c[:2] for c in calls] == [("log", 2), ("eval", 3), ("log", 4), ("log", 6), ("end", 6), ("export", 6)]
+    assert calls[-1][2] is None and host.exported == "hf"  # exported after the stage closed its checkpointer
+    assert calls[-3][2] == pytest.approx(float(final["sum"]))
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
 
 
@@ -85,6 +87,7 @@ def test_host_loop_resumes_state_iterator_and_metric_offset(tmp_path):
 
 def test_host_loop_sigterm_saves_then_raises_preempted(tmp_path):
     host, state, step, it = _toy(tmp_path, total=6)
+    host.add_export(lambda st: pytest.fail("a preempted run must not export"))
 
     def stop_at_2(s, batch):
         if int(s["step"]) == 1:

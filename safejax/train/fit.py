@@ -79,11 +79,13 @@ class FitResult:
     eval_metrics: dict
     steps: int
     seconds: float
+    export_dir: Any = None
 
 
 def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, param_shardings, loss_fn: LossFn,
         train_arrays: dict, eval_fn: Callable[[Any], dict] | None, seed: int, desc: str,
-        metric_prefix: str = "train/", param_names: Any = None) -> FitResult:
+        metric_prefix: str = "train/", param_names: Any = None,
+        export: Callable[[Any], Any] | None = None) -> FitResult:
     """Train ``params`` on ``train_arrays`` (dict of equal-length numpy arrays) with resume support.
 
     Resume: the newest complete checkpoint in ``run`` restores the whole :class:`TrainState` (params,
@@ -92,7 +94,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     ``loop.save_every`` steps, at the end, and on SIGTERM (then :class:`Preempted` is raised).  A
     NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved.  ``param_names``: HF names
     shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups.  The loop itself
-    is :class:`HostLoop`; this function adds the stage's log and eval hooks."""
+    is :class:`HostLoop`; this function adds the stage's log and eval hooks, and ``export(params) -> folder``
+    (when given) as its export (:attr:`FitResult.export_dir`)."""
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
         raise ValueError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
@@ -134,9 +137,11 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     def step(st: TrainState, batch: dict):
         return step_fn(st, put_batch(split_micro(batch, optim.grad_accum), mesh))
 
+    if export is not None:
+        host.add_export(lambda st: export(st.params))
     state, steps = host.run_steps(state, step, lambda: iter(batches))
     return FitResult(state=state, last_metrics=host.last_metrics, eval_metrics=eval_metrics, steps=steps,
-                     seconds=time.time() - t0)
+                     seconds=time.time() - t0, export_dir=host.exported)
 
 
 def batched_apply(fn: Callable, arrays: dict, batch_size: int) -> list:

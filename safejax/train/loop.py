@@ -9,7 +9,8 @@ and its hooks.  :class:`HostLoop` owns what every stage repeats:
   hooks whose ``when(step)`` holds, in the order they were added (log, eval, ...);
 - checkpoint every ``save_every`` steps, at the last step and on SIGTERM (then :class:`Preempted`);
 - after the last step the end hooks (e.g. a final evaluation), and on every exit the stage is closed
-  (bar, in-flight save, metric writer).
+  (bar, in-flight save, metric writer);
+- then, once the run finished and its last checkpoint is committed, the export (the HF folder).
 
 Hooks are ``fn(loop, step, state)``; they reach the metric writer, the guard and the bar through the
 loop (:meth:`HostLoop.log` is the logging hook every stage uses).
@@ -66,6 +67,8 @@ class HostLoop:
         self.writer: MetricWriter | None = None
         self.bar = None
         self.last_metrics: dict = {}
+        self.export_fn: Callable[[Any], Any] | None = None
+        self.exported: Any = None
 
     def add_hook(self, fn: Hook, *, every: int = 0, when: Callable[[int], bool] | None = None) -> None:
         """Run ``fn(loop, step, state)`` after the steps where ``when(step)`` holds (default: every
@@ -77,6 +80,10 @@ class HostLoop:
     def add_end_hook(self, fn: Hook) -> None:
         """Run ``fn(loop, step, state)`` once after the last step (after its checkpoint)."""
         self.end_hooks.append(fn)
+
+    def add_export(self, fn: Callable[[Any], Any]) -> None:
+        """Run ``fn(final state)`` once the loop finished and the stage is closed; its result is :attr:`exported`."""
+        self.export_fn = fn
 
     def log(self, step: int, extra: dict | None = None) -> dict:
         """Pull the pending metrics (checked for NaN/Inf) and write the step's line; returns it."""
@@ -135,6 +142,8 @@ class HostLoop:
                 fn(self, step, state)
         finally:
             close_stage(self.run, self.bar, self.writer)
+        if self.export_fn is not None:
+            self.exported = self.export_fn(state)
         return state, step
 
 

@@ -211,10 +211,11 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if eval_hook is not None:
         host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
         host.add_end_hook(eval_step)
-    state, _ = host.run_steps(state, step, batches)
-    result.state = state
     if export:
-        result.export_dir = export_model(actor_def, state.actor.params, run.path / "hf", tok, dtype=cfg.export.dtype)
+        host.add_export(lambda st: export_model(actor_def, st.actor.params, run.path / "hf", tok,
+                                                dtype=cfg.export.dtype))
+    state, _ = host.run_steps(state, step, batches)
+    result.state, result.export_dir = state, host.exported
     result.seconds = time.time() - t0
     return result
 

@@ -208,7 +208,8 @@ def run_score_model(cfg: ScoreModelConfig, kind: str):
               param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(),
               loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug),
               train_arrays=train_arrays,
-              eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm")
-    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok, dtype=cfg.export.dtype)
+              eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm",
+              export=lambda p: export_model(mdef, p, run.path / "hf", tok, dtype=cfg.export.dtype))
+    export_dir = res.export_dir
     log.info("%s model: exported %s", kind, export_dir)
     return res, export_dir

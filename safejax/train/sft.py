@@ -120,8 +120,9 @@ def run_sft(cfg: SFTConfig):
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
               param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(), loss_fn=loss_fn,
               train_arrays=train_arrays, eval_fn=eval_fn,
-              seed=cfg.seed, desc="sft")
-    export_dir = export_model(mdef, res.state.params, run.path / "hf", tok, dtype=cfg.export.dtype)
+              seed=cfg.seed, desc="sft",
+              export=lambda p: export_model(mdef, p, run.path / "hf", tok, dtype=cfg.export.dtype))
+    export_dir = res.export_dir
     log.info("sft: exported %s", export_dir)
     return res, export_dir
 
