@@ -48,10 +48,29 @@ class PPOResult:
     mesh: Any
 
 
+def load_models(cfg: PPOConfig, mesh, tok) -> tuple[Models, dict]:
+    """The six models of the RL stage as ``(Models, params)``: ``params`` has ``actor``, ``ref`` (a copy of the
+    actor's), ``reward``, ``cost``, ``reward_critic``, ``cost_critic`` (host trees; ``cost`` None without a cost
+    model, ``cost_critic`` None unless ppo-lag).  The critics start from the score models unless given."""
+
+    def score_model(section):
+        return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
+                                          attention=cfg.actor.attention))
+
+    actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
+    ref = jax.tree.map(jnp.copy, actor)
+    rm_def, rm = score_model(cfg.reward_model)
+    cm_def, cm = score_model(cfg.cost_model) if cfg.cost_model else (None, None)
+    rc_def, rc = score_model(cfg.reward_critic or cfg.reward_model)
+    cc_def, cc = score_model(cfg.cost_critic or cfg.cost_model) if cfg.algorithm == "ppo-lag" else (None, None)
+    models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
+    return models, {"actor": actor, "ref": ref, "reward": rm, "cost": cm, "reward_critic": rc, "cost_critic": cc}
+
+
 def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, mesh) -> tuple[PPOState, PPOState]:
     """``(state, shardings)`` of the RL stage: actor and critics trainable, the Lagrange state replicated.
 
-    ``params``: ``{"actor", "reward_critic", "cost_critic"}`` host params (``cost_critic`` None unless ppo-lag)."""
+    ``params``: host params by role (:func:`load_models`); uses ``actor``, ``reward_critic``, ``cost_critic``."""
     lag = rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1, window_size=cfg.lagrange.window,
                            lambda_lr=cfg.lagrange.lambda_lr)
     cc = models.cost_critic
@@ -132,19 +151,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     mesh = make_mesh(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.actor)
-    lag = cfg.algorithm == "ppo-lag"
-
-    def score_model(section):
-        return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
-                                          attention=cfg.actor.attention))
-
-    actor_def, actor_params = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
-    ref_params = jax.tree.map(jnp.copy, actor_params)
-    rm_def, rm_params = score_model(cfg.reward_model)
-    cm_def, cm_params = score_model(cfg.cost_model) if cfg.cost_model else (None, None)
-    rc_def, rc_params = score_model(cfg.reward_critic or cfg.reward_model)
-    cc_def, cc_params = score_model(cfg.cost_critic or cfg.cost_model) if lag else (None, None)
-    models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
+    models, params = load_models(cfg, mesh, tok)
 
     prompts = load_prompts(cfg, tok)
     ptx_arrays = load_ptx(cfg, tok) if cfg.data.ptx and cfg.ppo.ptx_coeff > 0 else None
@@ -161,9 +168,8 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
                                total_updates=updates, ptx_enabled=ptx_arrays is not None, unk_id=tok.unk_token_id,
                                max_new_tokens=n) for w, n in buckets}
     phases = all_phases[cfg.data.prompt_width]
-    state, state_sh = ppo_state(cfg, models, {"actor": actor_params, "reward_critic": rc_params,
-                                              "cost_critic": cc_params}, phases, mesh)
-    frozen, frozen_sh = frozen_models(models, ref_params, rm_params, cm_params, mesh)
+    state, state_sh = ppo_state(cfg, models, params, phases, mesh)
+    frozen, frozen_sh = frozen_models(models, params["ref"], params["reward"], params["cost"], mesh)
     rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh) for w, p in all_phases.items()}
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
                                  inject_nan_step=cfg.train.inject_nan_step) for w, p in all_phases.items()}
@@ -212,7 +218,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
         host.add_end_hook(eval_step)
     if export:
-        host.add_export(lambda st: export_model(actor_def, st.actor.params, run.path / "hf", tok,
+        host.add_export(lambda st: export_model(models.actor, st.actor.params, run.path / "hf", tok,
                                                 dtype=cfg.export.dtype))
     state, _ = host.run_steps(state, step, batches)
     result.state, result.export_dir = state, host.exported
