@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         logging.getLogger("safejax").info("%s", note)
     if args.command != "export":
-        from safejax.parallel import maybe_initialize_distributed
+        from safejax.distributed import maybe_initialize_distributed
 
         maybe_initialize_distributed()  # multi-host: a no-op unless the environment describes a slice
     from safejax.config import ConfigError, load_config, to_dict

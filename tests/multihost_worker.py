@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)                    # tiny_world
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from safejax import parallel  # noqa: E402
+from safejax import distributed, parallel  # noqa: E402
 
 # ----------------------------------------------------------------------------- step (shared with the parent)
 
@@ -137,7 +137,7 @@ def main() -> int:
     t0 = time.time()
     result: dict = {"ok": False}
     try:
-        result["distributed"] = parallel.maybe_initialize_distributed(
+        result["distributed"] = distributed.maybe_initialize_distributed(
             timeout_s=int(os.environ.get("SAFEJAX_DISTRIBUTED_TIMEOUT", "30")))
         result["init_s"] = time.time() - t0
         result["process_index"], result["process_count"] = jax.process_index(), jax.process_count()
