@@ -24,7 +24,7 @@ from safejax.config import check_range
 from safejax.generation import SamplingConfig, generate
 from safejax import parallel
 from safejax.parallel import MeshConfig
-from safejax.train.common import LoopSection, ModelSection
+from safejax.sections import LoopSection, ModelSection
 from safejax.train.optim import OptimConfig
 
 log = logging.getLogger("safejax")
@@ -106,10 +106,11 @@ def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[
 
     (The paper's threshold 0 presumes a cost model whose zero is the average answer of a mostly
     harmful prompt set; on a task with half benign prompts, E[C] <= 0 barely constrains anything.)"""
-    from safejax.train.score_model import PreferenceDataSection, load_pairs, pair_scores
+    from safejax.models.pairs import pair_scores
+    from safejax.train.score_model import PreferenceDataSection, load_pairs
     from safejax.train.fit import eval_loop
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
+    from safejax.models.functional import split_model
+    from safejax.models.loading import load_model_for
 
     arrays, _ = load_pairs([str(pref_path)], tok, PreferenceDataSection(max_length=cfg.max_length), "cost",
                            "threshold calibration")
@@ -169,7 +170,7 @@ def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
     from safejax.data.builtin import BuiltinTask, tiny_llama_config
     from safejax.models import CausalLM, ModelConfig, save_pretrained
     from safejax.parallel import make_mesh, use_mesh
-    from safejax.train.loading import load_tokenizer_for
+    from safejax.models.loading import load_tokenizer_for
 
     t = time.time()
     out = Path(out_dir)
@@ -240,8 +241,8 @@ def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, 
 
 def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=None) -> tuple[dict, list[str]]:
     """Oracle metrics of a policy (an HF folder, or a ModelDef + params) on the held-out prompts."""
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
+    from safejax.models.functional import split_model
+    from safejax.models.loading import load_model_for
 
     if mdef is None:
         mdef, params = split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))

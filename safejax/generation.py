@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from safejax.config import check_range
+from safejax.models import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +151,6 @@ def prefill(lm: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: Samplin
     each prompt is prefilled once and its KV cache, mask and next-token logits are copied to its ``G``
     consecutive rows (rows ``b*G .. b*G+G-1`` continue prompt ``b``): prefill FLOPs are those of ``B0`` rows,
     and the result equals prefilling the repeated prompts row by row.  Call inside jit."""
-    from safejax.models import init_cache
-
     b0, p = prompt_ids.shape
     g = cfg.num_return_sequences
     n = cfg.max_new_tokens

@@ -51,7 +51,7 @@ from safejax.models import CausalLM, ScoreModel
 from safejax.models.config import ModelConfig
 from safejax.parallel import MESH_AXES, MeshConfig, opt_state_shardings, resolve_mesh_shape, state_shardings
 from safejax.slices import GiB, SliceSpec, slice_spec
-from safejax.train.functional import split_model
+from safejax.models.functional import split_model
 from safejax.train.optim import make_optimizer
 from safejax.train.ppo import PPOConfig
 

@@ -62,7 +62,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     from safejax.models import load_pretrained
     from safejax.train.common import init_train_state, micro_batch_sharding, put_batch, split_micro
     from safejax.train.fit import make_train_step
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
     from safejax.train.optim import OptimConfig, make_optimizer
     from safejax.train.sft import sft_loss_fn
 

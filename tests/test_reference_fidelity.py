@@ -16,7 +16,7 @@ from safejax.config import ConfigError, load_config
 from safejax.generation import positions_from_mask
 from safejax.models import CausalLM, ModelConfig
 from safejax.parallel import single_device_mesh, use_mesh
-from safejax.train.functional import split_model
+from safejax.models.functional import split_model
 from safejax.train.optim import OptimConfig, decay_mask, make_accumulating_optimizer, make_schedule, step_log
 from safejax.train.ppo import PPOConfig
 from safejax.train.reference_args import ppo_config_from_reference_args

@@ -663,7 +663,7 @@ def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from safejax.evaluate.generate import run_batched
-    from safejax.train.score_model import pair_scores
+    from safejax.models.pairs import pair_scores
 
     rep = NamedSharding(mesh, P())
     mdef = model.mdef

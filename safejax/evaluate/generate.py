@@ -33,8 +33,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
+from safejax.data import build_prompts, encode_texts, format_prompt, load_rows, pad_sequences
 from safejax.generation import SamplingConfig, generate, positions_from_mask
+from safejax.metrics import progress as progress_bar
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.parallel import batch_sharding
 from safejax.paths import missing_path_error, resolve_model_dir
+from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
 
@@ -105,8 +111,6 @@ def load_prompt_set(specs: Sequence[str] | Any, tokenizer, *, prompt_width: int,
       keep_fields: row fields copied into ``meta`` when present (e.g. ``kind``, ``category``).
       skip_bad_rows: count malformed rows instead of raising.
     """
-    from safejax.data import build_prompts, load_rows
-
     if isinstance(specs, str):
         specs = [specs]
     if isinstance(specs, (list, tuple)) and specs and all(isinstance(s, str) for s in specs):
@@ -138,7 +142,7 @@ class LoadedModel:
 
     name: str
     path: str
-    mdef: Any            # safejax.train.functional.ModelDef
+    mdef: Any            # safejax.models.functional.ModelDef
     params: dict         # pure dict of arrays, already in their NamedShardings
     tokenizer: Any
     config: Any = None   # safejax.models.ModelConfig (vocab_size etc.)
@@ -165,10 +169,6 @@ def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_pa
                dtype: str = "float32") -> LoadedModel:
     """Load an HF folder (or a stage's out_dir: its ``hf/`` folder) as a ``causal_lm`` (policy) or ``score``
     model straight into the mesh's shardings, with its prepared tokenizer (``tokenizer_path`` or the model folder)."""
-    from safejax.train.common import ModelSection
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for, load_tokenizer_for
-
     if not path:
         raise ValueError(f"no model folder given for {name or model_type}")
     if not os.path.isdir(os.path.expanduser(path)):
@@ -201,8 +201,6 @@ def rows_per_batch_multiple(mesh) -> int:
 
 
 def _batch_sharding(mesh, ndim: int) -> NamedSharding:
-    from safejax.parallel import batch_sharding
-
     return batch_sharding(mesh, ndim)
 
 
@@ -222,8 +220,6 @@ def run_batched(fn: Callable[[dict, int], Any], arrays: dict, batch_size: int, m
     ``data x fsdp``. ``fn`` must return a pytree of arrays with a leading batch axis; the result is the numpy
     concatenation over all ``N`` rows.
     """
-    from safejax.train.common import progress as progress_bar
-
     n = len(next(iter(arrays.values())))
     if n == 0:
         raise ValueError(f"{desc or 'run_batched'}: no rows")
@@ -352,8 +348,6 @@ def score_texts(scorer: LoadedModel, prompts: Sequence[Any], answers: Sequence[s
     ``ended[i]`` says whether answer ``i`` was closed by EOS (None = all were). Sequences are truncated on the
     right to ``max_length``. Returns ``(scores [N] float32, number of truncated sequences)``.
     """
-    from safejax.data import encode_texts, format_prompt, pad_sequences
-
     tok = scorer.tokenizer
     if len(prompts) != len(answers):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")

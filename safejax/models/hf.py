@@ -39,6 +39,7 @@ from safejax.models.config import ModelConfig, architecture_from_hf_dict
 from safejax.models.llama import CausalLM
 from safejax.models.score import ScoreModel, make_score_head
 from safejax.paths import resolve_model_dir
+from safejax.parallel import sharding_for, use_mesh
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -422,7 +423,6 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         def ctor():
             return CausalLM(cfg, rngs=nnx.Rngs(seed))
 
-    from safejax.parallel import sharding_for, use_mesh
 
     if mesh is not None:
         with use_mesh(mesh):
@@ -559,8 +559,6 @@ def resize_token_embeddings(model: CausalLM | ScoreModel, new_vocab_size: int) -
     New rows of the embedding ``[V, D]`` and of an untied LM head ``[D, V]`` are the mean of the
     existing ones (float32 mean, cast back).  A tied head (GPT-2, Qwen2 tied) follows the embedding;
     GPT-2's position table is untouched.  Shardings are recomputed for the new shape."""
-    from safejax.parallel import sharding_for
-
     new_v = int(new_vocab_size)
     if new_v <= 0:
         raise ValueError(f"resize_token_embeddings: new_vocab_size must be positive, got {new_vocab_size}")

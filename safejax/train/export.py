@@ -30,6 +30,10 @@ from safetensors import SafetensorError
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
 from safejax.models.hf import WEIGHTS_INDEX_NAME
+from safejax.models import save_pretrained
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
 
@@ -52,9 +56,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     import jax
     import jax.numpy as jnp
 
-    from safejax.train.common import ModelSection
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for, load_tokenizer_for
 
     run = Path(run_dir)
     cfg_path = run / "config.json"
@@ -107,8 +108,6 @@ def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
     (full disk, read-only filesystem, permissions) removes the partial folder and raises one
     :class:`OSError` naming ``path``, before anything in ``path`` is touched.  All processes call it
     (the weights may be gathered collectively); only process 0 touches files."""
-    from safejax.models import save_pretrained
-
     path = Path(path)
     tmp = path.parent / f".{path.name}.incomplete"
     primary = jax.process_index() == 0

@@ -21,8 +21,8 @@ from safejax import parallel, rl
 from safejax.parallel import make_mesh
 from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, close_stage, progress,
                                   save_checkpoint, scalar_on_mesh)
-from safejax.train.functional import split_model
-from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.train.ppo import Frozen, Models, ModelState, PPOConfig, PPOState, Trainer
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
 from safejax.train.sft import export_model
