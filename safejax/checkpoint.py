@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from safejax.errors import SafejaxError
+
 log = logging.getLogger("safejax")
 
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -49,7 +51,7 @@ _NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
 _FILTERED = ("absl", "orbax", "asyncio")  # their ERROR records are dropped while a Checkpointer is open
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SafejaxError, ValueError):
     """No usable checkpoint (all candidates unreadable) or a bad request; the message names the folder."""
 
 
@@ -184,7 +186,7 @@ def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(SafejaxError, OSError):
     """A checkpoint could not be written (full disk, read-only filesystem, permissions); the earlier
     steps are intact.  The message names the folder and the operating-system error."""
 

@@ -25,11 +25,13 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import yaml
 
 from safejax import __version__, reference_flags
+from safejax.errors import SafejaxError
 from safejax.runlock import release_all
 from safejax.summary import remove_if_empty, result_line
 
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"safejax {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+    except (SafejaxError, OSError) as e:  # bad input or the world (disk, lock): one line; anything else is a bug
+        if args.verbose:
+            traceback.print_exc()
         print(f"safejax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

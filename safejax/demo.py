@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safejax.config import check_range
+from safejax.config import ConfigError, check_range
 from safejax.generation import SamplingConfig, generate
 from safejax import parallel
 from safejax.parallel import MeshConfig
@@ -63,7 +63,7 @@ class DemoConfig:
     def validate(self) -> None:
         check_range("ppo_iterations", self.ppo_iterations, low=1)
         if len(self.nus) < 1:
-            raise ValueError("config key 'nus' needs at least one reward-shaping coefficient")
+            raise ConfigError("config key 'nus' needs at least one reward-shaping coefficient")
 
 
 # ----------------------------------------------------------------------------- oracle judging

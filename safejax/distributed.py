@@ -8,6 +8,8 @@ import os
 
 import jax
 
+from safejax.config import ConfigError
+
 from safejax.slices import slice_spec
 
 
@@ -64,7 +66,7 @@ def maybe_initialize_distributed(timeout_s: int | None = None) -> bool:
     if coord:
         missing = [k for k in ("SAFEJAX_NUM_PROCESSES", "SAFEJAX_PROCESS_ID") if not os.environ.get(k)]
         if missing:
-            raise ValueError(f"SAFEJAX_COORDINATOR={coord} is set but {' and '.join(missing)} "
+            raise ConfigError(f"SAFEJAX_COORDINATOR={coord} is set but {' and '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not")
         jax.distributed.initialize(
             coordinator_address=coord,

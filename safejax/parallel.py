@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from safejax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> physical mesh axis (or a tuple of axes, or None = replicated).
@@ -62,18 +64,18 @@ class MeshConfig:
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sum(1 for s in sizes if s == -1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
     for name, s in zip(MESH_AXES, sizes):
         if s == 0 or s < -1:
-            raise ValueError(f"mesh: axis '{name}' has invalid size {s} (use a positive size or -1)")
+            raise ConfigError(f"mesh: axis '{name}' has invalid size {s} (use a positive size or -1)")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes product {known} "
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes product {known} "
                              f"(data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor})")
         sizes = [num_devices // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices "
+        raise ConfigError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices "
                          f"(data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}); use -1 for one axis")
     return tuple(sizes)  # type: ignore[return-value]
 

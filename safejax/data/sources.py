@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from safejax.config import ConfigError
+from safejax.errors import DataError
 from safejax.paths import check_local, dataset_in_local_cache, hub_unreachable
 
 DEFAULT_SEED = 42
@@ -37,10 +39,6 @@ SOURCE_COLUMN = "_source"
 ROW_COLUMN = "_row"
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
-
-
-class DataError(ValueError):
-    """Malformed data: the message names the source (file), the row and the field."""
 
 
 @dataclasses.dataclass
@@ -127,9 +125,9 @@ def _parse_amount(text: str, spec: str) -> tuple[float | None, int | None]:
         else:
             value = float(text)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"dataset spec {spec!r}: proportion {text!r} is not a number, 'a/b' or 'n/-1'") from None
+        raise ConfigError(f"dataset spec {spec!r}: proportion {text!r} is not a number, 'a/b' or 'n/-1'") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"dataset spec {spec!r}: proportion must be a finite number >= 0, got {text!r}")
+        raise ConfigError(f"dataset spec {spec!r}: proportion must be a finite number >= 0, got {text!r}")
     return value, None
 
 
@@ -138,19 +136,19 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
     if isinstance(spec, DatasetSpec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+        raise ConfigError(f"dataset spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     if os.path.exists(os.path.expanduser(spec)):  # a bare path, even one containing ':'
         return DatasetSpec(name=spec)
     name, colon, rest = spec.partition(":")
     if not name:
-        raise ValueError(f"dataset spec {spec!r}: empty name")
+        raise ConfigError(f"dataset spec {spec!r}: empty name")
     if not colon:
         return DatasetSpec(name=name)
     amount, colon, path = rest.partition(":")
     proportion, num_samples = _parse_amount(amount, spec)
     if colon and not path.strip():
-        raise ValueError(f"dataset spec {spec!r}: empty path after the second ':'")
+        raise ConfigError(f"dataset spec {spec!r}: empty path after the second ':'")
     path = os.path.expanduser(path.strip()) if colon else None
     return DatasetSpec(name=name, proportion=proportion, num_samples=num_samples, path=path)
 
@@ -181,7 +179,7 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
                 files.append(os.path.join(root, n))
     files.sort()
     if not files:
-        raise ValueError(f"{folder}: no .json/.jsonl/.parquet files in this folder")
+        raise DataError(f"{folder}: no .json/.jsonl/.parquet files in this folder")
 
     def split_of(f: str) -> str | None:
         rel = os.path.relpath(f, folder)
@@ -201,7 +199,7 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
     if all(t is None for t in tagged.values()):
         return files
     found = sorted({t for t in tagged.values() if t})
-    raise ValueError(f"{folder}: no data files for split {split!r} (found splits {found})")
+    raise DataError(f"{folder}: no data files for split {split!r} (found splits {found})")
 
 
 @contextlib.contextmanager
@@ -233,7 +231,7 @@ def _load_local_files(path: str, split: str | None):
             if isinstance(ds, datasets.DatasetDict):
                 key = split or ("train" if "train" in ds else None)
                 if key not in ds:
-                    raise ValueError(f"{path}: no split {split!r} in this saved dataset (has {sorted(ds)})")
+                    raise DataError(f"{path}: no split {split!r} in this saved dataset (has {sorted(ds)})")
                 ds = ds[key]
             return ds
         files = _dir_files(path, split)
@@ -241,9 +239,9 @@ def _load_local_files(path: str, split: str | None):
         files = [path]
     kinds = {LOCAL_EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in kinds:
-        raise ValueError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
+        raise DataError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
     if len(kinds) > 1:
-        raise ValueError(f"{path}: mixes json and parquet files; keep one format per folder")
+        raise DataError(f"{path}: mixes json and parquet files; keep one format per folder")
     kind = kinds.pop()
     if kind == "json":
         for f in files:
@@ -316,13 +314,13 @@ def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
             f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'")
     host = hub_unreachable()
     if host is not None and not dataset_in_local_cache(hub_id):  # fail now rather than after a minute of retries
-        raise ValueError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
+        raise DataError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
                          f"it is not in the local cache. {hint}")
     try:
         with _quiet_datasets():
             return datasets.load_dataset(hub_id, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
-        raise ValueError(
+        raise DataError(
             f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "
             f"{type(e).__name__}: {e}. {hint}") from e
 
@@ -353,11 +351,11 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
             ds, source = _load_hub(entry.hub_id, config, use_split, str(spec)), f"{entry.hub_id}[{use_split}]"
     else:
         if spec.path is not None:
-            raise ValueError(f"dataset spec {str(spec)!r}: a path may only follow a registered name "
+            raise ConfigError(f"dataset spec {str(spec)!r}: a path may only follow a registered name "
                              f"({sorted(DATASET_REGISTRY)})")
         local = os.path.expanduser(spec.name)
         if not os.path.exists(local):
-            raise ValueError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
+            raise ConfigError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
                              f"optionally with /split) and no such file or folder (working directory {os.getcwd()})")
         ds, source = _load_local(local, split), local
     for col in (SOURCE_COLUMN, ROW_COLUMN):
@@ -405,7 +403,7 @@ def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *,
 
     specs = [spec_or_specs] if isinstance(spec_or_specs, (str, DatasetSpec)) else list(spec_or_specs)
     if not specs:
-        raise ValueError("load_rows: no dataset specs given")
+        raise ConfigError("load_rows: no dataset specs given")
     parts = []
     for i, raw in enumerate(specs):
         spec = parse_dataset_spec(raw)
@@ -419,7 +417,7 @@ def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *,
         return parts[0][1]
     common = [c for c in parts[0][1].column_names if all(c in ds.column_names for _, ds in parts[1:])]
     if common == [SOURCE_COLUMN, ROW_COLUMN] or not common:
-        raise ValueError(f"load_rows: the sources {[s for s, _ in parts]} have no data columns in common")
+        raise DataError(f"load_rows: the sources {[s for s, _ in parts]} have no data columns in common")
     first_features = datasets.Features({c: parts[0][1].features[c] for c in common})
     aligned = []
     for name, ds in parts:

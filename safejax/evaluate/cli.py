@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from safejax.config import ConfigError, check_range, dump_yaml, load_config, to_dict
+from safejax.errors import DataError
 from safejax.evaluate.arena import arena as arena_fn
 from safejax.evaluate import elo as elo_lib
 from safejax.evaluate import prefs as prefs_lib
@@ -377,7 +378,7 @@ def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]]
         if reference is None:
             reference = ps
         elif ps.prompts != reference.prompts:
-            raise ValueError(f"policy {name!r} ({path}): its tokenizer keeps a different set of prompts than "
+            raise ConfigError(f"policy {name!r} ({path}): its tokenizer keeps a different set of prompts than "
                              f"{policies[0][0]!r} ({len(ps)} vs {len(reference)}); raise prompt_width so that no "
                              "prompt is dropped as too long")
         gens = generate_answers(policy, ps, cfg.sampling, batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
@@ -502,7 +503,7 @@ def read_verdicts(spec: str) -> dict[str, list[elo_lib.Judgement]]:
             if os.path.exists(f):
                 out[axis] = elo_lib.judgements_from_file(f)
         if not out:
-            raise ValueError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
+            raise DataError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
         return out
     if not os.path.exists(path):
         raise FileNotFoundError(f"judge file {path!r} does not exist")
@@ -510,10 +511,10 @@ def read_verdicts(spec: str) -> dict[str, list[elo_lib.Judgement]]:
     for where, row, j in elo_lib.judgement_rows(path):
         axis = row.get("axis")
         if axis not in AXES:
-            raise ValueError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
+            raise DataError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
         out.setdefault(axis, []).append(j)
     if not out:
-        raise ValueError(f"{path}: no verdicts in this file")
+        raise DataError(f"{path}: no verdicts in this file")
     return out
 
 
@@ -564,7 +565,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
         judges = dict(judges or {})
         bad = set(judges) - set(AXES)
         if bad:
-            raise ValueError(f"judges: unknown axes {sorted(bad)} (use {AXES})")
+            raise ConfigError(f"judges: unknown axes {sorted(bad)} (use {AXES})")
         for axis, key, direction in (("helpfulness", "rewards", "higher"), ("harmlessness", "costs", "lower")):
             if axis in judges:
                 answers = {n: [{"prompt": ps.prompts[i], "answer": r.gens.answers[i], "reward": float(r.rewards[i]),
@@ -597,7 +598,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
             wanted = [n for n, _ in cfg.named_policies()]
             missing = [m for m in wanted if m not in models]
             if missing:
-                raise ValueError(f"{source}: no verdicts for policies {missing} (the file rates {models})")
+                raise DataError(f"{source}: no verdicts for policies {missing} (the file rates {models})")
         header.append(f"- judge: cached verdicts from `{source}`")
     anchor = cfg.anchor or models[0]
     if anchor not in models:
@@ -615,7 +616,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
                                     anchor_rating=cfg.anchor_rating, scale=cfg.scale, l2=cfg.l2, cluster=cluster)
         missing = [m for m in models if m not in est]
         if missing:
-            raise ValueError(f"elo {axis}: no verdicts involve {missing}")
+            raise DataError(f"elo {axis}: no verdicts involve {missing}")
         ratings[axis] = {m: est[m] for m in models}
 
     axes = [a for a in AXES if a in ratings]
@@ -700,7 +701,7 @@ def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
                                         skip_bad_rows=cfg.skip_bad_rows)
         reports["reward"] = str(rep)
         if not len(pairs):
-            raise ValueError(f"reward model pairs: no usable pair ({rep})")
+            raise DataError(f"reward model pairs: no usable pair ({rep})")
         better, worse = _pair_ends(rm, pairs.as_dict(), "reward", cfg, mesh)
         args.update(rm_better=better, rm_worse=worse)
         both = np.concatenate([better, worse])
@@ -716,7 +717,7 @@ def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
         pairs, rep = build_cost_pairs(rows, cm.tokenizer, max_length=cfg.max_length, skip_bad_rows=cfg.skip_bad_rows)
         reports["cost"] = str(rep)
         if not len(pairs):
-            raise ValueError(f"cost model pairs: no usable pair ({rep})")
+            raise DataError(f"cost model pairs: no usable pair ({rep})")
         safer, unsafer = _pair_ends(cm, pairs.as_dict(), "cost", cfg, mesh)
         args.update(cm_safer=safer, cm_unsafer=unsafer, safer_is_safe=pairs.safer_is_safe,
                     unsafer_is_safe=pairs.unsafer_is_safe)

@@ -33,6 +33,7 @@ from typing import Iterator, Any, Callable, Hashable, Iterable, Mapping, NamedTu
 
 import numpy as np
 
+from safejax.errors import DataError
 from safejax.evaluate.stats import as_scores
 
 __all__ = [
@@ -166,24 +167,24 @@ def judgement_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict, Judgeme
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in ("model_a", "model_b", "winner"):
                 if field not in row:
-                    raise ValueError(f"{where}: missing field {field!r}")
+                    raise DataError(f"{where}: missing field {field!r}")
                 if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r}")
+                    raise DataError(f"{where}: field {field!r} must be a string, got {row[field]!r}")
             winner = row["winner"].strip().lower()
             if winner not in WINNERS:
-                raise ValueError(f"{where}: field 'winner' must be one of {WINNERS}, got {row['winner']!r}")
+                raise DataError(f"{where}: field 'winner' must be one of {WINNERS}, got {row['winner']!r}")
             pid = row.get("prompt_id")
             if isinstance(pid, list):
                 pid = tuple(pid)
             try:
                 yield where, row, Judgement(row["model_a"], row["model_b"], winner, pid)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
 
 
 def judgements_from_file(path: str | os.PathLike) -> list[Judgement]:
@@ -214,13 +215,13 @@ def cached_judge(path: str | os.PathLike) -> Callable[[Any, str, Any, str, Any],
         for key, w in (((j.prompt_id, j.model_a, j.model_b), j.winner),
                        ((j.prompt_id, j.model_b, j.model_a), swap[j.winner])):
             if table.setdefault(key, w) != w:
-                raise ValueError(f"{path}: conflicting verdicts for prompt {key[0]!r} ({key[1]!r} vs {key[2]!r})")
+                raise DataError(f"{path}: conflicting verdicts for prompt {key[0]!r} ({key[1]!r} vs {key[2]!r})")
 
     def judge(prompt_id, model_a, answer_a, model_b, answer_b):  # noqa: ARG001 (answers unused)
         try:
             return table[(prompt_id, model_a, model_b)]
         except KeyError:
-            raise ValueError(
+            raise DataError(
                 f"{path}: no cached verdict for prompt {prompt_id!r} ({model_a!r} vs {model_b!r})"
             ) from None
 

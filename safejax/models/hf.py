@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safejax.errors import ModelFileError
 from safejax.models.config import ModelConfig, architecture_from_hf_dict
 from safejax.models.llama import CausalLM
 from safejax.models.score import ScoreModel, make_score_head
@@ -72,7 +73,7 @@ class _TensorFiles:
             try:
                 self._handles[path] = safe_open(path, framework="numpy")
             except Exception as e:  # noqa: BLE001 - corrupt / not a safetensors file
-                raise ValueError(f"{path}: cannot open as safetensors ({e})") from e
+                raise ModelFileError(f"{path}: cannot open as safetensors ({e})") from e
 
     @classmethod
     def from_folder(cls, folder: str) -> "_TensorFiles":
@@ -83,11 +84,11 @@ class _TensorFiles:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
+                raise ModelFileError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
             files = {name: os.path.join(folder, fn) for name, fn in weight_map.items()}
             for fn in sorted(set(files.values())):
                 if not os.path.exists(fn):
-                    raise ValueError(f"{index}: lists shard {os.path.basename(fn)} which is missing from {folder}")
+                    raise ModelFileError(f"{index}: lists shard {os.path.basename(fn)} which is missing from {folder}")
             return cls(files)
         if os.path.exists(single):
             tf = cls({})
@@ -96,7 +97,7 @@ class _TensorFiles:
             try:
                 h = safe_open(single, framework="numpy")
             except Exception as e:  # noqa: BLE001
-                raise ValueError(f"{single}: cannot open as safetensors ({e})") from e
+                raise ModelFileError(f"{single}: cannot open as safetensors ({e})") from e
             tf._handles[single] = h
             tf.file_of = {k: single for k in h.keys()}
             return tf
@@ -113,12 +114,12 @@ class _TensorFiles:
         bins = sorted(glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
                       + glob.glob(os.path.join(folder, "*.pth")))
         if bins:
-            raise ValueError(
+            raise ModelFileError(
                 f"{folder}: only PyTorch pickle weights found ({', '.join(os.path.basename(b) for b in bins)}); "
                 "safejax reads safetensors only and never unpickles. Convert the folder first, e.g. "
                 "`transformers.AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, "
                 "safe_serialization=True)`.")
-        raise ValueError(f"{folder}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
+        raise ModelFileError(f"{folder}: no weights found (expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -354,17 +355,17 @@ def _sharding_names(var) -> tuple | None:
 def read_hf_config(path: str) -> dict:
     """The ``config.json`` of an HF folder as a dict (ValueError naming the file when absent/bad)."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a directory (expected an HF model folder with {CONFIG_NAME})")
+        raise ModelFileError(f"{path}: not a directory (expected an HF model folder with {CONFIG_NAME})")
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.exists(cfg_path):
-        raise ValueError(f"{cfg_path}: missing; an HF model folder needs {CONFIG_NAME} next to its weights")
+        raise ModelFileError(f"{cfg_path}: missing; an HF model folder needs {CONFIG_NAME} next to its weights")
     try:
         with open(cfg_path) as f:
             d = json.load(f)
     except ValueError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
+        raise ModelFileError(f"{cfg_path}: invalid JSON ({e})") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
+        raise ModelFileError(f"{cfg_path}: expected a JSON object")
     return d
 
 
@@ -402,7 +403,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     cfg = ModelConfig.from_hf_dict(d, source=cfg_path, dtype=dtype or "float32", param_dtype=param_dtype,
                                    **config_overrides)
     if kind == "causal_lm" and is_score_ckpt and not cfg.tie_word_embeddings and "lm_head.weight" not in names:
-        raise ValueError(f"{path}: a score-model checkpoint (score_head.weight, no lm_head.weight) cannot be "
+        raise ModelFileError(f"{path}: a score-model checkpoint (score_head.weight, no lm_head.weight) cannot be "
                          "loaded as a causal LM; use model_type='score'")
 
     fresh_head = kind == "score" and not is_score_ckpt
@@ -410,7 +411,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         if is_score_ckpt:
             sdim = int(files.shape("score_head.weight")[0])
             if score_dim is not None and score_dim != sdim:
-                raise ValueError(f"{files.file_of['score_head.weight']}: tensor score_head.weight has "
+                raise ModelFileError(f"{files.file_of['score_head.weight']}: tensor score_head.weight has "
                                  f"score_dim {sdim}, but score_dim={score_dim} was requested")
             bias = "score_head.bias" in names
         else:
@@ -451,11 +452,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         for name in spec.hf_names(cfg.num_layers):
             if name not in names:
                 where = ", ".join(sorted({os.path.basename(f) for f in files.file_of.values()})) or "(none)"
-                raise ValueError(f"{path}: tensor {name} is missing from the checkpoint files ({where}) "
+                raise ModelFileError(f"{path}: tensor {name} is missing from the checkpoint files ({where}) "
                                  f"but {CONFIG_NAME} requires it")
             got, want = files.shape(name), spec.hf_shape()
             if tuple(got) != tuple(want):
-                raise ValueError(f"{files.file_of[name]}: tensor {name} has shape {list(got)} but "
+                raise ModelFileError(f"{files.file_of[name]}: tensor {name} has shape {list(got)} but "
                                  f"{CONFIG_NAME} implies {list(want)}")
 
     used = {n for spec, _ in specs for n in spec.hf_names(cfg.num_layers)}
@@ -594,6 +595,6 @@ def check_tokenizer_fits(tokenizer: Any, config: ModelConfig | Any, path: str | 
     n = len(tokenizer)
     if n > cfg.vocab_size:
         where = f"{os.fspath(path)}: " if path is not None else ""
-        raise ValueError(f"{where}tokenizer has {n} tokens but the model's embedding has only {cfg.vocab_size} "
+        raise ModelFileError(f"{where}tokenizer has {n} tokens but the model's embedding has only {cfg.vocab_size} "
                          f"rows; call safejax.models.resize_token_embeddings(model, {n}) or use the matching "
                          "tokenizer")

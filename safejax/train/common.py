@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safejax import parallel
 from safejax.checkpoint import Checkpointer
 from safejax.config import ConfigError, check_range, dump_yaml, to_dict
+from safejax.errors import NonFiniteError  # noqa: F401  (re-exported)
 from safejax.metrics import progress  # noqa: F401  (re-exported)
 from safejax.runlock import RunLock
 from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection  # noqa: F401  (re-exported)
@@ -248,10 +249,6 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------- numerics guard
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient norm or multiplier became NaN/Inf; the message names the step and quantity."""
 
 
 class Preempted(RuntimeError):

@@ -46,7 +46,7 @@ def stage_of(cfg: dict) -> tuple[str, dict, str, tuple[str, ...]]:
         return "score-model", cfg["model"], "score", ("params",)
     if "model" in cfg:
         return "sft", cfg["model"], "causal_lm", ("params",)
-    raise ValueError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
+    raise CheckpointError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
 
 
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32") -> Path:
@@ -65,7 +65,7 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
         cfg = json.loads(cfg_path.read_text())
         stage, section, model_type, key = stage_of(cfg)
     except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     ckpt_dir = run / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir} not found: the run saved no checkpoint")

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from safejax import parallel
+from safejax.config import ConfigError
 from safejax.train.common import (SKIP_KEY, GracefulStop, LoopSection, MetricGuard, Preempted, RunDir, TrainState,
                                   accumulate_gradients, close_stage, init_train_state, progress, put_batch,
                                   save_checkpoint, split_micro)
@@ -100,9 +101,9 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
 
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
-        raise ValueError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
+        raise ConfigError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
     if loop.batch_size % optim.grad_accum:
-        raise ValueError(f"{desc}: train.batch_size={loop.batch_size} is not a multiple of "
+        raise ConfigError(f"{desc}: train.batch_size={loop.batch_size} is not a multiple of "
                          f"optim.grad_accum={optim.grad_accum}")
     steps_per_epoch = n // loop.batch_size
     total = steps_per_epoch * loop.epochs

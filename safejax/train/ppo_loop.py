@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel, rl
+from safejax.config import ConfigError
 from safejax.parallel import make_mesh
 from safejax.train.common import (SKIP_KEY, GracefulStop, MetricGuard, Preempted, RunDir, close_stage, progress,
                                   save_checkpoint, scalar_on_mesh)
@@ -97,7 +98,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, specs=None, what: str = "prompts"):
     (log.warning if report.dropped else log.info)("%s: %s", what, report)
     need = cfg.train.batch_size // cfg.rollout.num_return_sequences
     if len(arrays.prompt_ids) < (need if what == "prompts" else 1):
-        raise ValueError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
+        raise ConfigError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
                          f"{cfg.train.batch_size} needs {need} ({report}; data.prompt_width={cfg.data.prompt_width})")
     return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
 
@@ -150,7 +151,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     bsz = cfg.train.batch_size
     n_per_batch = bsz // cfg.rollout.num_return_sequences  # prompts per rollout (each sampled G times)
     if n_prompts < n_per_batch:
-        raise ValueError(f"only {n_prompts} distinct prompts but train.batch_size={bsz} needs {n_per_batch}")
+        raise ConfigError(f"only {n_prompts} distinct prompts but train.batch_size={bsz} needs {n_per_batch}")
     per_epoch = n_prompts // n_per_batch
     iterations = per_epoch * cfg.train.epochs
     if cfg.train.max_steps > 0:
