@@ -14,7 +14,8 @@ Typical use::
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     with use_mesh(mesh):
         model = CausalLM(cfg, rngs=nnx.Rngs(0))            # params created already sharded
-    opt_shardings = opt_state_shardings(tx, params_shardings(params))
+    param_shardings = state_shardings(nnx.state(model), mesh)     # from the logical-axis annotations
+    opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     step = mesh_jit(step_fn, mesh=mesh, in_shardings=..., donate_argnums=0)   # activations pinned too
 """
 
@@ -26,7 +27,6 @@ import functools
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -91,11 +91,6 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     if devices == jax.devices():
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
-def single_device_mesh() -> Mesh:
-    """A 1x1x1 mesh on the first device (the unsharded reference)."""
-    return make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
 
 
 @contextlib.contextmanager
@@ -245,10 +240,6 @@ def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> An
     return walk(abstract)
 
 
-def shard_params(params: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
 # ----------------------------------------------------------------------------- multi-host
 
 
@@ -261,16 +252,3 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(one, batch)
-
-
-def host_slice(global_batch_size: int) -> slice:
-    """Rows of a global batch that this process loads (contiguous, equal slices)."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {n} processes")
-    per = global_batch_size // n
-    return slice(i * per, (i + 1) * per)
-
-
-def to_float32(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -291,10 +291,6 @@ def check_finite(step: int, metrics: dict, keys: Iterable[str] | None = None) ->
                              "(the last checkpoint is intact; train.skip_nonfinite=true skips such steps instead)")
 
 
-def host_metrics(metrics: dict) -> dict:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-
-
 class MetricGuard:
     """Per-step device metrics waiting for the host, checked for NaN/Inf in step order.
 

@@ -141,6 +141,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if cfg.data.ptx and cfg.ppo.ptx_coeff > 0:
         ptx_arrays, rep = build_supervised(load_rows(cfg.data.ptx), tok, max_length=cfg.data.ptx_max_length,
                                            skip_bad_rows=cfg.data.skip_bad_rows)
+        (log.warning if rep.dropped else log.info)("ptx data: %s", rep)
         if cfg.data.ptx_pack:
             packed = pack_supervised(ptx_arrays)
             ptx_arrays = {**packed, "loss_mask": packed.pop("label_mask")}
