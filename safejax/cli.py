@@ -56,7 +56,7 @@ CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key wi
                "(--actor_model_name_or_path ...) are accepted where their meaning is the same: see the README, "
                "'Coming from safe-rlhf'.")
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
-                "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/cli.py",
+                "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
                 "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
                 "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig"}
 EVAL_HELP = {

@@ -22,10 +22,9 @@ LAZY_IMPORTS_ALLOWED = {"safejax.cli"}
 # files still being reworked on another branch (issue 15, loop & state half): their function-level imports are
 # allowed until that half lands
 LAZY_IMPORTS_PENDING = {"safejax.train.fit", "safejax.train.ppo_loop", "safejax.train.score_model",
-                        "safejax.train.sft", "safejax.train.common",
-                        "safejax.demo", "safejax.evaluate.cli"}  # TODO(issue 15): hoist these too
+                        "safejax.train.sft", "safejax.train.common"}
 # files not yet split along their jobs (issue 15)
-TOO_LONG_PENDING = {"safejax.data.sources", "safejax.evaluate.cli", "safejax.models.hf"}
+TOO_LONG_PENDING = {"safejax.data.sources", "safejax.models.hf"}
 
 
 def _module_name(path: Path) -> str:

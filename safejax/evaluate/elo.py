@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 WINNERS = ("a", "b", "tie")
+AXES = ("helpfulness", "harmlessness")  # the two judge axes of the paper's Elo evaluation
 _SCORE_A = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
@@ -433,3 +434,48 @@ def bootstrap_elo(
     samples = anchor_rating + samples * (scale / math.log(10.0))
     lo, hi = np.quantile(samples, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], axis=0)
     return {mod: EloEstimate(point[mod], float(lo[i]), float(hi[i])) for i, mod in enumerate(models)}
+
+
+# ----------------------------------------------------------------------------- cached verdict files
+
+
+def read_verdicts(spec: str) -> dict[str, list[Judgement]]:
+    """Cached verdicts per axis from ``spec`` (a folder with ``<axis>.jsonl`` files, or one JSONL with ``axis``)."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        out = {}
+        for axis in AXES:
+            f = os.path.join(path, f"{axis}.jsonl")
+            if os.path.exists(f):
+                out[axis] = judgements_from_file(f)
+        if not out:
+            raise DataError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
+        return out
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"judge file {path!r} does not exist")
+    out: dict[str, list[Judgement]] = {}
+    for where, row, j in judgement_rows(path):
+        axis = row.get("axis")
+        if axis not in AXES:
+            raise DataError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
+        out.setdefault(axis, []).append(j)
+    if not out:
+        raise DataError(f"{path}: no verdicts in this file")
+    return out
+
+
+def pair_counts(judgements: Sequence[Judgement]) -> list[dict[str, Any]]:
+    """Per unordered model pair: games, wins of each side, ties (first-seen orientation)."""
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for j in judgements:
+        key = (j.model_a, j.model_b) if (j.model_b, j.model_a) not in table else (j.model_b, j.model_a)
+        e = table.setdefault(key, {"model_a": key[0], "model_b": key[1], "games": 0, "a_wins": 0, "b_wins": 0,
+                                   "ties": 0})
+        e["games"] += 1
+        if j.winner == "tie":
+            e["ties"] += 1
+        elif (j.winner == "a") == (j.model_a == key[0]):
+            e["a_wins"] += 1
+        else:
+            e["b_wins"] += 1
+    return list(table.values())
