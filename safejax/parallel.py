@@ -210,11 +210,22 @@ def mesh_jit(fn=None, *, mesh: Mesh, **jit_kwargs):
     return jax.jit(traced, **jit_kwargs)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis split over ``data`` x ``fsdp``; the rest replicated."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0,
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of an input array of rank ``ndim`` whose axis ``batch_axis`` holds rows (logical ``"batch"``,
+    placed by the rules table); its other axes are replicated.  ``batch_axis=1`` places a micro-batched
+    ``[accum, micro, ...]`` leaf (the micro-batch rows split, the accumulation axis whole)."""
+    names = [None] * ndim
+    names[batch_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
+    """Into how many parts the rules table splits the rows of a batch on ``mesh`` (a batch's size must be a
+    multiple of it)."""
+    lead = logical_to_spec(("batch",), rules, mesh)[0]
+    axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
 def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

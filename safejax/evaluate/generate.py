@@ -198,18 +198,15 @@ def same_vocabulary(tok_a, tok_b) -> bool:
 
 
 def rows_per_batch_multiple(mesh) -> int:
-    """A batch's rows are split over the ``data`` x ``fsdp`` mesh axes, so its size must be a multiple of this."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
-def _batch_sharding(mesh, ndim: int) -> NamedSharding:
-    return batch_sharding(mesh, ndim)
+    """A batch's rows are split over the mesh by the rules table (``data`` x ``fsdp``), so its size must be a
+    multiple of this."""
+    return parallel.batch_shards(mesh)
 
 
 def _put(x: np.ndarray, mesh) -> jax.Array:
     """A host array every process holds in full -> a global array with its rows split over ``data x fsdp``
     (each process fills only its addressable shards, so this also works on multi-host meshes)."""
-    sharding = _batch_sharding(mesh, x.ndim)
+    sharding = batch_sharding(mesh, x.ndim)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 

@@ -101,9 +101,7 @@ def split_micro(batch: dict, accum: int) -> dict:
 
 def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
     """Sharding of an ``[accum, micro, ...]`` batch leaf: the micro axis over data x fsdp."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(None, lead, *([None] * (ndim - 2))))
+    return parallel.batch_sharding(mesh, ndim, batch_axis=1)
 
 
 def put_batch(batch: dict, mesh) -> dict:
