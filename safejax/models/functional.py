@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 
 from safejax import parallel
-from safejax.models.hf import hf_param_names
+from safejax.models.hf_names import hf_param_names
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
-from safejax.models.hf import WEIGHTS_INDEX_NAME
+from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME
 from safejax.models import save_pretrained
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
