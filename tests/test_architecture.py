@@ -24,7 +24,7 @@ LAZY_IMPORTS_ALLOWED = {"safejax.cli"}
 LAZY_IMPORTS_PENDING = {"safejax.train.fit", "safejax.train.ppo_loop", "safejax.train.score_model",
                         "safejax.train.sft", "safejax.train.common"}
 # files not yet split along their jobs (issue 15)
-TOO_LONG_PENDING = {"safejax.data.sources"}
+TOO_LONG_PENDING: set[str] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -59,7 +59,7 @@ from safejax.evaluate.output import OutputDir, safe_name
 from safejax.evaluate.report import plot_histograms, plot_reward_cost_scatter
 from safejax.parallel import make_mesh
 from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
-from safejax.data.sources import records
+from safejax.data.rows import records
 from safejax.models.pairs import pair_scores
 
 
