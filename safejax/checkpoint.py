@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from safejax.errors import SafejaxError
 
@@ -439,8 +440,6 @@ class Checkpointer:
                     shutil.move(str(src), str(dest))
                     log.warning("moved unreadable checkpoint %s to %s", src, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("safejax_checkpoint_quarantine")
         self._mngr.reload()
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from safejax import parallel
 from safejax.config import ConfigError, check_range
@@ -168,8 +169,6 @@ class Workspace:
 
 def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
     """Generate the task (data files, tokenizer) and a freshly initialised tiny Llama HF folder."""
-    from flax import nnx
-
 
     t = time.time()
     out = Path(out_dir)

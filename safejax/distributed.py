@@ -9,7 +9,6 @@ import os
 import jax
 
 from safejax.config import ConfigError
-
 from safejax.slices import slice_spec
 
 

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from safejax.config import check_range
 from safejax.models import init_cache
@@ -107,8 +108,6 @@ def cast_matmul_weights(lm: Any) -> Any:
 
     Bit-exact for safejax models (``Dense`` and ``Embed`` cast those weights at use); norm scales and
     biases keep their dtype.  A no-op when the params already have the compute dtype.  Call inside jit."""
-    from flax import nnx
-
     dt = jnp.dtype(lm.config.dtype)
     graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
     pure = nnx.to_pure_dict(params)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 from typing import Any, Sequence
 
@@ -49,9 +50,9 @@ from jax.sharding import AbstractMesh, AxisType
 
 from safejax.models import CausalLM, ScoreModel
 from safejax.models.config import ModelConfig
+from safejax.models.functional import split_model
 from safejax.parallel import MESH_AXES, MeshConfig, opt_state_shardings, resolve_mesh_shape, state_shardings
 from safejax.slices import GiB, SliceSpec, slice_spec
-from safejax.models.functional import split_model
 from safejax.train.optim import make_optimizer
 from safejax.train.ppo import PPOConfig
 
@@ -123,8 +124,6 @@ class ModelMemory:
 
 def model_memory(role: str, config: ModelConfig, mesh, *, trainable: bool, tx=None) -> ModelMemory:
     """Per-device bytes of params (+ grads + ``tx`` state when ``trainable``) of one model on ``mesh``."""
-    from flax import nnx
-
     kind = "causal_lm" if role in CAUSAL_ROLES else "score"
     mdef, params = abstract_model(config, kind)
     shardings = nnx.to_pure_dict(state_shardings(mdef.template, mesh))
@@ -337,8 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memory_table: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        import json
-
         print(json.dumps([t.as_dict() for t in tables], indent=1))
         return 0
     print(f"Safe RLHF PPO-Lag, six models at Llama-2-7B shape ({tables[0].models[0].num_params:,} params), "

@@ -41,8 +41,6 @@ def _to_py(v: Any) -> Any:
 
 def _is_primary() -> bool:
     try:
-        import jax
-
         return jax.process_index() == 0
     except Exception:  # noqa: BLE001 - no backend: a single process
         return True

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from safejax.config import ConfigError
@@ -96,8 +97,6 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
     """Context in which Flax NNX creates parameters already sharded by the logical rules."""
-    from flax import nnx
-
     with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
         yield mesh
 
@@ -147,8 +146,6 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = L
     """Shardings for an NNX state (``nnx.State``) from each Variable's ``sharding_names`` metadata.
 
     Leaves without annotations are replicated."""
-    from flax import nnx
-
     def one(x):
         names = None
         if isinstance(x, nnx.Variable):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+from urllib.parse import urlparse
 
 from safejax.config import ConfigError
 
@@ -119,9 +121,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     """The Hub's host when it cannot even be connected to (no network), else None.  None as well in offline
     mode (``datasets`` then answers from its cache at once) and behind a proxy (a direct connection proves
     nothing there)."""
-    import socket
-    from urllib.parse import urlparse
-
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):

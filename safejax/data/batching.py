@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
 
 from safejax.config import ConfigError
@@ -56,8 +57,6 @@ class BatchIterator:
             raise ValueError(f"BatchIterator: the key {VALID_KEY!r} is reserved when drop_last=False")
         self.num_rows = int(next(iter(sizes.values())))
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if batch_size < 1:

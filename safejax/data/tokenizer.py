@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from safejax.config import ConfigError
 from safejax.errors import ModelFileError
 from safejax.paths import resolve_tokenizer_path
@@ -145,8 +147,6 @@ def pad_sequences(seqs: list[list[int]], *, length: int, pad_id: int, side: str 
       ``(ids [N, length] int32, mask [N, length] bool)``; ``mask`` is True on real tokens.  With
       ``side="left"`` every sequence ends at column ``length - 1``.
     """
-    import numpy as np
-
     if side not in ("right", "left"):
         raise ValueError(f"pad side must be 'right' or 'left', got {side!r}")
     n = len(seqs)

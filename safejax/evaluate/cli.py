@@ -40,9 +40,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
 from safejax.config import ConfigError, load_config, to_dict
+from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+from safejax.data.rows import records
 from safejax.errors import DataError
 from safejax.evaluate import elo as elo_lib
 from safejax.evaluate import prefs as prefs_lib
@@ -57,11 +60,8 @@ from safejax.evaluate.generate import (Generations, LoadedModel, PromptSet, gene
                                        same_vocabulary, score_generations)
 from safejax.evaluate.output import OutputDir, safe_name
 from safejax.evaluate.report import plot_histograms, plot_reward_cost_scatter
-from safejax.parallel import make_mesh
-from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
-from safejax.data.rows import records
 from safejax.models.pairs import pair_scores
-
+from safejax.parallel import make_mesh
 
 log = logging.getLogger("safejax")
 
@@ -351,9 +351,6 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
 
 def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[np.ndarray, np.ndarray]:
     """End scores of both sides of every pair: ``(first [B], second [B])`` = (better, worse) / (safer, unsafer)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-
     rep = NamedSharding(mesh, P())
     mdef = model.mdef
 

@@ -33,8 +33,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
-from safejax.data import build_prompts, encode_texts, format_prompt, load_rows, pad_sequences
 from safejax.config import ConfigError
+from safejax.data import build_prompts, encode_texts, format_prompt, load_rows, pad_sequences
 from safejax.errors import DataError, ModelFileError
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.metrics import progress as progress_bar

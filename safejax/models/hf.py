@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
 
 from safejax.errors import ModelFileError
 from safejax.models.config import ModelConfig, architecture_from_hf_dict
@@ -37,8 +39,8 @@ from safejax.models.hf_names import param_specs, variable_sharding_names, variab
 from safejax.models.llama import CausalLM
 from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, TensorFiles
 from safejax.models.score import ScoreModel, make_score_head
-from safejax.paths import resolve_model_dir
 from safejax.parallel import sharding_for, use_mesh
+from safejax.paths import resolve_model_dir
 
 CONFIG_NAME = "config.json"
 
@@ -189,7 +191,6 @@ def hf_state_dict(model: CausalLM | ScoreModel, dtype: Any = np.float32) -> dict
     for spec, var in specs:
         x = variable_value(var)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:  # multi-host: gather the shards
-            from jax.experimental import multihost_utils
 
             x = multihost_utils.process_allgather(x, tiled=True)
         x = np.asarray(jax.device_get(x)).astype(dtype)
@@ -218,8 +219,6 @@ def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, to
     A CausalLM folder loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (GPT-2: as
     ``GPT2LMHeadModel``, tied head omitted as HF does); a ScoreModel is written in safe-rlhf's ``*ForScore``
     layout (``score_head.weight [score_dim, D]``; GPT-2 backbone under ``transformer.``)."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg: ModelConfig = model.config

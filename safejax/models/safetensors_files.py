@@ -10,6 +10,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 
 from safejax.errors import ModelFileError
 
@@ -26,8 +27,6 @@ class TensorFiles:
     _ML = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
     def __init__(self, files: Mapping[str, str]):
-        from safetensors import safe_open
-
         self.file_of = dict(files)  # tensor name -> file path
         self._handles = {}
         self._headers: dict[str, tuple[int, dict]] = {}
@@ -54,7 +53,6 @@ class TensorFiles:
             return cls(files)
         if os.path.exists(single):
             tf = cls({})
-            from safetensors import safe_open
 
             try:
                 h = safe_open(single, framework="numpy")
@@ -66,7 +64,6 @@ class TensorFiles:
         others = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
         if others:
             tf = cls({})
-            from safetensors import safe_open
 
             for fn in others:
                 h = safe_open(fn, framework="numpy")

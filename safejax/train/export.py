@@ -25,14 +25,15 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from safetensors import SafetensorError
 
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
-from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME
 from safejax.models import save_pretrained
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME
 from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
@@ -53,9 +54,6 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     """Write an HF folder (weights + config + tokenizer) for checkpoint ``step`` (default: the newest
     readable one) of the stage run in ``run_dir``, weights in ``dtype`` (``float32`` | ``bfloat16``).
     Returns ``Path(out_dir)``."""
-    import jax
-    import jax.numpy as jnp
-
 
     run = Path(run_dir)
     cfg_path = run / "config.json"
