@@ -29,9 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors.numpy import save_file
 
 from safejax.errors import ModelFileError
 from safejax.models.config import ModelConfig, architecture_from_hf_dict
@@ -239,7 +239,7 @@ def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, to
         stale = os.path.join(path, WEIGHTS_INDEX_NAME)
         if os.path.exists(stale):
             os.remove(stale)
-        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        safetensors.numpy.save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
         if tokenizer is not None:
