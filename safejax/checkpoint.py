@@ -39,6 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from safejax.errors import SafejaxError
 
 log = logging.getLogger("safejax")
 
@@ -49,7 +52,7 @@ _NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
 _FILTERED = ("absl", "orbax", "asyncio")  # their ERROR records are dropped while a Checkpointer is open
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SafejaxError, ValueError):
     """No usable checkpoint (all candidates unreadable) or a bad request; the message names the folder."""
 
 
@@ -184,7 +187,7 @@ def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(SafejaxError, OSError):
     """A checkpoint could not be written (full disk, read-only filesystem, permissions); the earlier
     steps are intact.  The message names the folder and the operating-system error."""
 
@@ -437,8 +440,6 @@ class Checkpointer:
                     shutil.move(str(src), str(dest))
                     log.warning("moved unreadable checkpoint %s to %s", src, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("safejax_checkpoint_quarantine")
         self._mngr.reload()
 

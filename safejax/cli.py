@@ -25,11 +25,13 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import yaml
 
 from safejax import __version__, reference_flags
+from safejax.errors import SafejaxError
 from safejax.runlock import release_all
 from safejax.summary import remove_if_empty, result_line
 
@@ -54,7 +56,7 @@ CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key wi
                "(--actor_model_name_or_path ...) are accepted where their meaning is the same: see the README, "
                "'Coming from safe-rlhf'.")
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
-                "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/cli.py",
+                "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
                 "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
                 "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig"}
 EVAL_HELP = {
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         logging.getLogger("safejax").info("%s", note)
     if args.command != "export":
-        from safejax.parallel import maybe_initialize_distributed
+        from safejax.distributed import maybe_initialize_distributed
 
         maybe_initialize_distributed()  # multi-host: a no-op unless the environment describes a slice
     from safejax.config import ConfigError, load_config, to_dict
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"safejax {args.command}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (ConfigError, ValueError, OSError, FloatingPointError) as e:
+    except (SafejaxError, OSError) as e:  # bad input or the world (disk, lock): one line; anything else is a bug
+        if args.verbose:
+            traceback.print_exc()
         print(f"safejax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

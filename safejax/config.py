@@ -19,10 +19,12 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from safejax.errors import SafejaxError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SafejaxError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 

@@ -19,13 +19,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from safejax.config import check_range
-from safejax.generation import SamplingConfig, generate
 from safejax import parallel
-from safejax.parallel import MeshConfig
-from safejax.train.common import LoopSection, ModelSection
+from safejax.config import ConfigError, check_range
+from safejax.data import build_prompts
+from safejax.data.builtin import BuiltinTask, evaluate_responses, tiny_llama_config
+from safejax.demo_report import write_plots, write_report
+from safejax.generation import SamplingConfig, generate
+from safejax.models import CausalLM, ModelConfig, save_pretrained
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.models.pairs import pair_scores
+from safejax.parallel import MeshConfig, make_mesh, use_mesh
+from safejax.sections import LoopSection, ModelSection
+from safejax.train.fit import eval_loop
 from safejax.train.optim import OptimConfig
+from safejax.train.ppo import LagrangeSection, PPOConfig, PPODataSection, PPOSection
+from safejax.train.ppo_loop import run_ppo
+from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, load_pairs, run_score_model
+from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
 
 log = logging.getLogger("safejax")
 
@@ -63,7 +76,7 @@ class DemoConfig:
     def validate(self) -> None:
         check_range("ppo_iterations", self.ppo_iterations, low=1)
         if len(self.nus) < 1:
-            raise ValueError("config key 'nus' needs at least one reward-shaping coefficient")
+            raise ConfigError("config key 'nus' needs at least one reward-shaping coefficient")
 
 
 # ----------------------------------------------------------------------------- oracle judging
@@ -78,8 +91,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict], tokenizer, oracle, *, seed: int,
                  max_new_tokens: int, mesh) -> tuple[dict, list[str]]:
     """Sample one response per held-out prompt with the policy and score the texts with the oracle."""
-    from safejax.data.builtin import evaluate_responses
-
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
     @parallel.mesh_jit(mesh=mesh)
@@ -106,11 +117,6 @@ def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[
 
     (The paper's threshold 0 presumes a cost model whose zero is the average answer of a mostly
     harmful prompt set; on a task with half benign prompts, E[C] <= 0 barely constrains anything.)"""
-    from safejax.train.score_model import PreferenceDataSection, load_pairs, pair_scores
-    from safejax.train.fit import eval_loop
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
-
     arrays, _ = load_pairs([str(pref_path)], tok, PreferenceDataSection(max_length=cfg.max_length), "cost",
                            "threshold calibration")
     mdef, params = split_model(load_model_for(str(cm_dir), mesh, model_type="score", tokenizer=tok))
@@ -163,13 +169,6 @@ class Workspace:
 
 def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
     """Generate the task (data files, tokenizer) and a freshly initialised tiny Llama HF folder."""
-    from flax import nnx
-
-    from safejax.data import build_prompts
-    from safejax.data.builtin import BuiltinTask, tiny_llama_config
-    from safejax.models import CausalLM, ModelConfig, save_pretrained
-    from safejax.parallel import make_mesh, use_mesh
-    from safejax.train.loading import load_tokenizer_for
 
     t = time.time()
     out = Path(out_dir)
@@ -200,8 +199,6 @@ def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
 
 
 def train_sft(ws: Workspace, name: str = "sft") -> Path:
-    from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
-
     t = time.time()
     cfg = ws.cfg
     sft_cfg = SFTConfig(out_dir=str(ws.out / name), seed=ws.seed, model=ModelSection(path=str(ws.paths["init"])),
@@ -217,8 +214,6 @@ def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, 
                             eval_path: Path | None = None) -> tuple[dict, dict]:
     """Reward model and cost model from ``init_dir`` (fresh heads) on ``pref_train``; held-out metrics
     against oracle labels.  Returns ``({"reward": dir, "cost": dir}, {"rm": metrics, "cm": metrics})``."""
-    from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, run_score_model
-
     cfg = ws.cfg
     dirs, scores = {}, {}
     for kind, name in (("reward", "rm"), ("cost", "cm")):
@@ -240,9 +235,6 @@ def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, 
 
 def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=None) -> tuple[dict, list[str]]:
     """Oracle metrics of a policy (an HF folder, or a ModelDef + params) on the held-out prompts."""
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
-
     if mdef is None:
         mdef, params = split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))
     return judge_policy(mdef, params, ws.eval_arrays, ws.eval_rows, ws.tok, ws.task.oracle, seed=ws.seed,
@@ -252,9 +244,6 @@ def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=No
 def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_dirs: dict, threshold: float,
            nu: float | None = None, prompts: Path | None = None, lagrange: dict | None = None):
     """One RL run from ``actor_dir``; returns ``(oracle metrics, traces, PPOResult)``."""
-    from safejax.train.ppo import LagrangeSection, PPOConfig, PPODataSection, PPOSection
-    from safejax.train.ppo_loop import run_ppo
-
     cfg = ws.cfg
     t = time.time()
     lag = dict(lambda_init=nu if nu is not None else cfg.lambda_init, lambda_lr=cfg.lambda_lr,
@@ -326,7 +315,6 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
     summary["checks"] = demo_checks(summary)
     out = Path(out_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    from safejax.demo_report import write_plots, write_report
 
     write_plots(summary, out)
     write_report(summary, out)

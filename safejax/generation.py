@@ -24,8 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from safejax.config import check_range
+from safejax.models import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +108,6 @@ def cast_matmul_weights(lm: Any) -> Any:
 
     Bit-exact for safejax models (``Dense`` and ``Embed`` cast those weights at use); norm scales and
     biases keep their dtype.  A no-op when the params already have the compute dtype.  Call inside jit."""
-    from flax import nnx
-
     dt = jnp.dtype(lm.config.dtype)
     graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
     pure = nnx.to_pure_dict(params)
@@ -150,8 +150,6 @@ def prefill(lm: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, cfg: Samplin
     each prompt is prefilled once and its KV cache, mask and next-token logits are copied to its ``G``
     consecutive rows (rows ``b*G .. b*G+G-1`` continue prompt ``b``): prefill FLOPs are those of ``B0`` rows,
     and the result equals prefilling the repeated prompts row by row.  Call inside jit."""
-    from safejax.models import init_cache
-
     b0, p = prompt_ids.shape
     g = cfg.num_return_sequences
     n = cfg.max_new_tokens

@@ -39,18 +39,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
-import re
+import json
 import sys
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
 
+from safejax.models import CausalLM, ScoreModel
 from safejax.models.config import ModelConfig
+from safejax.models.functional import split_model
 from safejax.parallel import MESH_AXES, MeshConfig, opt_state_shardings, resolve_mesh_shape, state_shardings
+from safejax.slices import GiB, SliceSpec, slice_spec
+from safejax.train.optim import make_optimizer
+from safejax.train.ppo import PPOConfig
 
-GiB = 1024 ** 3
 
 #: Llama-2-7B (``meta-llama/Llama-2-7b-hf`` config.json): 6,738,415,616 parameters.
 LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -69,52 +74,8 @@ CAUSAL_ROLES = ("actor", "reference")  # the others are score models (backbone +
 # ----------------------------------------------------------------------------- slices
 
 
-@dataclasses.dataclass(frozen=True)
-class SliceSpec:
-    """One accelerator slice: ``chips`` JAX devices on ``hosts`` processes, ``hbm_bytes`` per chip."""
-
-    name: str
-    generation: str
-    chips: int
-    hosts: int
-    hbm_bytes: int
-
-
-def slice_spec(accelerator_type: str) -> SliceSpec:
-    """Chips, hosts and HBM of a Cloud TPU accelerator type (same rules as ``tpu_setup/hosts.sh``).
-
-    ``v4-N`` / ``v5p-N`` count TensorCores (2 per chip = one JAX device, 4 chips per host);
-    ``v5litepod-N`` (alias ``v5e-N``) and ``v6e-N`` count chips (one VM up to 8 chips, 4-chip VMs
-    above).  Also accepted for comparison: ``h100-N`` / ``a100-N`` (N GPUs of 80 GB, 8 per host)."""
-    raw = accelerator_type.strip().lower()
-    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e|h100|a100)-(\d+)", raw)
-    if not m:
-        raise ValueError(f"accelerator type '{accelerator_type}': expected v4-N, v5p-N, v5e-N (v5litepod-N), "
-                         f"v6e-N, h100-N or a100-N")
-    gen, n = m.group(1), int(m.group(2))
-    if gen in ("v4", "v5p"):
-        if n < 8 or n % 8:
-            raise ValueError(f"accelerator type '{accelerator_type}': {gen} sizes count TensorCores (2 per chip, "
-                             f"4 chips per host) and must be a multiple of 8")
-        chips = n // 2
-        hbm = {"v4": 32, "v5p": 95}[gen] * GiB
-        return SliceSpec(f"{gen}-{n}", gen, chips, chips // 4, hbm)
-    if gen in ("v5litepod", "v5e", "v6e"):
-        if n not in (1, 4, 8, 16, 32, 64, 128, 256):
-            raise ValueError(f"accelerator type '{accelerator_type}': {gen} sizes count chips and must be one of "
-                             f"1, 4, 8, 16, 32, 64, 128, 256")
-        gen = "v5e" if gen == "v5litepod" else gen
-        hbm = {"v5e": 16, "v6e": 32}[gen] * GiB
-        return SliceSpec(f"{gen}-{n}", gen, n, 1 if n <= 8 else n // 4, hbm)
-    if n < 1:
-        raise ValueError(f"accelerator type '{accelerator_type}': need at least one GPU")
-    return SliceSpec(f"{gen}-{n}", gen, n, max(1, math.ceil(n / 8)), 80 * 10 ** 9)
-
-
 def abstract_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES):
     """A :class:`jax.sharding.AbstractMesh` (no devices) with Auto axis types."""
-    from jax.sharding import AbstractMesh, AxisType
-
     return AbstractMesh(tuple(int(s) for s in shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape))
 
 
@@ -135,11 +96,6 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
 def abstract_model(config: ModelConfig, kind: str):
     """``(ModelDef, abstract params dict)`` of a ``CausalLM`` (``kind='causal_lm'``) or ``ScoreModel``
     (``'score'``), built with ``nnx.eval_shape`` (no memory is allocated; cached per config)."""
-    from flax import nnx
-
-    from safejax.models import CausalLM, ScoreModel
-    from safejax.train.functional import split_model
-
     if kind not in ("causal_lm", "score"):
         raise ValueError(f"abstract_model: kind must be 'causal_lm' or 'score', got {kind!r}")
     ctor = (lambda: CausalLM(config, rngs=nnx.Rngs(0))) if kind == "causal_lm" else (
@@ -168,8 +124,6 @@ class ModelMemory:
 
 def model_memory(role: str, config: ModelConfig, mesh, *, trainable: bool, tx=None) -> ModelMemory:
     """Per-device bytes of params (+ grads + ``tx`` state when ``trainable``) of one model on ``mesh``."""
-    from flax import nnx
-
     kind = "causal_lm" if role in CAUSAL_ROLES else "score"
     mdef, params = abstract_model(config, kind)
     shardings = nnx.to_pure_dict(state_shardings(mdef.template, mesh))
@@ -286,9 +240,6 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
       rows_per_device, seq_len, remat: the update micro-batch (activation estimate).
       rollout_rows_per_device: rollout rows per device (KV-cache estimate), prompt + response = seq_len.
     """
-    from safejax.train.optim import make_optimizer
-    from safejax.train.ppo import PPOConfig
-
     spec = accelerator_type if isinstance(accelerator_type, SliceSpec) else slice_spec(accelerator_type)
     shape = resolve_mesh_shape(mesh or MeshConfig(), spec.chips)
     amesh = abstract_mesh(shape)
@@ -385,8 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memory_table: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        import json
-
         print(json.dumps([t.as_dict() for t in tables], indent=1))
         return 0
     print(f"Safe RLHF PPO-Lag, six models at Llama-2-7B shape ({tables[0].models[0].num_params:,} params), "

@@ -22,7 +22,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 log = logging.getLogger("safejax")
 
@@ -39,8 +41,6 @@ def _to_py(v: Any) -> Any:
 
 def _is_primary() -> bool:
     try:
-        import jax
-
         return jax.process_index() == 0
     except Exception:  # noqa: BLE001 - no backend: a single process
         return True
@@ -167,3 +167,9 @@ class MetricWriter:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0):
+    """A tqdm progress bar of ``total`` steps, shown on process 0 only (``enabled=False``: hidden)."""
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled or jax.process_index() != 0,
+                dynamic_ncols=True, leave=False)

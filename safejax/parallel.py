@@ -14,7 +14,8 @@ Typical use::
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     with use_mesh(mesh):
         model = CausalLM(cfg, rngs=nnx.Rngs(0))            # params created already sharded
-    opt_shardings = opt_state_shardings(tx, params_shardings(params))
+    param_shardings = state_shardings(nnx.state(model), mesh)     # from the logical-axis annotations
+    opt_shardings = opt_state_shardings(tx, params, param_shardings, mesh)
     step = mesh_jit(step_fn, mesh=mesh, in_shardings=..., donate_argnums=0)   # activations pinned too
 """
 
@@ -23,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from safejax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -63,18 +65,18 @@ class MeshConfig:
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sum(1 for s in sizes if s == -1) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
     for name, s in zip(MESH_AXES, sizes):
         if s == 0 or s < -1:
-            raise ValueError(f"mesh: axis '{name}' has invalid size {s} (use a positive size or -1)")
+            raise ConfigError(f"mesh: axis '{name}' has invalid size {s} (use a positive size or -1)")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes product {known} "
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes product {known} "
                              f"(data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor})")
         sizes = [num_devices // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices "
+        raise ConfigError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {num_devices} devices "
                          f"(data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}); use -1 for one axis")
     return tuple(sizes)  # type: ignore[return-value]
 
@@ -92,16 +94,9 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def single_device_mesh() -> Mesh:
-    """A 1x1x1 mesh on the first device (the unsharded reference)."""
-    return make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
     """Context in which Flax NNX creates parameters already sharded by the logical rules."""
-    from flax import nnx
-
     with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
         yield mesh
 
@@ -151,8 +146,6 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = L
     """Shardings for an NNX state (``nnx.State``) from each Variable's ``sharding_names`` metadata.
 
     Leaves without annotations are replicated."""
-    from flax import nnx
-
     def one(x):
         names = None
         if isinstance(x, nnx.Variable):
@@ -214,11 +207,22 @@ def mesh_jit(fn=None, *, mesh: Mesh, **jit_kwargs):
     return jax.jit(traced, **jit_kwargs)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis split over ``data`` x ``fsdp``; the rest replicated."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0,
+                   rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Sharding of an input array of rank ``ndim`` whose axis ``batch_axis`` holds rows (logical ``"batch"``,
+    placed by the rules table); its other axes are replicated.  ``batch_axis=1`` places a micro-batched
+    ``[accum, micro, ...]`` leaf (the micro-batch rows split, the accumulation axis whole)."""
+    names = [None] * ndim
+    names[batch_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh))
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> int:
+    """Into how many parts the rules table splits the rows of a batch on ``mesh`` (a batch's size must be a
+    multiple of it)."""
+    lead = logical_to_spec(("batch",), rules, mesh)[0]
+    axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
 
 
 def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -244,81 +248,7 @@ def opt_state_shardings(tx, params: Any, param_shardings: Any, mesh: Mesh) -> An
     return walk(abstract)
 
 
-def shard_params(params: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
 # ----------------------------------------------------------------------------- multi-host
-
-
-def _distributed_is_initialized() -> bool:
-    fn = getattr(jax.distributed, "is_initialized", None)
-    if fn is not None:
-        return bool(fn())
-    from jax._src import distributed as _dist  # jax < 0.4.34 has no public query
-
-    return getattr(_dist.global_state, "client", None) is not None
-
-
-def _tpu_slice_hosts() -> int:
-    """Hosts of the Cloud TPU slice this VM belongs to, from the environment (0 = not a TPU VM or unknown)."""
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if hosts:
-        return len(hosts)
-    accel = os.environ.get("TPU_ACCELERATOR_TYPE", "")
-    if accel:
-        try:
-            from safejax.memory_table import slice_spec
-
-            return slice_spec(accel).hosts
-        except ValueError:
-            return 0
-    return 0
-
-
-def maybe_initialize_distributed(timeout_s: int | None = None) -> bool:
-    """Call ``jax.distributed.initialize`` when the environment describes a multi-process run.
-
-    Must run before anything touches a JAX device (``safejax.cli.main`` should call it first).
-    Decided in this order:
-
-    1. ``SAFEJAX_DISTRIBUTED=0`` (or ``off``/``false``): never initialise.
-    2. ``SAFEJAX_COORDINATOR`` + ``SAFEJAX_NUM_PROCESSES`` + ``SAFEJAX_PROCESS_ID``: explicit arguments
-       (localhost tests, ``tpu_setup/launch.sh`` on TPU VM slices, any cluster).
-    3. ``SAFEJAX_DISTRIBUTED=1`` (or ``auto``/``true``): ``jax.distributed.initialize()`` with no
-       arguments; JAX discovers the cluster itself (Cloud TPU, SLURM, Open MPI, Kubernetes).
-    4. A Cloud TPU VM of a multi-host slice: ``TPU_WORKER_HOSTNAMES`` lists more than one host, or
-       ``TPU_ACCELERATOR_TYPE`` names a multi-host slice (``v4-32``, ``v5litepod-16``, ...); then
-       ``jax.distributed.initialize()`` with no arguments (JAX reads the TPU metadata).
-
-    A single-host TPU VM (``TPU_WORKER_ID``/``CLOUD_TPU_TASK_ID`` set, one host) needs no
-    initialisation.  ``timeout_s`` (default ``SAFEJAX_DISTRIBUTED_TIMEOUT`` or 300) bounds the wait
-    for the other processes; a missing peer makes JAX abort the process after it.  Calling again
-    after a successful initialisation is a no-op that returns True.  Returns True if initialised."""
-    flag = os.environ.get("SAFEJAX_DISTRIBUTED", "").strip().lower()
-    if flag in ("0", "off", "false", "no"):
-        return False
-    if _distributed_is_initialized():
-        return True
-    if timeout_s is None:
-        timeout_s = int(os.environ.get("SAFEJAX_DISTRIBUTED_TIMEOUT", "300"))
-    coord = os.environ.get("SAFEJAX_COORDINATOR")
-    if coord:
-        missing = [k for k in ("SAFEJAX_NUM_PROCESSES", "SAFEJAX_PROCESS_ID") if not os.environ.get(k)]
-        if missing:
-            raise ValueError(f"SAFEJAX_COORDINATOR={coord} is set but {' and '.join(missing)} "
-                             f"{'is' if len(missing) == 1 else 'are'} not")
-        jax.distributed.initialize(
-            coordinator_address=coord,
-            num_processes=int(os.environ["SAFEJAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["SAFEJAX_PROCESS_ID"]),
-            initialization_timeout=timeout_s,
-        )
-        return True
-    if flag in ("1", "on", "true", "yes", "auto") or _tpu_slice_hosts() > 1:
-        jax.distributed.initialize(initialization_timeout=timeout_s)
-        return True
-    return False
 
 
 def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
@@ -330,16 +260,3 @@ def host_local_to_global(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(one, batch)
-
-
-def host_slice(global_batch_size: int) -> slice:
-    """Rows of a global batch that this process loads (contiguous, equal slices)."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {n} processes")
-    per = global_batch_size // n
-    return slice(i * per, (i + 1) * per)
-
-
-def to_float32(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

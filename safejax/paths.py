@@ -17,6 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+from urllib.parse import urlparse
+
+from safejax.config import ConfigError
 
 log = logging.getLogger("safejax")
 
@@ -37,9 +41,9 @@ def looks_local(path: str | os.PathLike) -> bool:
     return any(s in p for s in seps) and not _HUB_ID.match(p)
 
 
-def missing_path_error(what: str, path: str | os.PathLike) -> ValueError:
+def missing_path_error(what: str, path: str | os.PathLike) -> ConfigError:
     """The one-line error for a local path that does not exist (names the working directory)."""
-    return ValueError(f"{what} {os.fspath(path)!r}: no such file or folder (relative paths are resolved against "
+    return ConfigError(f"{what} {os.fspath(path)!r}: no such file or folder (relative paths are resolved against "
                       f"the working directory {os.getcwd()})")
 
 
@@ -67,7 +71,7 @@ def _resolve_run_dir(folder: str, own_files: tuple[str, ...], what: str) -> str:
     if any(os.path.exists(os.path.join(hf, f)) for f in own_files):
         log.debug("%s %s is a stage run: using its exported model %s", what, folder, hf)
         return hf
-    raise ValueError(f"{what} {folder!r} is a stage's out_dir but holds no exported model in {hf!r} (the stage "
+    raise ConfigError(f"{what} {folder!r} is a stage's out_dir but holds no exported model in {hf!r} (the stage "
                      f"writes it when it finishes; or run: safejax export --run {folder} --out {hf})")
 
 
@@ -75,16 +79,16 @@ def resolve_model_dir(path: str | os.PathLike, what: str = "model") -> str:
     """The HF model folder for ``path``: the folder itself, or ``path/hf`` for a stage's out_dir.
 
     Raises:
-      ValueError: ``path`` does not exist (naming the working directory), or is a run folder without ``hf/``.
+      ConfigError: ``path`` does not exist (naming the working directory), or is a run folder without ``hf/``.
     """
     p = os.fspath(path)
     if not p:
-        raise ValueError(f"no {what} path given")
+        raise ConfigError(f"no {what} path given")
     expanded = os.path.expanduser(p)
     if not os.path.exists(expanded):
         hint = ("" if looks_local(p) else "; models load from local folders only: download the Hub repo first, "
                 f"e.g. `hf download {p} --local-dir models/{p.rsplit('/', 1)[-1]}`")
-        raise ValueError(str(missing_path_error(what, p)) + hint)
+        raise ConfigError(str(missing_path_error(what, p)) + hint)
     if not os.path.isdir(expanded):
         return expanded
     return _resolve_run_dir(expanded, _WEIGHTS, what)
@@ -94,7 +98,7 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> str:
     """A local tokenizer folder (``path/hf`` for a stage's out_dir) or a Hub id passed through unchanged.
 
     Raises:
-      ValueError: ``path`` looks local and does not exist, or is a run folder without ``hf/``.
+      ConfigError: ``path`` looks local and does not exist, or is a run folder without ``hf/``.
     """
     p = check_local("tokenizer", path)
     if os.path.isdir(p):
@@ -102,7 +106,7 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> str:
     if not os.path.exists(p):  # a Hub id: fail now, not after a minute of retries, when the Hub is out of reach
         host = hub_unreachable()
         if host is not None and not _hub_cached("models", p):
-            raise ValueError(f"tokenizer {p!r}: no such folder (working directory {os.getcwd()}) and the Hugging "
+            raise ConfigError(f"tokenizer {p!r}: no such folder (working directory {os.getcwd()}) and the Hugging "
                              f"Face Hub ({host}) cannot be reached to load it as a Hub id")
     return p
 
@@ -117,9 +121,6 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     """The Hub's host when it cannot even be connected to (no network), else None.  None as well in offline
     mode (``datasets`` then answers from its cache at once) and behind a proxy (a direct connection proves
     nothing there)."""
-    import socket
-    from urllib.parse import urlparse
-
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARS):

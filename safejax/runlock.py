@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from safejax.errors import SafejaxError
+
 log = logging.getLogger("safejax")
 
 LOCK_NAME = ".safejax-lock"
@@ -42,7 +44,7 @@ HEARTBEAT_S = 30.0
 LEASE_S = 300.0
 
 
-class RunLockedError(OSError):
+class RunLockedError(SafejaxError, OSError):
     """Another live command holds the run directory's lock; the message names it and the lock file."""
 
 

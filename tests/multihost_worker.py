@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)                    # tiny_world
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from safejax import parallel  # noqa: E402
+from safejax import distributed, parallel  # noqa: E402
 
 # ----------------------------------------------------------------------------- step (shared with the parent)
 
@@ -62,7 +62,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     from safejax.models import load_pretrained
     from safejax.train.common import TrainState, micro_batch_sharding, put_batch, split_micro
     from safejax.train.fit import make_train_step
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
     from safejax.train.optim import OptimConfig, make_optimizer
     from safejax.train.sft import sft_loss_fn
     from safejax.train.state import build_state, spread, trainable
@@ -138,7 +138,7 @@ def main() -> int:
     t0 = time.time()
     result: dict = {"ok": False}
     try:
-        result["distributed"] = parallel.maybe_initialize_distributed(
+        result["distributed"] = distributed.maybe_initialize_distributed(
             timeout_s=int(os.environ.get("SAFEJAX_DISTRIBUTED_TIMEOUT", "30")))
         result["init_s"] = time.time() - t0
         result["process_index"], result["process_count"] = jax.process_index(), jax.process_count()

@@ -20,7 +20,7 @@ from safejax.data.packing import first_fit_decreasing, pack_pairs, pack_supervis
 from safejax.generation import positions_from_mask
 from safejax.models import CausalLM, ModelConfig, ScoreModel
 from safejax.parallel import MeshConfig, make_mesh, use_mesh
-from safejax.train.functional import split_model
+from safejax.models.functional import split_model
 from safejax.train.score_model import ScoreModelConfig, pair_scores, packed_pair_ends, score_loss_fn
 from safejax.train.sft import sft_loss_fn
 

@@ -240,7 +240,7 @@ def test_cast_matmul_weights_is_exact_and_halves_what_the_decode_loop_reads(scan
     from safejax.generation import cast_matmul_weights
     from safejax.models import CausalLM, ModelConfig
     from safejax.parallel import MeshConfig, make_mesh, use_mesh
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=64, dtype="bfloat16", param_dtype="float32",

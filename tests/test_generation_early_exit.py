@@ -13,7 +13,7 @@ from flax import nnx
 from safejax.generation import SamplingConfig, generate, prefill, repeat_rows
 from safejax.models import CausalLM, ModelConfig
 from safejax.parallel import MeshConfig, make_mesh, mesh_jit, use_mesh
-from safejax.train.functional import split_model
+from safejax.models.functional import split_model
 
 VOCAB, PAD, EOS, P, N = 40, 0, 3, 6, 12
 LENGTHS = [6, 2, 4, 1]

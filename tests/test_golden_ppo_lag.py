@@ -26,8 +26,8 @@ import pytest
 from safejax import rl
 from safejax.models.hf import hf_state_dict
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.functional import split_model
-from safejax.train.loading import load_model_for
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for
 from safejax.train.ppo import Experience, Models, PPOPhases, PPOState
 from safejax.train.ppo_shapes import rl_micro_steps
 from safejax.train.ppo_loop import make_update

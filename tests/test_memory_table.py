@@ -10,7 +10,7 @@ from flax import nnx
 from safejax import memory_table as mt
 from safejax.models import CausalLM, ModelConfig, ScoreModel
 from safejax.parallel import MeshConfig, make_mesh, opt_state_shardings, use_mesh
-from safejax.train.functional import split_model
+from safejax.models.functional import split_model
 from safejax.train.optim import OptimConfig, make_optimizer
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -137,7 +137,7 @@ def test_fsdp_train_step_shards_activations_by_batch_and_splits_the_work(scan):
     FSDP-sharded weights instead and leaves the batch split over ``data`` only (more FLOPs and more than
     1.5x the bytes per device)."""
     from safejax.parallel import batch_sharding, mesh_jit
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
 
     cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=2, scan_layers=scan)

@@ -22,7 +22,7 @@ import pytest
 
 import multihost_worker as worker
 import tiny_world
-from safejax import parallel
+from safejax import distributed, parallel
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -249,26 +249,26 @@ def clean_env(monkeypatch):
 
 
 def test_no_distributed_environment_means_no_initialisation(clean_env):
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     clean_env.setenv("TPU_ACCELERATOR_TYPE", "v4-8")   # a single-host TPU VM
     clean_env.setenv("TPU_WORKER_ID", "0")
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     clean_env.setenv("TPU_ACCELERATOR_TYPE", "v4-32")  # multi-host, but switched off explicitly
     clean_env.setenv("SAFEJAX_DISTRIBUTED", "0")
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     assert jax.process_count() == 1
 
 
 def test_multi_host_slice_is_recognised_from_the_tpu_environment(clean_env):
-    assert parallel._tpu_slice_hosts() == 0
+    assert distributed._tpu_slice_hosts() == 0
     clean_env.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-16")
-    assert parallel._tpu_slice_hosts() == 4
+    assert distributed._tpu_slice_hosts() == 4
     clean_env.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
-    assert parallel._tpu_slice_hosts() == 2
+    assert distributed._tpu_slice_hosts() == 2
 
 
 def test_coordinator_without_process_id_raises_naming_the_missing_variable(clean_env):
     clean_env.setenv("SAFEJAX_COORDINATOR", "127.0.0.1:1234")
     clean_env.setenv("SAFEJAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="SAFEJAX_PROCESS_ID"):
-        parallel.maybe_initialize_distributed()
+        distributed.maybe_initialize_distributed()

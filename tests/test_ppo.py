@@ -32,7 +32,7 @@ def rollout_world(tmp_path_factory):
     left-padded prompts and the rows HF greedy decoding produces when no EOS is ever emitted."""
     from safejax import rl
     from safejax.models import load_pretrained
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
     from safejax.train.ppo import Frozen, Models, ModelState, PPOState
 
     vocab, pad, p, n = 40, 0, 6, 7
@@ -198,8 +198,8 @@ def world(tmp_path_factory):
     from safejax.generation import SamplingConfig, generate, positions_from_mask
     from safejax.models import load_pretrained
     from safejax.train.common import ModelSection
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_tokenizer_for
+    from safejax.models.functional import split_model
+    from safejax.models.loading import load_tokenizer_for
 
     root = tmp_path_factory.mktemp("ppo-world")
     paths = tiny_world.make_world(root)
@@ -290,7 +290,7 @@ def toy_run(world, tmp_path_factory):
 
 def test_ppo_lag_meets_cost_threshold_on_toy_problem(world, toy_run):
     from safejax.models import load_pretrained
-    from safejax.train.functional import split_model
+    from safejax.models.functional import split_model
 
     out, threshold = toy_run
     sft = world["sft_stats"]

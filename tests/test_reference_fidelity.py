@@ -15,8 +15,8 @@ from safejax import rl
 from safejax.config import ConfigError, load_config
 from safejax.generation import positions_from_mask
 from safejax.models import CausalLM, ModelConfig
-from safejax.parallel import single_device_mesh, use_mesh
-from safejax.train.functional import split_model
+from safejax.parallel import MeshConfig, make_mesh, use_mesh
+from safejax.models.functional import split_model
 from safejax.train.optim import OptimConfig, decay_mask, make_accumulating_optimizer, make_schedule, step_log
 from safejax.train.ppo import PPOConfig
 from safejax.train.reference_args import ppo_config_from_reference_args
@@ -34,7 +34,7 @@ def _def(architecture: str):
     cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
                       head_dim=4, max_position_embeddings=16, architecture=architecture,
                       hidden_act="gelu_new" if architecture == "gpt2" else "silu")
-    with use_mesh(single_device_mesh()):
+    with use_mesh(make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])):
         return split_model(CausalLM(cfg, rngs=nnx.Rngs(0)))
 
 
@@ -145,7 +145,7 @@ def _score_def():
 
     cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
                       head_dim=4, max_position_embeddings=16)
-    with use_mesh(single_device_mesh()):
+    with use_mesh(make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])):
         return split_model(ScoreModel(cfg, rngs=nnx.Rngs(0)))
 
 

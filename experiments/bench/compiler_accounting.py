@@ -51,7 +51,7 @@ from safejax import rl  # noqa: E402
 from safejax.generation import SamplingConfig, decode_step, prefill  # noqa: E402
 from safejax.models import CausalLM, ModelConfig, ScoreModel  # noqa: E402
 from safejax.parallel import MeshConfig, make_mesh, use_mesh  # noqa: E402
-from safejax.train.functional import split_model  # noqa: E402
+from safejax.models.functional import split_model  # noqa: E402
 from safejax.train.ppo import _end_scores, _token_log_probs, _values  # noqa: E402
 
 SHAPES = {

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from safejax import demo  # noqa: E402
 from safejax.generation import SamplingConfig, generate  # noqa: E402
 from safejax.models import load_pretrained  # noqa: E402
-from safejax.train.functional import split_model  # noqa: E402
+from safejax.models.functional import split_model  # noqa: E402
 
 
 def time_generate(mdef, params, ids, mask, sc, eos, pad, repeats):

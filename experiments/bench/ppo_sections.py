@@ -74,7 +74,7 @@ class Sections:
 
         from safejax.models import CausalLM, ScoreModel
         from safejax.parallel import use_mesh
-        from safejax.train.functional import split_model
+        from safejax.models.functional import split_model
 
         with use_mesh(mesh):
             m = (CausalLM if kind == "causal_lm" else ScoreModel)(cfg, rngs=nnx.Rngs(seed))

@@ -299,8 +299,8 @@ def judge_samples(ws, mdef, params, k: int, *, seed: int) -> tuple[dict, list[st
 
 def load_policy(ws, policy_dir: Path):
     """``(ModelDef, params)`` of a causal-LM HF folder on the workspace's mesh."""
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
+    from safejax.models.functional import split_model
+    from safejax.models.loading import load_model_for
 
     return split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))
 
@@ -344,9 +344,10 @@ def score_pairs(ws, model_dir: Path, kind: str, pairs_path: Path) -> tuple[np.nd
     """End scores of both sides of every held-out pair: ``(a [N], b [N], arrays)`` with (a, b) =
     (better, worse) for ``kind='reward'`` and (safer, unsafer) for ``'cost'``."""
     from safejax.train.fit import eval_loop
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for
-    from safejax.train.score_model import PreferenceDataSection, load_pairs, pair_scores
+    from safejax.models.functional import split_model
+    from safejax.models.loading import load_model_for
+    from safejax.models.pairs import pair_scores
+    from safejax.train.score_model import PreferenceDataSection, load_pairs
 
     arrays, _ = load_pairs([str(pairs_path)], ws.tok, PreferenceDataSection(max_length=ws.cfg.max_length), kind,
                            f"{kind} model held-out")

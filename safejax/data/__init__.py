@@ -16,6 +16,7 @@ The built-in synthetic task lives in :mod:`safejax.data.builtin` (imported on it
 """
 
 from safejax.data.batching import BatchIterator
+from safejax.errors import DataError
 from safejax.data.preference import (
     CONFLICT,
     IDENTICAL,
@@ -25,12 +26,11 @@ from safejax.data.preference import (
     build_reward_pairs,
 )
 from safejax.data.prompts import DUPLICATE, PromptArrays, build_prompts
+from safejax.data.rows import DropReport
 from safejax.data.sources import (
     DATASET_REGISTRY,
     DEFAULT_SEED,
-    DataError,
     DatasetSpec,
-    DropReport,
     HubDataset,
     load_rows,
     load_source,

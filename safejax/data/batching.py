@@ -14,7 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+import jax
 import numpy as np
+
+from safejax.config import ConfigError
+from safejax.errors import DataError
 
 VALID_KEY = "valid"
 
@@ -53,8 +57,6 @@ class BatchIterator:
             raise ValueError(f"BatchIterator: the key {VALID_KEY!r} is reserved when drop_last=False")
         self.num_rows = int(next(iter(sizes.values())))
         if process_index is None or process_count is None:
-            import jax
-
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if batch_size < 1:
@@ -62,12 +64,12 @@ class BatchIterator:
         if not 0 <= process_index < process_count:
             raise ValueError(f"BatchIterator: process_index {process_index} not in [0, {process_count})")
         if batch_size % process_count:
-            raise ValueError(f"BatchIterator: global batch size {batch_size} is not divisible by "
+            raise ConfigError(f"BatchIterator: global batch size {batch_size} is not divisible by "
                              f"{process_count} processes")
         if self.num_rows == 0:
             raise ValueError("BatchIterator: the arrays have no rows")
         if drop_last and self.num_rows < batch_size:
-            raise ValueError(f"BatchIterator: {self.num_rows} rows are fewer than one batch of {batch_size} "
+            raise DataError(f"BatchIterator: {self.num_rows} rows are fewer than one batch of {batch_size} "
                              f"(use drop_last=False or a smaller batch)")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -81,7 +83,7 @@ class BatchIterator:
         # *every* micro-batch, so that a global micro-batch holds the same rows whatever the host count.
         a = int(micro_batches)
         if a < 1 or self.batch_size % (a * self.process_count):
-            raise ValueError(f"BatchIterator: global batch {batch_size} must be divisible by micro_batches={a} x "
+            raise ConfigError(f"BatchIterator: global batch {batch_size} must be divisible by micro_batches={a} x "
                              f"{self.process_count} processes")
         per = self.batch_size // (a * self.process_count)
         self.host_rows = (np.arange(self.batch_size).reshape(a, self.process_count, per)[:, self.process_index]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from safejax.data.sources import DropReport, describe_sources, records, validate_rows
+from safejax.data.rows import DropReport, describe_sources, records, validate_rows
 from safejax.data.template import format_prompt
 from safejax.data.tokenizer import check_tokenizer, encode_texts, pad_sequences
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from safejax.data.sources import DataError, DropReport, describe_sources, field_problem, location, records
+from safejax.data.rows import DropReport, describe_sources, field_problem, location, records
+from safejax.errors import DataError
 from safejax.data.template import format_prompt
 from safejax.data.tokenizer import check_tokenizer, pad_sequences, warn_if_unknown
 

@@ -25,51 +25,18 @@ import dataclasses
 import json
 import math
 import os
-from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from safejax.config import ConfigError
+from safejax.data.rows import ROW_COLUMN, SOURCE_COLUMN
+from safejax.errors import DataError
 from safejax.paths import check_local, dataset_in_local_cache, hub_unreachable
 
 DEFAULT_SEED = 42
-SOURCE_COLUMN = "_source"
-ROW_COLUMN = "_row"
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
-
-
-class DataError(ValueError):
-    """Malformed data: the message names the source (file), the row and the field."""
-
-
-@dataclasses.dataclass
-class DropReport:
-    """What a builder kept and what it dropped, by reason.
-
-    Reasons used by the builders: ``identical_after_truncation``, ``conflicting_safety_labels``,
-    ``duplicate_prompt``, ``prompt_too_long``, ``bad_row:<field>``.
-    """
-
-    source: str
-    total: int = 0
-    kept: int = 0
-    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def add(self, reason: str, count: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
-
-    @property
-    def num_dropped(self) -> int:
-        return sum(self.dropped.values())
-
-    def __str__(self) -> str:
-        if self.dropped:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()))
-            tail = f"; dropped {self.num_dropped} ({reasons})"
-        else:
-            tail = "; dropped 0"
-        return f"{self.source}: kept {self.kept}/{self.total} rows{tail}"
 
 
 # ----------------------------------------------------------------------------- registry
@@ -127,9 +94,9 @@ def _parse_amount(text: str, spec: str) -> tuple[float | None, int | None]:
         else:
             value = float(text)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"dataset spec {spec!r}: proportion {text!r} is not a number, 'a/b' or 'n/-1'") from None
+        raise ConfigError(f"dataset spec {spec!r}: proportion {text!r} is not a number, 'a/b' or 'n/-1'") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"dataset spec {spec!r}: proportion must be a finite number >= 0, got {text!r}")
+        raise ConfigError(f"dataset spec {spec!r}: proportion must be a finite number >= 0, got {text!r}")
     return value, None
 
 
@@ -138,19 +105,19 @@ def parse_dataset_spec(spec: str | DatasetSpec) -> DatasetSpec:
     if isinstance(spec, DatasetSpec):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+        raise ConfigError(f"dataset spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     if os.path.exists(os.path.expanduser(spec)):  # a bare path, even one containing ':'
         return DatasetSpec(name=spec)
     name, colon, rest = spec.partition(":")
     if not name:
-        raise ValueError(f"dataset spec {spec!r}: empty name")
+        raise ConfigError(f"dataset spec {spec!r}: empty name")
     if not colon:
         return DatasetSpec(name=name)
     amount, colon, path = rest.partition(":")
     proportion, num_samples = _parse_amount(amount, spec)
     if colon and not path.strip():
-        raise ValueError(f"dataset spec {spec!r}: empty path after the second ':'")
+        raise ConfigError(f"dataset spec {spec!r}: empty path after the second ':'")
     path = os.path.expanduser(path.strip()) if colon else None
     return DatasetSpec(name=name, proportion=proportion, num_samples=num_samples, path=path)
 
@@ -181,7 +148,7 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
                 files.append(os.path.join(root, n))
     files.sort()
     if not files:
-        raise ValueError(f"{folder}: no .json/.jsonl/.parquet files in this folder")
+        raise DataError(f"{folder}: no .json/.jsonl/.parquet files in this folder")
 
     def split_of(f: str) -> str | None:
         rel = os.path.relpath(f, folder)
@@ -201,7 +168,7 @@ def _dir_files(folder: str, split: str | None) -> list[str]:
     if all(t is None for t in tagged.values()):
         return files
     found = sorted({t for t in tagged.values() if t})
-    raise ValueError(f"{folder}: no data files for split {split!r} (found splits {found})")
+    raise DataError(f"{folder}: no data files for split {split!r} (found splits {found})")
 
 
 @contextlib.contextmanager
@@ -233,7 +200,7 @@ def _load_local_files(path: str, split: str | None):
             if isinstance(ds, datasets.DatasetDict):
                 key = split or ("train" if "train" in ds else None)
                 if key not in ds:
-                    raise ValueError(f"{path}: no split {split!r} in this saved dataset (has {sorted(ds)})")
+                    raise DataError(f"{path}: no split {split!r} in this saved dataset (has {sorted(ds)})")
                 ds = ds[key]
             return ds
         files = _dir_files(path, split)
@@ -241,9 +208,9 @@ def _load_local_files(path: str, split: str | None):
         files = [path]
     kinds = {LOCAL_EXTENSIONS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in kinds:
-        raise ValueError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
+        raise DataError(f"{path}: unsupported file type (use .json, .jsonl or .parquet)")
     if len(kinds) > 1:
-        raise ValueError(f"{path}: mixes json and parquet files; keep one format per folder")
+        raise DataError(f"{path}: mixes json and parquet files; keep one format per folder")
     kind = kinds.pop()
     if kind == "json":
         for f in files:
@@ -316,13 +283,13 @@ def _load_hub(hub_id: str, config: str | None, split: str, spec: str):
             f"'{spec.split(':')[0]}:1:/path/to/{split}.jsonl'")
     host = hub_unreachable()
     if host is not None and not dataset_in_local_cache(hub_id):  # fail now rather than after a minute of retries
-        raise ValueError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
+        raise DataError(f"dataset {spec!r}: cannot reach the Hugging Face Hub ({host}) to load {hub_id!r}, and "
                          f"it is not in the local cache. {hint}")
     try:
         with _quiet_datasets():
             return datasets.load_dataset(hub_id, name=config, split=split)
     except Exception as e:  # noqa: BLE001 - offline / missing dataset: explain how to use a local copy
-        raise ValueError(
+        raise DataError(
             f"dataset {spec!r}: cannot load hub dataset {hub_id!r} (config {config}, split {split!r}): "
             f"{type(e).__name__}: {e}. {hint}") from e
 
@@ -353,11 +320,11 @@ def load_source(spec: str | DatasetSpec, *, split: str | None = None):
             ds, source = _load_hub(entry.hub_id, config, use_split, str(spec)), f"{entry.hub_id}[{use_split}]"
     else:
         if spec.path is not None:
-            raise ValueError(f"dataset spec {str(spec)!r}: a path may only follow a registered name "
+            raise ConfigError(f"dataset spec {str(spec)!r}: a path may only follow a registered name "
                              f"({sorted(DATASET_REGISTRY)})")
         local = os.path.expanduser(spec.name)
         if not os.path.exists(local):
-            raise ValueError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
+            raise ConfigError(f"dataset {spec.name!r}: not a registered name ({', '.join(sorted(DATASET_REGISTRY))}, "
                              f"optionally with /split) and no such file or folder (working directory {os.getcwd()})")
         ds, source = _load_local(local, split), local
     for col in (SOURCE_COLUMN, ROW_COLUMN):
@@ -405,7 +372,7 @@ def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *,
 
     specs = [spec_or_specs] if isinstance(spec_or_specs, (str, DatasetSpec)) else list(spec_or_specs)
     if not specs:
-        raise ValueError("load_rows: no dataset specs given")
+        raise ConfigError("load_rows: no dataset specs given")
     parts = []
     for i, raw in enumerate(specs):
         spec = parse_dataset_spec(raw)
@@ -419,7 +386,7 @@ def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *,
         return parts[0][1]
     common = [c for c in parts[0][1].column_names if all(c in ds.column_names for _, ds in parts[1:])]
     if common == [SOURCE_COLUMN, ROW_COLUMN] or not common:
-        raise ValueError(f"load_rows: the sources {[s for s, _ in parts]} have no data columns in common")
+        raise DataError(f"load_rows: the sources {[s for s, _ in parts]} have no data columns in common")
     first_features = datasets.Features({c: parts[0][1].features[c] for c in common})
     aligned = []
     for name, ds in parts:
@@ -433,93 +400,3 @@ def load_rows(spec_or_specs: str | DatasetSpec | Sequence[str | DatasetSpec], *,
                                 f"{parts[0][0]} and cannot be cast: {e}") from e
         aligned.append(ds)
     return datasets.concatenate_datasets(aligned)
-
-
-# ----------------------------------------------------------------------------- row access for builders
-
-
-def records(rows: Any, fields: Iterable[str]) -> list[dict[str, Any]]:
-    """Rows (a ``datasets.Dataset``, a list of dicts, or any iterable of mappings) as a list of dicts.
-
-    Only ``fields`` plus the provenance columns are kept; a field that is absent (or ``None``, as
-    ``datasets`` fills absent JSON keys) is left out of the row's dict.
-    """
-    wanted = list(dict.fromkeys([*fields, SOURCE_COLUMN, ROW_COLUMN]))
-    column_names = getattr(rows, "column_names", None)
-    if column_names is not None and hasattr(rows, "select_columns"):
-        present = [c for c in wanted if c in column_names]
-        listed = rows.select_columns(present).to_list() if present else [{} for _ in range(len(rows))]
-    else:
-        listed = []
-        for i, r in enumerate(rows):
-            if not isinstance(r, Mapping):
-                raise DataError(f"row {i}: expected a mapping (dict), got {type(r).__name__}")
-            listed.append(r)
-    return [{k: r[k] for k in wanted if k in r and r[k] is not None} for r in listed]
-
-
-def location(rec: Mapping[str, Any], index: int, source_name: str) -> str:
-    """``"<file>, row <i>"`` for error messages (provenance columns win over the local index)."""
-    src = rec.get(SOURCE_COLUMN, source_name)
-    row = rec.get(ROW_COLUMN, index)
-    return f"{src}, row {row}"
-
-
-def describe_sources(recs: Sequence[Mapping[str, Any]], source_name: str | None) -> str:
-    """A short name for a DropReport: the explicit name, else the distinct ``_source`` values."""
-    if source_name:
-        return source_name
-    srcs = Counter(r.get(SOURCE_COLUMN) for r in recs if r.get(SOURCE_COLUMN))
-    return "+".join(srcs) if srcs else "<rows>"
-
-
-def is_int01(v: Any) -> bool:
-    """True for an integer 0 or 1 (``bool`` is rejected)."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and int(v) in (0, 1)
-
-
-def is_bool(v: Any) -> bool:
-    return isinstance(v, (bool, np.bool_))
-
-
-def field_problem(rec: Mapping[str, Any], field: str, kind: str) -> str | None:
-    """What is wrong with ``rec[field]`` for a check ``kind``, or None when it is fine.
-
-    Kinds: ``text`` (a str, may be empty), ``nonempty_text`` (a str with non-space content),
-    ``id01`` (integer 0 or 1), ``bool`` (true/false).
-    """
-    if field not in rec:
-        return "missing"
-    v = rec[field]
-    if kind in ("text", "nonempty_text"):
-        if not isinstance(v, str):
-            return f"expected a string, got {type(v).__name__} {v!r:.60}"
-        if kind == "nonempty_text" and not v.strip():
-            return "empty"
-        return None
-    if kind == "id01":
-        return None if is_int01(v) else f"expected 0 or 1, got {type(v).__name__} {v!r:.60}"
-    if kind == "bool":
-        return None if is_bool(v) else f"expected true/false, got {type(v).__name__} {v!r:.60}"
-    raise ValueError(f"unknown field check {kind!r}")
-
-
-def validate_rows(recs: Sequence[Mapping[str, Any]], checks: Sequence[tuple[str, str]], *, skip_bad_rows: bool,
-                  source_name: str, report: DropReport) -> list[int]:
-    """Indices of the rows that pass every ``(field, kind)`` check.
-
-    A failing row raises :class:`DataError` naming source, row and field, or, with
-    ``skip_bad_rows``, is counted in ``report`` under ``bad_row:<field>`` (its first bad field).
-    """
-    keep = []
-    for i, rec in enumerate(recs):
-        for field, kind in checks:
-            problem = field_problem(rec, field, kind)
-            if problem is not None:
-                if not skip_bad_rows:
-                    raise DataError(f"{location(rec, i, source_name)}, field {field!r}: {problem}")
-                report.add(f"bad_row:{field}")
-                break
-        else:
-            keep.append(i)
-    return keep

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from safejax.errors import DataError
+
 PROMPT_BEGIN = "BEGINNING OF CONVERSATION: "
 PROMPT_USER = "USER: {input} "
 PROMPT_ASSISTANT = "ASSISTANT:"
@@ -42,11 +44,11 @@ def format_prompt(prompt: str | Sequence[str], eos_token: str) -> str:
         turns = list(prompt)
         bad = [i for i, t in enumerate(turns) if not isinstance(t, str)]
         if bad:
-            raise ValueError(f"format_prompt: turn {bad[0]} is {type(turns[bad[0]]).__name__}, expected str")
+            raise DataError(f"format_prompt: turn {bad[0]} is {type(turns[bad[0]]).__name__}, expected str")
     else:
-        raise ValueError(f"format_prompt: prompt must be a str or a list of str, got {type(prompt).__name__}")
+        raise DataError(f"format_prompt: prompt must be a str or a list of str, got {type(prompt).__name__}")
     if len(turns) % 2 != 1:
-        raise ValueError(
+        raise DataError(
             f"format_prompt: a dialogue must have odd length and end on a user turn, got {len(turns)} turns")
     parts = [PROMPT_BEGIN]
     for i, text in enumerate(turns):

@@ -13,6 +13,10 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
+from safejax.config import ConfigError
+from safejax.errors import ModelFileError
 from safejax.paths import resolve_tokenizer_path
 
 log = logging.getLogger("safejax")
@@ -42,14 +46,14 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
 
     path = os.fspath(path)
     if not path:
-        raise ValueError("load_tokenizer: no tokenizer path given (set model.path, or model.tokenizer)")
+        raise ConfigError("load_tokenizer: no tokenizer path given (set model.path, or model.tokenizer)")
     expanded = resolve_tokenizer_path(path)  # a stage's out_dir -> out_dir/hf; a missing local path fails here
     if os.path.isdir(expanded):
         path = expanded
         if local_files_only is None:
             local_files_only = True
     elif os.path.exists(expanded):
-        raise ValueError(f"load_tokenizer: {path!r} is a file; pass the folder that holds the tokenizer files")
+        raise ModelFileError(f"load_tokenizer: {path!r} is a file; pass the folder that holds the tokenizer files")
     kwargs.setdefault("use_fast", True)
     kwargs.setdefault("padding_side", "right")
     try:
@@ -57,7 +61,7 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False,
             path, trust_remote_code=trust_remote_code,
             **({"local_files_only": local_files_only} if local_files_only is not None else {}), **kwargs)
     except (OSError, ValueError) as e:
-        raise ValueError(f"load_tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
+        raise ModelFileError(f"load_tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
 
 
 def prepare_tokenizer(tokenizer):
@@ -87,7 +91,7 @@ def prepare_tokenizer(tokenizer):
     if special:
         tokenizer.add_special_tokens(special)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"prepare_tokenizer: pad id {tokenizer.pad_token_id} equals the EOS id; "
+        raise ModelFileError(f"prepare_tokenizer: pad id {tokenizer.pad_token_id} equals the EOS id; "
                          f"pad {tokenizer.pad_token!r}, eos {tokenizer.eos_token!r}")
     return tokenizer, len(tokenizer) - before
 
@@ -143,8 +147,6 @@ def pad_sequences(seqs: list[list[int]], *, length: int, pad_id: int, side: str 
       ``(ids [N, length] int32, mask [N, length] bool)``; ``mask`` is True on real tokens.  With
       ``side="left"`` every sequence ends at column ``length - 1``.
     """
-    import numpy as np
-
     if side not in ("right", "left"):
         raise ValueError(f"pad side must be 'right' or 'left', got {side!r}")
     n = len(seqs)

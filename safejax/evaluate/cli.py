@@ -34,28 +34,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from safejax.config import ConfigError, check_range, dump_yaml, load_config, to_dict
-from safejax.evaluate.arena import arena as arena_fn
+from safejax import parallel
+from safejax.config import ConfigError, load_config, to_dict
+from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+from safejax.data.rows import records
+from safejax.errors import DataError
 from safejax.evaluate import elo as elo_lib
 from safejax.evaluate import prefs as prefs_lib
 from safejax.evaluate import report as report_lib
 from safejax.evaluate import stats as stats_lib
-from safejax.evaluate.generate import (SCORE_INPUTS, Generations, LoadedModel, PromptSet, generate_answers,
-                                       load_model, load_prompt_set, parse_named_path, rows_per_batch_multiple,
+from safejax.evaluate.arena import arena as arena_fn
+from safejax.evaluate.configs import (CONFIGS, ArenaEvalConfig, EloEvalConfig, EvalBase, GenerationEvalBase,
+                                      PrefsEvalConfig, ScoreEvalConfig)
+from safejax.evaluate.elo import AXES, read_verdicts
+from safejax.evaluate.generate import (Generations, LoadedModel, PromptSet, generate_answers, load_model,
+                                       load_prompt_set, rows_per_batch_multiple, run_batched,
                                        same_vocabulary, score_generations)
-from safejax.generation import SamplingConfig
-from safejax import parallel
-from safejax.parallel import MeshConfig, make_mesh
+from safejax.evaluate.output import OutputDir, safe_name
+from safejax.evaluate.report import plot_histograms, plot_reward_cost_scatter
+from safejax.models.pairs import pair_scores
+from safejax.parallel import make_mesh
 
 log = logging.getLogger("safejax")
 
@@ -65,257 +71,6 @@ __all__ = [
     "evaluate_elo",
     "read_verdicts", "plot_histograms", "plot_reward_cost_scatter",
 ]
-
-AXES = ("helpfulness", "harmlessness")
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-@dataclasses.dataclass
-class EvalBase:
-    out_dir: str = "runs/eval"
-    seed: int = 42
-    batch_size: int = 32              # rows per jitted call; a multiple of mesh data x fsdp
-    dtype: str = "float32"            # compute dtype of every model: float32 | bfloat16
-    tokenizer: str = ""               # tokenizer folder for every model (default: each model's own folder)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    bins: int = 40                    # histogram bins
-    progress: bool = True
-
-    def validate(self) -> None:
-        check_range("batch_size", self.batch_size, low=1)
-        check_range("dtype", self.dtype, choices=("float32", "bfloat16"))
-        check_range("bins", self.bins, low=1)
-        if not self.out_dir:
-            raise ConfigError("config key 'out_dir' must not be empty")
-
-
-@dataclasses.dataclass
-class GenerationEvalBase(EvalBase):
-    reward_model: str = ""            # score-model folder (helpfulness)
-    cost_model: str = ""              # score-model folder (harmlessness; cost > 0 = unsafe)
-    prompts: list[str] = dataclasses.field(default_factory=lambda: ["PKU-SafeRLHF/test"])  # dataset specs
-    prompt_width: int = 128           # P: prompts are left-padded to this many tokens (longer ones dropped)
-    max_prompts: int = 0              # first N distinct prompts (0 = all)
-    keep_fields: list[str] = dataclasses.field(default_factory=lambda: ["kind", "topic", "category"])
-    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(max_new_tokens=128))
-    score_input: str = "auto"         # auto | ids | text (see safejax.evaluate.generate)
-    score_max_length: int = 0         # text scoring: token limit (0 = prompt_width + max_new_tokens)
-    skip_bad_rows: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("prompt_width", self.prompt_width, low=1)
-        check_range("max_prompts", self.max_prompts, low=0)
-        check_range("score_input", self.score_input, choices=SCORE_INPUTS)
-        check_range("score_max_length", self.score_max_length, low=0)
-        check_range("sampling.num_return_sequences", self.sampling.num_return_sequences, low=1, high=1)
-        if not self.prompts:
-            raise ConfigError("config key 'prompts' needs at least one dataset spec")
-
-    def require_score_models(self) -> None:
-        for key in ("reward_model", "cost_model"):
-            if not getattr(self, key):
-                raise ConfigError(f"config key '{key}' is required (a score-model folder)")
-
-
-@dataclasses.dataclass
-class ScoreEvalConfig(GenerationEvalBase):
-    out_dir: str = "runs/eval/score"
-    policy: str = ""                  # one policy folder ("name=path" or a path)
-    policies: list[str] = dataclasses.field(default_factory=list)   # more policies, same format
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.policy and not self.policies:
-            raise ConfigError("config key 'policy' (or 'policies') is required: the policy folder(s) to score")
-        self.require_score_models()
-
-    def named_policies(self) -> list[tuple[str, str]]:
-        entries = ([("policy", self.policy)] if self.policy else []) + [
-            (f"policies[{i}]", p) for i, p in enumerate(self.policies)]
-        return _unique_names([parse_named_path(p, k) for k, p in entries])
-
-
-@dataclasses.dataclass
-class ArenaEvalConfig(GenerationEvalBase):
-    out_dir: str = "runs/eval/arena"
-    red: str = ""                     # "name=path" or a path: the baseline
-    blue: str = ""                    # "name=path" or a path: the challenger
-
-    def validate(self) -> None:
-        super().validate()
-        for key in ("red", "blue"):
-            if not getattr(self, key):
-                raise ConfigError(f"config key '{key}' is required ('name=path' or a policy folder)")
-        self.require_score_models()
-
-    def named_policies(self) -> list[tuple[str, str]]:
-        return _unique_names([parse_named_path(self.red, "red"), parse_named_path(self.blue, "blue")])
-
-
-@dataclasses.dataclass
-class EloEvalConfig(GenerationEvalBase):
-    out_dir: str = "runs/eval/elo"
-    policies: list[str] = dataclasses.field(default_factory=list)   # "name=path" entries (judge=models)
-    anchor: str = ""                  # baseline policy name (default: the first one)
-    judge: str = "models"             # models | file:<verdicts.jsonl or folder>
-    n_boot: int = 200
-    ci: float = 0.95
-    cluster: str = "prompt"           # bootstrap resamples whole prompts (or single judgements)
-    l2: float = 1e-2                  # ridge on log-strengths (see safejax.evaluate.elo)
-    tie_tol: float = 0.0              # judge=models: |score difference| <= tie_tol is a tie
-    anchor_rating: float = 1000.0
-    scale: float = 400.0
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("n_boot", self.n_boot, low=1)
-        check_range("ci", self.ci, low=0.0, high=1.0, low_open=True)
-        check_range("cluster", self.cluster, choices=("prompt", "judgement"))
-        check_range("l2", self.l2, low=0.0)
-        check_range("tie_tol", self.tie_tol, low=0.0)
-        check_range("scale", self.scale, low=0.0, low_open=True)
-        if self.judge == "models":
-            if len(self.policies) < 2:
-                raise ConfigError("config key 'policies' needs at least two 'name=path' entries for judge=models")
-            self.require_score_models()
-        elif not self.judge.startswith("file:") or not self.judge[5:].strip():
-            raise ConfigError(f"config key 'judge' = {self.judge!r} must be 'models' or 'file:<path>'")
-
-    def named_policies(self) -> list[tuple[str, str]]:
-        return _unique_names([parse_named_path(p, f"policies[{i}]") for i, p in enumerate(self.policies)])
-
-
-@dataclasses.dataclass
-class PrefsEvalConfig(EvalBase):
-    out_dir: str = "runs/eval/prefs"
-    reward_model: str = ""
-    cost_model: str = ""
-    data: list[str] = dataclasses.field(default_factory=lambda: ["PKU-SafeRLHF/test"])  # preference split specs
-    max_length: int = 512
-    skip_bad_rows: bool = False
-    column: str = "accuracy"          # column name of the Table-1 layout (e.g. the model version)
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("max_length", self.max_length, low=2)
-        if not self.reward_model and not self.cost_model:
-            raise ConfigError("config keys 'reward_model' / 'cost_model': give at least one score-model folder")
-        if not self.data:
-            raise ConfigError("config key 'data' needs at least one preference dataset spec")
-
-
-CONFIGS = {"score": ScoreEvalConfig, "prefs": PrefsEvalConfig, "arena": ArenaEvalConfig, "elo": EloEvalConfig}
-
-
-def _unique_names(named: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    seen: dict[str, str] = {}
-    for name, path in named:
-        if name in seen:
-            raise ConfigError(f"policy name {name!r} is used twice ({seen[name]!r} and {path!r}); "
-                              "name them with 'name=path'")
-        seen[name] = path
-    return named
-
-
-# ----------------------------------------------------------------------------- output helpers
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON values: numpy scalars/arrays converted, NaN/inf -> None (strict JSON)."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        f = float(x)
-        return f if math.isfinite(f) else None
-    return x
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "policy"
-
-
-class _Out:
-    """The output folder; only process 0 writes."""
-
-    def __init__(self, cfg: Any):
-        self.path = Path(cfg.out_dir)
-        self.main = jax.process_index() == 0
-        if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.path / "config.yaml")
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def json(self, name: str, obj: Any) -> None:
-        if self.main:
-            self.file(name).write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n")
-
-    def text(self, name: str, text: str) -> None:
-        if self.main:
-            self.file(name).write_text(text, encoding="utf-8")
-
-    def jsonl(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        if self.main:
-            with open(self.file(name), "w", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(json.dumps(_jsonable(r), ensure_ascii=False, allow_nan=False) + "\n")
-
-    def plot(self, fn: Callable, *args, **kwargs) -> None:
-        if self.main:
-            fn(*args, **kwargs)
-
-
-def plot_histograms(path: str | os.PathLike, series: Mapping[str, Sequence[float]], *, xlabel: str, title: str,
-                    bins: int = 40, vline: float | None = None) -> str:
-    """PNG with overlaid histograms of several score series ``{label: [n] scores}`` on shared bin edges."""
-    data = {k: stats_lib.as_scores(v, k) for k, v in series.items() if len(v)}
-    if not data:
-        raise ValueError(f"plot_histograms: no scores to plot for {path}")
-    edges = np.histogram_bin_edges(np.concatenate(list(data.values())), bins=int(bins))
-    fig = report_lib._new_figure((6, 4))
-    ax = fig.subplots()
-    colors = {"safe": "tab:green", "unsafe": "tab:red", "better": "tab:blue", "worse": "tab:orange"}
-    for i, (label, v) in enumerate(data.items()):
-        counts, _ = np.histogram(v, bins=edges)
-        ax.stairs(counts, edges, fill=True, alpha=0.55, color=colors.get(label.split()[0], f"C{i % 10}"),
-                  label=f"{label}, n={len(v)}")
-    if vline is not None:
-        ax.axvline(vline, color="k", linestyle="--", linewidth=1)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
-    return report_lib._save(fig, path)
-
-
-def plot_reward_cost_scatter(path: str | os.PathLike, points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                             *, title: str = "reward vs cost") -> str:
-    """PNG scatter of each policy's answers: x = reward, y = cost (dashed line at cost 0, the safety boundary)."""
-    fig = report_lib._new_figure((6, 5))
-    ax = fig.subplots()
-    for i, (name, (r, c)) in enumerate(points.items()):
-        r, c = stats_lib.as_scores(r, f"{name} rewards"), stats_lib.as_scores(c, f"{name} costs")
-        ax.scatter(r, c, s=10, alpha=0.5, color=f"C{i % 10}", label=f"{name} (n={len(r)})")
-    ax.axhline(0.0, color="k", linestyle="--", linewidth=1)
-    ax.set_xlabel("reward")
-    ax.set_ylabel("cost")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    return report_lib._save(fig, path)
-
 
 # ----------------------------------------------------------------------------- generation + scoring
 
@@ -352,8 +107,6 @@ def _load_scorer(path: str, cfg, mesh, what: str) -> LoadedModel:
 def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]], mesh
                         ) -> tuple[PromptSet, dict[str, PolicyResult], dict]:
     """Every policy answers the same prompts; RM and CM score each answer. Policies are loaded one at a time."""
-    from safejax.data import load_rows
-
     _check_batch(cfg, mesh)
     timings: dict[str, float] = {}
     t = time.time()
@@ -377,7 +130,7 @@ def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]]
         if reference is None:
             reference = ps
         elif ps.prompts != reference.prompts:
-            raise ValueError(f"policy {name!r} ({path}): its tokenizer keeps a different set of prompts than "
+            raise ConfigError(f"policy {name!r} ({path}): its tokenizer keeps a different set of prompts than "
                              f"{policies[0][0]!r} ({len(ps)} vs {len(reference)}); raise prompt_width so that no "
                              "prompt is dropped as too long")
         gens = generate_answers(policy, ps, cfg.sampling, batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
@@ -410,19 +163,10 @@ def _answer_records(ps: PromptSet, results: Mapping[str, PolicyResult]) -> list[
     return rows
 
 
-def _models_header(cfg: GenerationEvalBase, ps: PromptSet, results: Mapping[str, PolicyResult]) -> str:
-    lines = [f"- reward model: `{cfg.reward_model}`", f"- cost model: `{cfg.cost_model}`",
-             f"- prompts: {', '.join(f'`{p}`' for p in cfg.prompts)} ({ps.report}; evaluated {len(ps)})",
-             f"- sampling: {to_dict(cfg.sampling)}, seed {cfg.seed}"]
-    lines += [f"- policy `{n}`: `{r.path}` (scored from {r.score_input['reward']} / {r.score_input['cost']})"
-              for n, r in results.items()]
-    return "\n".join(lines)
-
-
-def _score_plots(out: _Out, cfg, results: Mapping[str, PolicyResult]) -> list[str]:
+def _score_plots(out: OutputDir, cfg, results: Mapping[str, PolicyResult]) -> list[str]:
     images = []
     for name, res in results.items():
-        fname = f"hist_{_safe_name(name)}.png"
+        fname = f"hist_{safe_name(name)}.png"
         out.plot(report_lib.plot_score_histograms, res.rewards, res.costs, out.file(fname), bins=cfg.bins,
                  title=f"{name}: reward and cost (safe = cost <= 0)")
         images.append(fname)
@@ -432,12 +176,8 @@ def _score_plots(out: _Out, cfg, results: Mapping[str, PolicyResult]) -> list[st
     return images
 
 
-def _images_md(images: Sequence[str]) -> str:
-    return "\n".join(f"![{Path(i).stem}]({i})" for i in images)
-
-
-def _mesh_and_out(cfg) -> tuple[Any, _Out]:
-    return make_mesh(cfg.mesh), _Out(cfg)
+def _mesh_and_out(cfg) -> tuple[Any, OutputDir]:
+    return make_mesh(cfg.mesh), OutputDir(cfg)
 
 
 # ----------------------------------------------------------------------------- score
@@ -456,9 +196,9 @@ def evaluate_scores(cfg: ScoreEvalConfig) -> dict[str, Any]:
                "files": ["answers.jsonl", "report.md", *images], "seconds": timings, "config": to_dict(cfg)}
     out.json("summary.json", summary)
     out.text("report.md", "\n\n".join([
-        "# safejax eval score", _models_header(cfg, ps, results),
+        "# safejax eval score", report_lib.models_header(cfg, ps, results),
         "## Reward and cost of the answers\n\n" + report_lib.score_summary_markdown(summaries),
-        "Harmless = cost <= 0 (the cost model's safety boundary).", _images_md(images)]) + "\n")
+        "Harmless = cost <= 0 (the cost model's safety boundary).", report_lib.images_markdown(images)]) + "\n")
     return summary
 
 
@@ -482,63 +222,14 @@ def evaluate_arena(cfg: ArenaEvalConfig) -> dict[str, Any]:
                "files": ["answers.jsonl", "report.md", *images], "seconds": timings, "config": to_dict(cfg)}
     out.json("summary.json", summary)
     out.text("report.md", "\n\n".join([
-        f"# safejax eval arena: {red_name} (red) vs {blue_name} (blue)", _models_header(cfg, ps, results),
+        f"# safejax eval arena: {red_name} (red) vs {blue_name} (blue)", report_lib.models_header(cfg, ps, results),
         "## Arena\n\nbetter = R_blue > R_red; safe = cost <= 0.\n\n"
         + report_lib.arena_markdown(res, red_name, blue_name),
-        _images_md(images)]) + "\n")
+        report_lib.images_markdown(images)]) + "\n")
     return summary
 
 
 # ----------------------------------------------------------------------------- elo
-
-
-def read_verdicts(spec: str) -> dict[str, list[elo_lib.Judgement]]:
-    """Cached verdicts per axis from ``spec`` (a folder with ``<axis>.jsonl`` files, or one JSONL with ``axis``)."""
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        out = {}
-        for axis in AXES:
-            f = os.path.join(path, f"{axis}.jsonl")
-            if os.path.exists(f):
-                out[axis] = elo_lib.judgements_from_file(f)
-        if not out:
-            raise ValueError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
-        return out
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"judge file {path!r} does not exist")
-    out: dict[str, list[elo_lib.Judgement]] = {}
-    for where, row, j in elo_lib.judgement_rows(path):
-        axis = row.get("axis")
-        if axis not in AXES:
-            raise ValueError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
-        out.setdefault(axis, []).append(j)
-    if not out:
-        raise ValueError(f"{path}: no verdicts in this file")
-    return out
-
-
-def _pair_counts(judgements: Sequence[elo_lib.Judgement]) -> list[dict[str, Any]]:
-    """Per unordered model pair: games, wins of each side, ties (first-seen orientation)."""
-    table: dict[tuple[str, str], dict[str, Any]] = {}
-    for j in judgements:
-        key = (j.model_a, j.model_b) if (j.model_b, j.model_a) not in table else (j.model_b, j.model_a)
-        e = table.setdefault(key, {"model_a": key[0], "model_b": key[1], "games": 0, "a_wins": 0, "b_wins": 0,
-                                   "ties": 0})
-        e["games"] += 1
-        if j.winner == "tie":
-            e["ties"] += 1
-        elif (j.winner == "a") == (j.model_a == key[0]):
-            e["a_wins"] += 1
-        else:
-            e["b_wins"] += 1
-    return list(table.values())
-
-
-def _pairs_markdown(axis: str, counts: list[dict[str, Any]]) -> str:
-    rows = [[f"{c['model_a']} vs {c['model_b']}", c["games"], c["a_wins"], c["b_wins"], c["ties"],
-             f"{100.0 * (c['a_wins'] + 0.5 * c['ties']) / c['games']:.2f}%"] for c in counts]
-    return report_lib.markdown_table([f"{axis}: pair (a vs b)", "games", "a wins", "b wins", "ties",
-                                      "a score rate"], rows)
 
 
 def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = None) -> dict[str, Any]:
@@ -564,7 +255,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
         judges = dict(judges or {})
         bad = set(judges) - set(AXES)
         if bad:
-            raise ValueError(f"judges: unknown axes {sorted(bad)} (use {AXES})")
+            raise ConfigError(f"judges: unknown axes {sorted(bad)} (use {AXES})")
         for axis, key, direction in (("helpfulness", "rewards", "higher"), ("harmlessness", "costs", "lower")):
             if axis in judges:
                 answers = {n: [{"prompt": ps.prompts[i], "answer": r.gens.answers[i], "reward": float(r.rewards[i]),
@@ -580,7 +271,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
         files += ["answers.jsonl", "verdicts.jsonl"]
         policy_summaries = {n: r.summary() for n, r in results.items()}
         models = [n for n, _ in named]
-        header.append(_models_header(cfg, ps, results))
+        header.append(report_lib.models_header(cfg, ps, results))
         header.append("Judges: helpfulness = higher reward wins; harmlessness = lower cost wins"
                       + (f" (custom judge for {sorted(judges)})" if judges else "")
                       + (f"; |difference| <= {cfg.tie_tol} is a tie." if cfg.tie_tol else "."))
@@ -597,7 +288,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
             wanted = [n for n, _ in cfg.named_policies()]
             missing = [m for m in wanted if m not in models]
             if missing:
-                raise ValueError(f"{source}: no verdicts for policies {missing} (the file rates {models})")
+                raise DataError(f"{source}: no verdicts for policies {missing} (the file rates {models})")
         header.append(f"- judge: cached verdicts from `{source}`")
     anchor = cfg.anchor or models[0]
     if anchor not in models:
@@ -615,7 +306,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
                                     anchor_rating=cfg.anchor_rating, scale=cfg.scale, l2=cfg.l2, cluster=cluster)
         missing = [m for m in models if m not in est]
         if missing:
-            raise ValueError(f"elo {axis}: no verdicts involve {missing}")
+            raise DataError(f"elo {axis}: no verdicts involve {missing}")
         ratings[axis] = {m: est[m] for m in models}
 
     axes = [a for a in AXES if a in ratings]
@@ -633,7 +324,7 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
         out.plot(plot_reward_cost_scatter, out.file("scatter.png"),
                  {n: (r.rewards, r.costs) for n, r in results.items()}, title="reward vs cost per answer")
         images.append("scatter.png")
-    counts = {axis: _pair_counts(js) for axis, js in judgements.items()}
+    counts = {axis: elo_lib.pair_counts(js) for axis, js in judgements.items()}
     timings["total"] = time.time() - t0
     summary = {
         "command": "elo", "judge": cfg.judge, "anchor": anchor, "models": models,
@@ -647,10 +338,10 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
     parts = [f"# safejax eval elo (anchor: {anchor})", "\n".join(header),
              f"## Elo ratings ({int(round(100 * cfg.ci))}% bootstrap intervals, {cfg.n_boot} resamples by "
              f"{' / '.join(sorted(set(cluster_used.values())))})\n\n" + table]
-    parts += [f"### {axis} judgements\n\n" + _pairs_markdown(axis, counts[axis]) for axis in axes]
+    parts += [f"### {axis} judgements\n\n" + report_lib.pairs_markdown(axis, counts[axis]) for axis in axes]
     if policy_summaries:
         parts.append("## Reward and cost of the answers\n\n" + report_lib.score_summary_markdown(policy_summaries))
-    parts.append(_images_md(images))
+    parts.append(report_lib.images_markdown(images))
     out.text("report.md", "\n\n".join(parts) + "\n")
     return summary
 
@@ -660,11 +351,6 @@ def evaluate_elo(cfg: EloEvalConfig, judges: Mapping[str, Callable] | None = Non
 
 def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[np.ndarray, np.ndarray]:
     """End scores of both sides of every pair: ``(first [B], second [B])`` = (better, worse) / (safer, unsafer)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from safejax.evaluate.generate import run_batched
-    from safejax.train.score_model import pair_scores
-
     rep = NamedSharding(mesh, P())
     mdef = model.mdef
 
@@ -681,9 +367,6 @@ def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[
 
 def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
     """``safejax eval prefs``: Table-1 accuracies of the RM and/or CM on a preference split."""
-    from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
-    from safejax.data.sources import records
-
     t0 = time.time()
     mesh, out = _mesh_and_out(cfg)
     _check_batch(cfg, mesh)
@@ -700,7 +383,7 @@ def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
                                         skip_bad_rows=cfg.skip_bad_rows)
         reports["reward"] = str(rep)
         if not len(pairs):
-            raise ValueError(f"reward model pairs: no usable pair ({rep})")
+            raise DataError(f"reward model pairs: no usable pair ({rep})")
         better, worse = _pair_ends(rm, pairs.as_dict(), "reward", cfg, mesh)
         args.update(rm_better=better, rm_worse=worse)
         both = np.concatenate([better, worse])
@@ -716,7 +399,7 @@ def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
         pairs, rep = build_cost_pairs(rows, cm.tokenizer, max_length=cfg.max_length, skip_bad_rows=cfg.skip_bad_rows)
         reports["cost"] = str(rep)
         if not len(pairs):
-            raise ValueError(f"cost model pairs: no usable pair ({rep})")
+            raise DataError(f"cost model pairs: no usable pair ({rep})")
         safer, unsafer = _pair_ends(cm, pairs.as_dict(), "cost", cfg, mesh)
         args.update(cm_safer=safer, cm_unsafer=unsafer, safer_is_safe=pairs.safer_is_safe,
                     unsafer_is_safe=pairs.unsafer_is_safe)
@@ -753,7 +436,7 @@ def evaluate_prefs(cfg: PrefsEvalConfig) -> dict[str, Any]:
         "## Preference-model accuracy (Table 1 layout)\n\n"
         + report_lib.preference_table_markdown({cfg.column: table}),
         "RM ranking: R(better) > R(worse); CM ranking: C(unsafer) > C(safer); CM sign: cost > 0 exactly for "
-        "the responses labelled unsafe (over both responses of each pair).", _images_md(images)]) + "\n")
+        "the responses labelled unsafe (over both responses of each pair).", report_lib.images_markdown(images)]) + "\n")
     return summary
 
 

@@ -33,6 +33,7 @@ from typing import Iterator, Any, Callable, Hashable, Iterable, Mapping, NamedTu
 
 import numpy as np
 
+from safejax.errors import DataError
 from safejax.evaluate.stats import as_scores
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 WINNERS = ("a", "b", "tie")
+AXES = ("helpfulness", "harmlessness")  # the two judge axes of the paper's Elo evaluation
 _SCORE_A = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
 
@@ -166,24 +168,24 @@ def judgement_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict, Judgeme
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for field in ("model_a", "model_b", "winner"):
                 if field not in row:
-                    raise ValueError(f"{where}: missing field {field!r}")
+                    raise DataError(f"{where}: missing field {field!r}")
                 if not isinstance(row[field], str):
-                    raise ValueError(f"{where}: field {field!r} must be a string, got {row[field]!r}")
+                    raise DataError(f"{where}: field {field!r} must be a string, got {row[field]!r}")
             winner = row["winner"].strip().lower()
             if winner not in WINNERS:
-                raise ValueError(f"{where}: field 'winner' must be one of {WINNERS}, got {row['winner']!r}")
+                raise DataError(f"{where}: field 'winner' must be one of {WINNERS}, got {row['winner']!r}")
             pid = row.get("prompt_id")
             if isinstance(pid, list):
                 pid = tuple(pid)
             try:
                 yield where, row, Judgement(row["model_a"], row["model_b"], winner, pid)
             except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+                raise DataError(f"{where}: {e}") from None
 
 
 def judgements_from_file(path: str | os.PathLike) -> list[Judgement]:
@@ -214,13 +216,13 @@ def cached_judge(path: str | os.PathLike) -> Callable[[Any, str, Any, str, Any],
         for key, w in (((j.prompt_id, j.model_a, j.model_b), j.winner),
                        ((j.prompt_id, j.model_b, j.model_a), swap[j.winner])):
             if table.setdefault(key, w) != w:
-                raise ValueError(f"{path}: conflicting verdicts for prompt {key[0]!r} ({key[1]!r} vs {key[2]!r})")
+                raise DataError(f"{path}: conflicting verdicts for prompt {key[0]!r} ({key[1]!r} vs {key[2]!r})")
 
     def judge(prompt_id, model_a, answer_a, model_b, answer_b):  # noqa: ARG001 (answers unused)
         try:
             return table[(prompt_id, model_a, model_b)]
         except KeyError:
-            raise ValueError(
+            raise DataError(
                 f"{path}: no cached verdict for prompt {prompt_id!r} ({model_a!r} vs {model_b!r})"
             ) from None
 
@@ -432,3 +434,48 @@ def bootstrap_elo(
     samples = anchor_rating + samples * (scale / math.log(10.0))
     lo, hi = np.quantile(samples, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], axis=0)
     return {mod: EloEstimate(point[mod], float(lo[i]), float(hi[i])) for i, mod in enumerate(models)}
+
+
+# ----------------------------------------------------------------------------- cached verdict files
+
+
+def read_verdicts(spec: str) -> dict[str, list[Judgement]]:
+    """Cached verdicts per axis from ``spec`` (a folder with ``<axis>.jsonl`` files, or one JSONL with ``axis``)."""
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        out = {}
+        for axis in AXES:
+            f = os.path.join(path, f"{axis}.jsonl")
+            if os.path.exists(f):
+                out[axis] = judgements_from_file(f)
+        if not out:
+            raise DataError(f"{path}: no helpfulness.jsonl or harmlessness.jsonl verdict file in this folder")
+        return out
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"judge file {path!r} does not exist")
+    out: dict[str, list[Judgement]] = {}
+    for where, row, j in judgement_rows(path):
+        axis = row.get("axis")
+        if axis not in AXES:
+            raise DataError(f"{where}: field 'axis' must be one of {AXES}, got {axis!r}")
+        out.setdefault(axis, []).append(j)
+    if not out:
+        raise DataError(f"{path}: no verdicts in this file")
+    return out
+
+
+def pair_counts(judgements: Sequence[Judgement]) -> list[dict[str, Any]]:
+    """Per unordered model pair: games, wins of each side, ties (first-seen orientation)."""
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for j in judgements:
+        key = (j.model_a, j.model_b) if (j.model_b, j.model_a) not in table else (j.model_b, j.model_a)
+        e = table.setdefault(key, {"model_a": key[0], "model_b": key[1], "games": 0, "a_wins": 0, "b_wins": 0,
+                                   "ties": 0})
+        e["games"] += 1
+        if j.winner == "tie":
+            e["ties"] += 1
+        elif (j.winner == "a") == (j.model_a == key[0]):
+            e["a_wins"] += 1
+        else:
+            e["b_wins"] += 1
+    return list(table.values())

@@ -33,8 +33,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
+from safejax.config import ConfigError
+from safejax.data import build_prompts, encode_texts, format_prompt, load_rows, pad_sequences
+from safejax.errors import DataError, ModelFileError
 from safejax.generation import SamplingConfig, generate, positions_from_mask
+from safejax.metrics import progress as progress_bar
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.parallel import batch_sharding
 from safejax.paths import missing_path_error, resolve_model_dir
+from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
 
@@ -105,22 +113,20 @@ def load_prompt_set(specs: Sequence[str] | Any, tokenizer, *, prompt_width: int,
       keep_fields: row fields copied into ``meta`` when present (e.g. ``kind``, ``category``).
       skip_bad_rows: count malformed rows instead of raising.
     """
-    from safejax.data import build_prompts, load_rows
-
     if isinstance(specs, str):
         specs = [specs]
     if isinstance(specs, (list, tuple)) and specs and all(isinstance(s, str) for s in specs):
         rows = load_rows(list(specs))
     elif isinstance(specs, (list, tuple)) and not specs:
-        raise ValueError("config key 'prompts': no prompt dataset given")
+        raise ConfigError("config key 'prompts': no prompt dataset given")
     else:
         rows = specs
     if max_prompts < 0:
-        raise ValueError(f"max_prompts: must be >= 0, got {max_prompts}")
+        raise ConfigError(f"max_prompts: must be >= 0, got {max_prompts}")
     built, report = build_prompts(rows, tokenizer, prompt_width=prompt_width, skip_bad_rows=skip_bad_rows)
     n = len(built) if max_prompts == 0 else min(max_prompts, len(built))
     if n == 0:
-        raise ValueError(f"prompts: no usable prompt left ({report}); check the specs and prompt_width={prompt_width}")
+        raise DataError(f"prompts: no usable prompt left ({report}); check the specs and prompt_width={prompt_width}")
     prompts, meta = [], []
     for i in built.row_index[:n]:
         row = rows[int(i)]
@@ -138,7 +144,7 @@ class LoadedModel:
 
     name: str
     path: str
-    mdef: Any            # safejax.train.functional.ModelDef
+    mdef: Any            # safejax.models.functional.ModelDef
     params: dict         # pure dict of arrays, already in their NamedShardings
     tokenizer: Any
     config: Any = None   # safejax.models.ModelConfig (vocab_size etc.)
@@ -147,12 +153,12 @@ class LoadedModel:
 def parse_named_path(entry: str, key: str) -> tuple[str, str]:
     """``"name=path"`` -> ``(name, path)``; a bare path is named after its folder (``runs/sft/hf`` -> ``sft``)."""
     if not isinstance(entry, str) or not entry.strip():
-        raise ValueError(f"config key '{key}': expected 'name=path' or a model folder, got {entry!r}")
+        raise ConfigError(f"config key '{key}': expected 'name=path' or a model folder, got {entry!r}")
     entry = entry.strip()
     if "=" in entry and not os.path.exists(entry):
         name, path = (s.strip() for s in entry.split("=", 1))
         if not name or not path:
-            raise ValueError(f"config key '{key}': {entry!r} is not of the form name=path")
+            raise ConfigError(f"config key '{key}': {entry!r} is not of the form name=path")
         return name, path
     norm = os.path.normpath(entry)
     base = os.path.basename(norm)
@@ -165,12 +171,8 @@ def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_pa
                dtype: str = "float32") -> LoadedModel:
     """Load an HF folder (or a stage's out_dir: its ``hf/`` folder) as a ``causal_lm`` (policy) or ``score``
     model straight into the mesh's shardings, with its prepared tokenizer (``tokenizer_path`` or the model folder)."""
-    from safejax.train.common import ModelSection
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for, load_tokenizer_for
-
     if not path:
-        raise ValueError(f"no model folder given for {name or model_type}")
+        raise ConfigError(f"no model folder given for {name or model_type}")
     if not os.path.isdir(os.path.expanduser(path)):
         raise missing_path_error(f"{name or model_type}: model folder", path)
     section = ModelSection(path=resolve_model_dir(path, f"{name or model_type}: model folder"),
@@ -178,7 +180,7 @@ def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_pa
     tok = load_tokenizer_for(section)
     model = load_model_for(section, mesh, model_type=model_type, tokenizer=tok)
     if model_type == "score" and getattr(model, "score_dim", 1) != 1:
-        raise ValueError(f"{path}: score model has score_dim={model.score_dim}; evaluation needs a scalar score")
+        raise ModelFileError(f"{path}: score model has score_dim={model.score_dim}; evaluation needs a scalar score")
     mdef, params = split_model(model)
     return LoadedModel(name=name or os.path.basename(os.path.normpath(path)), path=path, mdef=mdef, params=params,
                        tokenizer=tok, config=model.config)
@@ -196,20 +198,15 @@ def same_vocabulary(tok_a, tok_b) -> bool:
 
 
 def rows_per_batch_multiple(mesh) -> int:
-    """A batch's rows are split over the ``data`` x ``fsdp`` mesh axes, so its size must be a multiple of this."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
-def _batch_sharding(mesh, ndim: int) -> NamedSharding:
-    from safejax.parallel import batch_sharding
-
-    return batch_sharding(mesh, ndim)
+    """A batch's rows are split over the mesh by the rules table (``data`` x ``fsdp``), so its size must be a
+    multiple of this."""
+    return parallel.batch_shards(mesh)
 
 
 def _put(x: np.ndarray, mesh) -> jax.Array:
     """A host array every process holds in full -> a global array with its rows split over ``data x fsdp``
     (each process fills only its addressable shards, so this also works on multi-host meshes)."""
-    sharding = _batch_sharding(mesh, x.ndim)
+    sharding = batch_sharding(mesh, x.ndim)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
@@ -222,14 +219,12 @@ def run_batched(fn: Callable[[dict, int], Any], arrays: dict, batch_size: int, m
     ``data x fsdp``. ``fn`` must return a pytree of arrays with a leading batch axis; the result is the numpy
     concatenation over all ``N`` rows.
     """
-    from safejax.train.common import progress as progress_bar
-
     n = len(next(iter(arrays.values())))
     if n == 0:
         raise ValueError(f"{desc or 'run_batched'}: no rows")
     mult = rows_per_batch_multiple(mesh)
     if batch_size < 1 or batch_size % mult:
-        raise ValueError(f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp size "
+        raise ConfigError(f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp size "
                          f"({mult}), since each batch's rows are split over those axes")
     n_batches = -(-n // batch_size)
     bar = progress_bar(n_batches, desc, progress)
@@ -334,7 +329,7 @@ def score_ids(scorer: LoadedModel, ids: np.ndarray, mask: np.ndarray, *, batch_s
     """``[N]`` float32 end scores of token sequences ``ids [N, T]`` with ``mask [N, T]`` (any padding side)."""
     vocab = scorer.config.vocab_size if scorer.config is not None else None
     if vocab is not None and ids.size and int(ids.max()) >= vocab:
-        raise ValueError(f"{scorer.path}: token id {int(ids.max())} is outside the score model's vocabulary of "
+        raise ModelFileError(f"{scorer.path}: token id {int(ids.max())} is outside the score model's vocabulary of "
                          f"{vocab}; score the decoded texts instead (score_input=text)")
     ends = _scorer(scorer.mdef, mesh)
 
@@ -352,8 +347,6 @@ def score_texts(scorer: LoadedModel, prompts: Sequence[Any], answers: Sequence[s
     ``ended[i]`` says whether answer ``i`` was closed by EOS (None = all were). Sequences are truncated on the
     right to ``max_length``. Returns ``(scores [N] float32, number of truncated sequences)``.
     """
-    from safejax.data import encode_texts, format_prompt, pad_sequences
-
     tok = scorer.tokenizer
     if len(prompts) != len(answers):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(answers)} answers")
@@ -378,11 +371,11 @@ def score_generations(scorer: LoadedModel, policy_tokenizer, prompt_set: PromptS
     (``max_length`` 0 = the generated width ``P+T``).
     """
     if mode not in SCORE_INPUTS:
-        raise ValueError(f"config key 'score_input' = {mode!r} must be one of {list(SCORE_INPUTS)}")
+        raise ConfigError(f"config key 'score_input' = {mode!r} must be one of {list(SCORE_INPUTS)}")
     match = same_vocabulary(policy_tokenizer, scorer.tokenizer)
     fits = policy_vocab is None or scorer.config is None or scorer.config.vocab_size >= policy_vocab
     if mode == "ids" and not match:
-        raise ValueError(f"score_input=ids: the tokenizer of {scorer.path} differs from the policy's; "
+        raise ConfigError(f"score_input=ids: the tokenizer of {scorer.path} differs from the policy's; "
                          "use score_input=text or auto")
     use = "ids" if (mode == "ids" or (mode == "auto" and match and fits)) else "text"
     desc = f"score {scorer.name}"

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from safejax.config import to_dict
 from safejax.evaluate.arena import SAFETY_LABELS, ArenaResult
 from safejax.evaluate.elo import EloEstimate
 from safejax.evaluate.prefs import TABLE1_ROWS
-from safejax.evaluate.stats import score_histograms
+from safejax.evaluate.stats import as_scores, score_histograms
 
 __all__ = [
     "markdown_table",
@@ -277,3 +279,65 @@ def plot_elo(
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "Elo ratings" + (f" (anchor: {anchor})" if anchor else ""))
     return _save(fig, path)
+
+
+def plot_histograms(path: str | os.PathLike, series: Mapping[str, Sequence[float]], *, xlabel: str, title: str,
+                    bins: int = 40, vline: float | None = None) -> str:
+    """PNG with overlaid histograms of several score series ``{label: [n] scores}`` on shared bin edges."""
+    data = {k: as_scores(v, k) for k, v in series.items() if len(v)}
+    if not data:
+        raise ValueError(f"plot_histograms: no scores to plot for {path}")
+    edges = np.histogram_bin_edges(np.concatenate(list(data.values())), bins=int(bins))
+    fig = _new_figure((6, 4))
+    ax = fig.subplots()
+    colors = {"safe": "tab:green", "unsafe": "tab:red", "better": "tab:blue", "worse": "tab:orange"}
+    for i, (label, v) in enumerate(data.items()):
+        counts, _ = np.histogram(v, bins=edges)
+        ax.stairs(counts, edges, fill=True, alpha=0.55, color=colors.get(label.split()[0], f"C{i % 10}"),
+                  label=f"{label}, n={len(v)}")
+    if vline is not None:
+        ax.axvline(vline, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reward_cost_scatter(path: str | os.PathLike, points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                             *, title: str = "reward vs cost") -> str:
+    """PNG scatter of each policy's answers: x = reward, y = cost (dashed line at cost 0, the safety boundary)."""
+    fig = _new_figure((6, 5))
+    ax = fig.subplots()
+    for i, (name, (r, c)) in enumerate(points.items()):
+        r, c = as_scores(r, f"{name} rewards"), as_scores(c, f"{name} costs")
+        ax.scatter(r, c, s=10, alpha=0.5, color=f"C{i % 10}", label=f"{name} (n={len(r)})")
+    ax.axhline(0.0, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("reward")
+    ax.set_ylabel("cost")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def models_header(cfg: Any, ps: Any, results: Mapping[str, Any]) -> str:
+    """Markdown bullet list of what a generation eval ran: judge models, prompts, sampling, each policy."""
+    lines = [f"- reward model: `{cfg.reward_model}`", f"- cost model: `{cfg.cost_model}`",
+             f"- prompts: {', '.join(f'`{p}`' for p in cfg.prompts)} ({ps.report}; evaluated {len(ps)})",
+             f"- sampling: {to_dict(cfg.sampling)}, seed {cfg.seed}"]
+    lines += [f"- policy `{n}`: `{r.path}` (scored from {r.score_input['reward']} / {r.score_input['cost']})"
+              for n, r in results.items()]
+    return "\n".join(lines)
+
+
+def images_markdown(images: Sequence[str]) -> str:
+    """Markdown image links, one per line."""
+    return "\n".join(f"![{Path(i).stem}]({i})" for i in images)
+
+
+def pairs_markdown(axis: str, counts: list[dict[str, Any]]) -> str:
+    rows = [[f"{c['model_a']} vs {c['model_b']}", c["games"], c["a_wins"], c["b_wins"], c["ties"],
+             f"{100.0 * (c['a_wins'] + 0.5 * c['ties']) / c['games']:.2f}%"] for c in counts]
+    return markdown_table([f"{axis}: pair (a vs b)", "games", "a wins", "b wins", "ties",
+                                      "a score rate"], rows)

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from safejax.errors import ModelFileError
+
 # HF ``architectures`` entry -> our architecture name.
 HF_CAUSAL_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -63,7 +65,7 @@ def _dtype_name(d: Any) -> str:
         name = np.dtype(d).name
     name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "f32": "float32"}.get(name, name)
     if name not in ("float32", "bfloat16", "float16", "float64"):
-        raise ValueError(f"ModelConfig: unsupported dtype {d!r} (use float32, bfloat16 or float16)")
+        raise ModelFileError(f"ModelConfig: unsupported dtype {d!r} (use float32, bfloat16 or float16)")
     return name
 
 
@@ -126,47 +128,47 @@ class ModelConfig:
         set_("param_dtype", _dtype_name(self.param_dtype))
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
+                raise ModelFileError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
                                  f"{self.num_heads}; set head_dim explicitly")
             set_("head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+            raise ModelFileError(f"ModelConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
                              f"{self.num_kv_heads}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"ModelConfig: unknown attention_impl {self.attention_impl!r}; expected one of "
+            raise ModelFileError(f"ModelConfig: unknown attention_impl {self.attention_impl!r}; expected one of "
                              f"{tuple(ATTENTION_IMPLS)}")
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"ModelConfig: unknown architecture {self.architecture!r}; expected one of "
+            raise ModelFileError(f"ModelConfig: unknown architecture {self.architecture!r}; expected one of "
                              f"{ARCHITECTURES}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"ModelConfig: unsupported hidden_act {self.hidden_act!r}; expected one of "
+            raise ModelFileError(f"ModelConfig: unsupported hidden_act {self.hidden_act!r}; expected one of "
                              f"{ACTIVATIONS}")
         if self.architecture in LLAMA_FAMILY:
             if self.head_dim % 2:
-                raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+                raise ModelFileError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
             if self.hidden_act not in ("silu", "swish"):
-                raise ValueError(f"ModelConfig: the {self.architecture} MLP uses silu, got hidden_act "
+                raise ModelFileError(f"ModelConfig: the {self.architecture} MLP uses silu, got hidden_act "
                                  f"{self.hidden_act!r}")
             if not self.scale_attn_weights:
-                raise ValueError("ModelConfig: scale_attn_weights=False is only supported for gpt2")
+                raise ModelFileError("ModelConfig: scale_attn_weights=False is only supported for gpt2")
         if self.architecture == "qwen2":
             set_("attention_bias", True)  # Qwen2 always has q/k/v biases (and none on o_proj)
         if self.architecture == "gpt2":
             set_("attention_bias", True)  # GPT-2's c_attn / c_proj always carry biases
             if self.num_kv_heads != self.num_heads:
-                raise ValueError(f"ModelConfig: gpt2 has no grouped-query attention; num_kv_heads "
+                raise ModelFileError(f"ModelConfig: gpt2 has no grouped-query attention; num_kv_heads "
                                  f"{self.num_kv_heads} must equal num_heads {self.num_heads}")
             if self.head_dim * self.num_heads != self.hidden_size:
-                raise ValueError(f"ModelConfig: gpt2 needs head_dim * num_heads == hidden_size, got "
+                raise ModelFileError(f"ModelConfig: gpt2 needs head_dim * num_heads == hidden_size, got "
                                  f"{self.head_dim} * {self.num_heads} != {self.hidden_size}")
             if self.sliding_window is not None:
-                raise ValueError("ModelConfig: gpt2 has no sliding-window attention (sliding_window must be None)")
+                raise ModelFileError("ModelConfig: gpt2 has no sliding-window attention (sliding_window must be None)")
         rs = self.rope_scaling
         if rs is not None:
             d = dict(rs)
             rtype = d.get("rope_type", d.get("type", "default"))
             if rtype not in _ROPE_TYPES:
-                raise ValueError(f"ModelConfig: unsupported rope scaling type {rtype!r} (supported: {_ROPE_TYPES})")
+                raise ModelFileError(f"ModelConfig: unsupported rope scaling type {rtype!r} (supported: {_ROPE_TYPES})")
             d.pop("type", None)
             d["rope_type"] = rtype
             d.pop("rope_theta", None)
@@ -243,7 +245,7 @@ class ModelConfig:
         rope_params = get("rope_parameters") or {}
         if isinstance(rope_params, Mapping) and rope_params and all(isinstance(v, Mapping)
                                                                      for v in rope_params.values()):
-            raise ValueError(f"{source}: per-layer rope_parameters are not supported")
+            raise ModelFileError(f"{source}: per-layer rope_parameters are not supported")
         theta = get("rope_theta", rope_params.get("rope_theta", 10000.0))
         scaling = get("rope_scaling") or None
         if scaling is None and rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
@@ -251,11 +253,11 @@ class ModelConfig:
         if scaling is not None:
             rtype = scaling.get("rope_type", scaling.get("type", "default"))
             if rtype not in _ROPE_TYPES:
-                raise ValueError(f"{source}: unsupported rope scaling type {rtype!r} (supported: linear, llama3)")
+                raise ModelFileError(f"{source}: unsupported rope scaling type {rtype!r} (supported: linear, llama3)")
         if get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"{source}: unsupported hidden_act {get('hidden_act')!r} (only silu)")
+            raise ModelFileError(f"{source}: unsupported hidden_act {get('hidden_act')!r} (only silu)")
         if get("mlp_bias", False):
-            raise ValueError(f"{source}: mlp_bias=true is not supported")
+            raise ModelFileError(f"{source}: mlp_bias=true is not supported")
         if get("pretraining_tp", 1) not in (1, None):
             pass  # only affects HF's training-time matmul split, not the math
         attention_bias = bool(get("attention_bias", False))
@@ -263,14 +265,14 @@ class ModelConfig:
         if arch == "qwen2":
             attention_bias = True
             if get("use_sliding_window", False):
-                raise ValueError(f"{source}: Qwen2 use_sliding_window=true is not supported")
+                raise ModelFileError(f"{source}: Qwen2 use_sliding_window=true is not supported")
             sliding = None
         elif arch == "llama":
             sliding = None
         head_dim = get("head_dim")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if d.get(key) is None:
-                raise ValueError(f"{source}: required field '{key}' is missing")
+                raise ModelFileError(f"{source}: required field '{key}' is missing")
         fields = dict(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -308,15 +310,15 @@ class ModelConfig:
         for keys in (("vocab_size",), ("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
                      ("n_head", "num_attention_heads")):
             if first(*keys) is None:
-                raise ValueError(f"{source}: required field '{keys[0]}' is missing")
+                raise ModelFileError(f"{source}: required field '{keys[0]}' is missing")
         if d.get("scale_attn_by_inverse_layer_idx", False):
-            raise ValueError(f"{source}: 'scale_attn_by_inverse_layer_idx': true is not supported (safejax does "
+            raise ModelFileError(f"{source}: 'scale_attn_by_inverse_layer_idx': true is not supported (safejax does "
                              "not implement GPT-2's extra 1/(layer_idx+1) attention-score scale)")
         if d.get("add_cross_attention", False):
-            raise ValueError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
+            raise ModelFileError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
         act = d.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
-            raise ValueError(f"{source}: unsupported activation_function {act!r} (supported: {', '.join(ACTIVATIONS)})")
+            raise ModelFileError(f"{source}: unsupported activation_function {act!r} (supported: {', '.join(ACTIVATIONS)})")
         # reorder_and_upcast_attn only changes HF's mixed-precision order of operations; our scores and softmax
         # are float32 anyway, so it is accepted and ignored.
         D = int(first("n_embd", "hidden_size"))
@@ -437,12 +439,12 @@ def architecture_from_hf_dict(d: Mapping[str, Any], *, source: str = "config.jso
         if a in HF_SCORE_ARCHITECTURES:
             return HF_SCORE_ARCHITECTURES[a]
     if archs:
-        raise ValueError(f"{source}: unsupported architecture {', '.join(map(str, archs))} (supported: "
+        raise ModelFileError(f"{source}: unsupported architecture {', '.join(map(str, archs))} (supported: "
                          f"{', '.join(list(HF_CAUSAL_ARCHITECTURES) + list(HF_SCORE_ARCHITECTURES))})")
     mt = d.get("model_type")
     if mt in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[mt]
-    raise ValueError(f"{source}: unsupported architecture (no 'architectures' entry, model_type={mt!r}); "
+    raise ModelFileError(f"{source}: unsupported architecture (no 'architectures' entry, model_type={mt!r}); "
                      f"supported: {', '.join(HF_CAUSAL_ARCHITECTURES)}")
 
 

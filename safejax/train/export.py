@@ -25,11 +25,16 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from safetensors import SafetensorError
 
 from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, describe_mismatch, leaf_table,
                                 named_leaves)
-from safejax.models.hf import WEIGHTS_INDEX_NAME
+from safejax.models import save_pretrained
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME
+from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
 
@@ -42,19 +47,13 @@ def stage_of(cfg: dict) -> tuple[str, dict, str, tuple[str, ...]]:
         return "score-model", cfg["model"], "score", ("params",)
     if "model" in cfg:
         return "sft", cfg["model"], "causal_lm", ("params",)
-    raise ValueError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
+    raise CheckpointError("unrecognised stage config (expected an sft, rm/cm or ppo config snapshot)")
 
 
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32") -> Path:
     """Write an HF folder (weights + config + tokenizer) for checkpoint ``step`` (default: the newest
     readable one) of the stage run in ``run_dir``, weights in ``dtype`` (``float32`` | ``bfloat16``).
     Returns ``Path(out_dir)``."""
-    import jax
-    import jax.numpy as jnp
-
-    from safejax.train.common import ModelSection
-    from safejax.train.functional import split_model
-    from safejax.train.loading import load_model_for, load_tokenizer_for
 
     run = Path(run_dir)
     cfg_path = run / "config.json"
@@ -64,7 +63,7 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
         cfg = json.loads(cfg_path.read_text())
         stage, section, model_type, key = stage_of(cfg)
     except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path}: {e}") from None
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     ckpt_dir = run / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir} not found: the run saved no checkpoint")
@@ -107,8 +106,6 @@ def write_hf_folder(model, path: str | os.PathLike, *, tokenizer=None, dtype: st
     (full disk, read-only filesystem, permissions) removes the partial folder and raises one
     :class:`OSError` naming ``path``, before anything in ``path`` is touched.  All processes call it
     (the weights may be gathered collectively); only process 0 touches files."""
-    from safejax.models import save_pretrained
-
     path = Path(path)
     tmp = path.parent / f".{path.name}.incomplete"
     primary = jax.process_index() == 0

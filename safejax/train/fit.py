@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from safejax import parallel
+from safejax.config import ConfigError
 from safejax.data.batching import BatchIterator
 from safejax.train.common import (SKIP_KEY, LoopSection, RunDir, TrainState, accumulate_gradients,
                                   micro_batch_sharding, put_batch, split_micro)
@@ -98,9 +99,9 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     (when given) as its export (:attr:`FitResult.export_dir`)."""
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
-        raise ValueError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
+        raise ConfigError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
     if loop.batch_size % optim.grad_accum:
-        raise ValueError(f"{desc}: train.batch_size={loop.batch_size} is not a multiple of "
+        raise ConfigError(f"{desc}: train.batch_size={loop.batch_size} is not a multiple of "
                          f"optim.grad_accum={optim.grad_accum}")
     steps_per_epoch = n // loop.batch_size
     total = steps_per_epoch * loop.epochs

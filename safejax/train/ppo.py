@@ -30,8 +30,8 @@ from safejax import rl
 from safejax.config import ConfigError, check_range
 from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
-from safejax.train.common import ExportSection, LoopSection, ModelSection
-from safejax.train.functional import ModelDef
+from safejax.sections import ExportSection, LoopSection, ModelSection
+from safejax.models.functional import ModelDef
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
 from safejax.train.state import ModelState, apply_gradients
 

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from safejax import parallel, rl
+from safejax.config import ConfigError
 from safejax.data import build_prompts, build_supervised, load_rows
 from safejax.data.batching import BatchIterator
 from safejax.data.packing import pack_supervised
 from safejax.parallel import make_mesh
 from safejax.train.common import SKIP_KEY, RunDir
-from safejax.train.functional import split_model
-from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.train.loop import HostLoop, to_host
 from safejax.train.ppo import Frozen, Models, PPOConfig, PPOPhases, PPOState
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
@@ -137,7 +138,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, specs=None, what: str = "prompts"):
     (log.warning if report.dropped else log.info)("%s: %s", what, report)
     need = cfg.train.batch_size // cfg.rollout.num_return_sequences
     if len(arrays.prompt_ids) < (need if what == "prompts" else 1):
-        raise ValueError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
+        raise ConfigError(f"only {len(arrays.prompt_ids)} usable distinct prompts but train.batch_size="
                          f"{cfg.train.batch_size} needs {need} ({report}; data.prompt_width={cfg.data.prompt_width})")
     return {"prompt_ids": arrays.prompt_ids, "prompt_mask": arrays.prompt_mask}
 

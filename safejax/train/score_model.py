@@ -19,12 +19,13 @@ from safejax import parallel, rl
 from safejax.config import ConfigError, check_range
 from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
 from safejax.data.packing import pack_pairs, useful_token_fraction
-from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
+from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection
+from safejax.train.common import RunDir
 from safejax.train.fit import eval_loop, fit
-from safejax.train.functional import split_model
-from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.models.pairs import PAIR_FIELDS, pair_scores
 from safejax.train.optim import OptimConfig
 from safejax.train.sft import export_model
 
@@ -60,23 +61,6 @@ class ScoreModelConfig:
         if self.data.pack and self.loss_type != "sequence-wise":
             raise ConfigError("config key 'data.pack' = true needs loss_type 'sequence-wise' (packed rows carry "
                               "each pair's end scores only)")
-
-
-# (first, second) field names of a pair batch, per kind
-PAIR_FIELDS = {"reward": ("better", "worse"), "cost": ("safer", "unsafer")}
-
-
-def pair_scores(sm, batch: dict, kind: str):
-    """Score both sides of a pair batch in one forward pass.
-
-    Returns ``(scores_a [B, L], scores_b [B, L], end_a [B], end_b [B])`` for (better, worse) or
-    (safer, unsafer)."""
-    a, b = PAIR_FIELDS[kind]
-    ids = jnp.concatenate([batch[f"{a}_ids"], batch[f"{b}_ids"]], axis=0)
-    mask = jnp.concatenate([batch[f"{a}_mask"], batch[f"{b}_mask"]], axis=0)
-    out = sm(ids, attention_mask=mask, positions=positions_from_mask(mask))
-    n = batch[f"{a}_ids"].shape[0]
-    return out.scores[:n], out.scores[n:], out.end_scores[:n], out.end_scores[n:]
 
 
 def packed_pair_ends(sm, batch: dict, kind: str):

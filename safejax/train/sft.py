@@ -19,11 +19,12 @@ from safejax.data import build_supervised, load_rows
 from safejax.data.packing import pack_supervised, useful_token_fraction
 from safejax.generation import positions_from_mask
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.train.common import DataSection, ExportSection, LoopSection, ModelSection, RunDir
+from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection
+from safejax.train.common import RunDir
 from safejax.train.export import write_hf_folder
 from safejax.train.fit import eval_loop, fit
-from safejax.train.functional import split_model
-from safejax.train.loading import load_model_for, load_tokenizer_for
+from safejax.models.functional import split_model
+from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.train.optim import OptimConfig
 
 log = logging.getLogger("safejax")

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from safejax.data.builtin import oracle as O
 from safejax.data.builtin import vocab as V
+from safejax.data.builtin.tokenizer import build_tokenizer, tiny_llama_config
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -398,11 +399,9 @@ class BuiltinTask:
                                 eval_fraction=self.eval_fraction)
 
     def tokenizer(self, out_dir: str | os.PathLike | None = None):
-        from safejax.data.builtin.tokenizer import build_tokenizer
         return build_tokenizer(out_dir)
 
     def model_config(self, **overrides: Any) -> dict[str, Any]:
-        from safejax.data.builtin.tokenizer import tiny_llama_config
         return tiny_llama_config(**overrides)
 
     def write(self, out_dir: str | os.PathLike) -> dict[str, str]:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from safejax.config import ConfigError
+from safejax.data import load_tokenizer, prepare_tokenizer
+from safejax.models.hf import check_tokenizer_fits, load_pretrained, resize_token_embeddings
 from safejax.paths import resolve_model_dir
-from safejax.train.common import ModelSection
+from safejax.sections import ModelSection
 
 log = logging.getLogger("safejax")
 
 
 def load_tokenizer_for(section: ModelSection):
-    from safejax.data import load_tokenizer, prepare_tokenizer
-
     if not section.tokenizer:
         resolve_model_dir(section.path)  # a missing / run-without-hf/ model folder is named as the model's
     path = section.tokenizer or section.path
@@ -30,19 +31,17 @@ def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None,
     """Load an HF folder as a CausalLM (``model_type='causal_lm'``) or ScoreModel (``'score'``),
     grow its embeddings when the tokenizer gained special tokens, and check the tokenizer fits.
     A bare path takes ``dtype`` and ``attention`` (defaults of :class:`ModelSection` when None)."""
-    from safejax.models import check_tokenizer_fits, load_pretrained, resize_token_embeddings
-
     if isinstance(section, str):
         section = ModelSection(path=section, dtype=dtype or "float32", attention=attention or "einsum")
     if not section.path:
-        raise ValueError(f"no model path given (model_type={model_type})")
+        raise ConfigError(f"no model path given (model_type={model_type})")
     model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh,
                             remat=section.remat, scan_layers=section.scan_layers, attention_impl=section.attention)
     if tokenizer is not None:
         base = int(getattr(tokenizer, "vocab_size", len(tokenizer)))
         if base > model.config.vocab_size:
             # a different tokenizer, not just added special tokens: never paper over it by resizing
-            raise ValueError(f"tokenizer {section.tokenizer or section.path} has a base vocabulary of {base} "
+            raise ConfigError(f"tokenizer {section.tokenizer or section.path} has a base vocabulary of {base} "
                              f"tokens but the model at {section.path} has {model.config.vocab_size} embedding "
                              "rows: the tokenizer does not belong to this model")
         if len(tokenizer) > model.config.vocab_size:  # special tokens added by prepare_tokenizer

@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 
 from safejax import parallel
-from safejax.models.hf import hf_param_names
+from safejax.models.hf_names import hf_param_names
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,6 +51,3 @@ def split_model(model: nnx.Module) -> tuple[ModelDef, dict]:
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     return ModelDef(graphdef, template), nnx.to_pure_dict(state)
 
-
-def count_params(params: dict) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(params)))
