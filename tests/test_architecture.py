@@ -19,12 +19,6 @@ PKG = Path(__file__).resolve().parent.parent / "safejax"
 MAX_LINES = 500
 # files whose function-level safejax imports are allowed: the CLI entry points import their subcommands lazily
 LAZY_IMPORTS_ALLOWED = {"safejax.cli"}
-# files still being reworked on another branch (issue 15, loop & state half): their function-level imports are
-# allowed until that half lands
-LAZY_IMPORTS_PENDING = {"safejax.train.fit", "safejax.train.ppo_loop", "safejax.train.score_model",
-                        "safejax.train.sft", "safejax.train.common"}
-# files not yet split along their jobs (issue 15)
-TOO_LONG_PENDING: set[str] = set()
 
 
 def _module_name(path: Path) -> str:
@@ -128,7 +122,7 @@ def test_cycle_finder_sees_a_cycle(monkeypatch):
 
 def test_no_safejax_import_inside_a_function_outside_the_cli():
     found = [f"{MODULES[n].relative_to(PKG.parent)}:{line} imports {t}"
-             for n, imps in GRAPH.items() if n not in LAZY_IMPORTS_ALLOWED | LAZY_IMPORTS_PENDING
+             for n, imps in GRAPH.items() if n not in LAZY_IMPORTS_ALLOWED
              for t, inner, line in imps if inner]
     assert not found, "\n".join(found)
 
@@ -136,8 +130,6 @@ def test_no_safejax_import_inside_a_function_outside_the_cli():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_file_over_500_lines(name):
     n = len(MODULES[name].read_text().splitlines())
-    if name in TOO_LONG_PENDING:
-        pytest.xfail(f"{name}: {n} lines, split pending")
     assert n <= MAX_LINES, f"{MODULES[name]} has {n} lines (split it along its jobs)"
 
 
