@@ -51,13 +51,7 @@ def ppo_args(world, **over) -> list[str]:
 def base_run(world, tmp_path_factory):
     """A 4-step SFT run checkpointed every step, then cut back to step 2 (as if killed there):
     ``(run dir, metrics.jsonl bytes of the full uninterrupted run)``."""
-    run = tmp_path_factory.mktemp("base") / "sft"
-    assert main(["sft", f"out_dir={run}", *sft_args(world)]) == 0
-    full = (run / "metrics.jsonl").read_bytes()
-    for s in (3, 4):
-        shutil.rmtree(run / "checkpoints" / str(s))
-    shutil.rmtree(run / "hf")
-    return run, full
+    return tiny_world.sft_run_cut_back(tmp_path_factory.mktemp("base") / "sft", sft_args(world))
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -53,13 +53,7 @@ def sft_args(world) -> list[str]:
 @pytest.fixture(scope="module")
 def base_run(world, tmp_path_factory):
     """``(run dir cut back to step 2, metrics.jsonl bytes of the uninterrupted 4-step run)``."""
-    run = tmp_path_factory.mktemp("hard_base") / "sft"
-    assert main(["sft", f"out_dir={run}", *sft_args(world)]) == 0
-    full = (run / "metrics.jsonl").read_bytes()
-    for s in (3, 4):
-        shutil.rmtree(run / "checkpoints" / str(s))
-    shutil.rmtree(run / "hf")
-    return run, full
+    return tiny_world.sft_run_cut_back(tmp_path_factory.mktemp("hard_base") / "sft", sft_args(world))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 FILLER = [f"w{i}" for i in range(24)]
@@ -132,3 +133,17 @@ def run_cli(*args) -> None:
 
     rc = main([str(a) for a in args])
     assert rc == 0, f"safejax {' '.join(map(str, args))} exited with {rc}"
+
+
+def sft_run_cut_back(run: Path, args: list[str], *, keep: int = 2, steps: int = 4) -> tuple[Path, bytes]:
+    """Run ``safejax sft out_dir=run *args`` (checkpointing every step up to ``steps``), then delete the
+    checkpoints after ``keep`` and the export, as if the run had been killed there.  Returns ``(run,
+    metrics.jsonl bytes of the uninterrupted run)``."""
+    from safejax.cli import main
+
+    assert main(["sft", f"out_dir={run}", *args]) == 0
+    full = (run / "metrics.jsonl").read_bytes()
+    for s in range(keep + 1, steps + 1):
+        shutil.rmtree(run / "checkpoints" / str(s))
+    shutil.rmtree(run / "hf")
+    return run, full
