@@ -24,7 +24,6 @@ Guarantees (see ``tests/test_resume.py``):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -41,15 +40,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from safejax import checkpoint_noise
+from safejax.checkpoint_noise import quiet_libraries
 from safejax.errors import SafejaxError
 
 log = logging.getLogger("safejax")
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 FINGERPRINTS = "fingerprints"  # meta key: {"a.b.0": 16 hex digits}
-# loggers of the libraries under orbax that print tracebacks for every failed read or write
-_NOISY = ("absl", "orbax", "tensorstore", "asyncio", "jax._src.distributed")
-_FILTERED = ("absl", "orbax", "asyncio")  # their ERROR records are dropped while a Checkpointer is open
 
 
 class CheckpointError(SafejaxError, ValueError):
@@ -164,20 +162,6 @@ def verify_fingerprints(tree: Any, recorded: dict | None, prefix: str = "") -> s
     return f"content of array '{prefix + bad[0]}'{more} differs from the fingerprint recorded at save time"
 
 
-@contextlib.contextmanager
-def quiet_libraries():
-    """Silence the per-file error logs (and tracebacks) of orbax / tensorstore while a read or write
-    is attempted; the caller reports the failure in one line."""
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _NOISY]
-    for lg, _ in saved:
-        lg.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
 def read_step_meta(step_dir: str | os.PathLike) -> dict | None:
     """The JSON ``meta`` item of a checkpoint step folder, read directly (no orbax); None if unreadable."""
     try:
@@ -212,42 +196,6 @@ def _write_error(e: BaseException, directory: Path, step: int | None) -> Checkpo
     return err
 
 
-class _OwnErrors(logging.Filter):
-    """Drop orbax's logged errors (each with a traceback, one per array and thread) while a
-    :class:`Checkpointer` is open: a failed save or restore is raised or warned about once by the
-    Checkpointer instead.  The first line of each goes to the ``safejax`` log at DEBUG level."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        try:
-            log.debug("orbax: %s", record.getMessage().splitlines()[0][:300])
-        except Exception:  # noqa: BLE001 - a malformed record
-            pass
-        return False
-
-
-def _install_noise_hook() -> None:
-    """Let ``call_soon_threadsafe`` on a *closed* asyncio loop drop the callback silently (once per process).
-
-    After a failed orbax save or read, orbax closes its event loop while tensorstore still completes
-    the other pending writes; each completion calls ``loop.call_soon_threadsafe`` on the closed loop,
-    and tensorstore prints the resulting ``RuntimeError: Event loop is closed`` with a full traceback
-    (hundreds for one full disk).  The callback would be dropped either way; only the noise goes."""
-    base = asyncio.BaseEventLoop
-    if getattr(base.call_soon_threadsafe, "_safejax_quiet", False):
-        return
-    original = base.call_soon_threadsafe
-
-    def call_soon_threadsafe(self, callback, *args, **kwargs):
-        if self.is_closed():
-            return None
-        return original(self, callback, *args, **kwargs)
-
-    call_soon_threadsafe._safejax_quiet = True
-    base.call_soon_threadsafe = call_soon_threadsafe
-
-
 class Checkpointer:
     """Keep-last-K asynchronous checkpoints under ``directory`` (see the module docstring).
 
@@ -266,11 +214,10 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: no checkpoint folder")
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._filter = _OwnErrors()
-        _install_noise_hook()
-        for name in _FILTERED:
-            logging.getLogger(name).addFilter(self._filter)
         self._mngr = self._make_manager(max_to_keep, async_save)
+        self._failed = False  # a write failed (its stragglers may log after close: see checkpoint_noise)
+        self._closed = False
+        checkpoint_noise.acquire()
         self._max_to_keep, self._async = max_to_keep, async_save
         self._saving: int | None = None
 
@@ -318,6 +265,7 @@ class Checkpointer:
             err = _write_error(e, self.directory, step)
             if err is None:
                 raise
+            self._failed = True
             raise err from None
 
     def wait(self) -> None:
@@ -332,8 +280,9 @@ class Checkpointer:
         finally:
             with quiet_libraries(), contextlib.suppress(Exception):
                 self._mngr.close()
-            for name in _FILTERED:
-                logging.getLogger(name).removeFilter(self._filter)
+            if not self._closed:
+                self._closed = True
+                checkpoint_noise.release(failed=self._failed)
 
     def __enter__(self) -> "Checkpointer":
         return self
