@@ -65,7 +65,8 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGETS))
 
-    def validate(self, prefix: str = "lora") -> None:
+    def check(self, prefix: str) -> None:
+        """Range checks, errors naming ``<prefix>.<field>`` (called by :meth:`LoRARoles.validate`)."""
         check_range(f"{prefix}.rank", self.rank, low=0)
         check_range(f"{prefix}.alpha", self.alpha, low=0.0, low_open=True)
         check_range(f"{prefix}.dropout", self.dropout, low=0.0, high=1.0)
@@ -82,6 +83,45 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclasses.dataclass
+class LoRARoles:
+    """The RL stage's ``lora:`` section: one :class:`LoRAConfig` per trained model (rank 0 = full fine-tuning).
+
+    Attributes:
+      actor: LoRA of the policy; its frozen base is also the reference policy (no second copy).
+      reward_critic: LoRA of the reward critic, built on the reward model's frozen backbone (shared, not
+        copied) with its own trainable ``score_head`` (started from the reward model's); needs
+        ``reward_critic`` empty or equal to ``reward_model``.
+      cost_critic: the same for the cost critic on the cost model.  Both critics share one optimizer, so
+        with PPO-Lag they are either both LoRA (same rank and targets) or both fully fine-tuned.
+    """
+
+    actor: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    reward_critic: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    cost_critic: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+
+    def validate(self) -> None:
+        for role in ("actor", "reward_critic", "cost_critic"):
+            getattr(self, role).check(f"lora.{role}")
+
+    def check_roles(self, cfg) -> None:
+        """Checks against the RL config ``cfg`` (``reward_critic``/``cost_critic`` paths, algorithm)."""
+        for role, model in (("reward_critic", "reward_model"), ("cost_critic", "cost_model")):
+            if getattr(self, role).rank and getattr(cfg, role) not in ("", getattr(cfg, model)):
+                raise ConfigError(f"config key 'lora.{role}.rank' = {getattr(self, role).rank}: a LoRA {role} is "
+                                  f"built on {model}'s frozen backbone, so '{role}' must be empty or equal to "
+                                  f"'{model}' (got {getattr(cfg, role)!r})")
+        rc, cc = self.reward_critic, self.cost_critic
+        if cfg.algorithm == "ppo-lag" and (rc.rank, rc.targets) != (cc.rank, cc.targets):
+            raise ConfigError(f"config key 'lora.cost_critic' (rank {cc.rank}, targets {cc.targets}) must match "
+                              f"'lora.reward_critic' (rank {rc.rank}, targets {rc.targets}): both critics share "
+                              "one optimizer")
+
+    @property
+    def any(self) -> bool:
+        return bool(self.actor.rank or self.reward_critic.rank or self.cost_critic.rank)
 
 
 class LoRAParam(nnx.Param):
@@ -155,10 +195,15 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, *, seed: int = 0, what: str = "
     naming ``<what>.targets``."""
     if not cfg.rank:
         return model
+    with nnx.use_eager_sharding(False):  # placed on their shardings later, by the state builder
+        return _add_lora(model, cfg, seed, what)
+
+
+def _add_lora(model: nnx.Module, cfg: LoRAConfig, seed: int, what: str) -> nnx.Module:
     config = model.config
     rngs = nnx.Rngs(params=seed)
     found = []
-    for path, mod in nnx.iter_modules(model):
+    for path, mod in list(nnx.iter_modules(model)):
         name = ".".join(str(p) for p in path)
         if not isinstance(mod, Dense) or path[-1] == "score_head" or not matches(name, cfg.targets):
             continue
@@ -226,7 +271,8 @@ class LoRADef:
                 flat[rate_k] = jnp.full(lead, self.cfg.dropout, jnp.float32)
         return self.full.merge(unflatten_dict(flat))
 
-    def trained_shardings(self, mesh) -> dict:
+    def shardings(self, mesh) -> dict:
+        """NamedShardings of the trained params (the adapters on their logical axes)."""
         return self.trained_params(self.full.shardings(mesh))
 
     def hf_names(self) -> dict:
@@ -263,6 +309,31 @@ class LoRADef:
             delta = _delta(a, b, lead)
             flat[kern] = (w.astype(jnp.float32) + self.cfg.scale * delta).astype(w.dtype)
         return unflatten_dict(flat)
+
+
+def base_def(mdef: ModelDef | LoRADef) -> ModelDef:
+    """The plain model's definition (a LoRA model's frozen base; a plain model's own)."""
+    return mdef.base if isinstance(mdef, LoRADef) else mdef
+
+
+def merge_role(mdef: ModelDef | LoRADef, params: dict, base: dict | None = None, key: Array | None = None):
+    """The module of a trained role: a plain model from its own params, a LoRA model from its trained params
+    over the shared frozen ``base`` (dropout keyed by ``key``; None = off)."""
+    if isinstance(mdef, LoRADef):
+        return mdef.merge(params, base, key)
+    return mdef.merge(params)
+
+
+def lora_model(mdef: ModelDef, params: dict, cfg: LoRAConfig, *, seed: int, what: str,
+               heads: tuple[str, ...] = ()) -> tuple[LoRADef, dict]:
+    """``(LoRADef, trained params)`` of a loaded plain model ``(mdef, params)``: adapters initialised from
+    ``seed``; ``heads`` trained in full start as copies of the model's (the frozen base keeps its own)."""
+    module = add_lora(mdef.merge(params), cfg, seed=seed, what=what)
+    fdef, fparams = split_model(module)
+    ldef = LoRADef(fdef, mdef, cfg, tuple(heads))
+    trained = ldef.trained_params(fparams)
+    trained = {k: (jax.tree.map(jnp.copy, v) if k in heads else v) for k, v in trained.items()}
+    return ldef, trained
 
 
 def _delta(a: Array, b: Array, lead: int) -> Array:
