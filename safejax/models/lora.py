@@ -37,6 +37,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from safejax.config import ConfigError, check_range
 from safejax.models.functional import ModelDef, split_model
+from safejax.models.hf_names import variable_sharding_names
 from safejax.models.llama import Dense
 
 Array = jax.Array
@@ -179,11 +180,6 @@ class LoRAAdapter(nnx.Module):
         return jnp.tensordot(h, self.lora_b[...].astype(dt), axes=1) * jnp.asarray(self.scale, dt)
 
 
-def _names(var: nnx.Variable):
-    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-    return meta.get("sharding_names") or meta.get("sharding")
-
-
 def matches(path: str, targets) -> bool:
     """Whether the module path is targeted (see :attr:`LoRAConfig.targets`)."""
     return any(path == t or path.endswith("." + t) or re.fullmatch(t, path) for t in targets)
@@ -211,7 +207,7 @@ def _add_lora(model: nnx.Module, cfg: LoRAConfig, seed: int, what: str) -> nnx.M
         lead = shape[:1] if config.scan_layers and name.startswith("model.layers.") else ()
         n_out = len(shape) - len(lead) - mod.n_in
         in_shape, out_shape = shape[len(lead):len(lead) + mod.n_in], shape[len(shape) - n_out:]
-        setattr(mod, ADAPTER, LoRAAdapter(lead, in_shape, out_shape, _names(mod.kernel), cfg, dtype=mod.dtype,
+        setattr(mod, ADAPTER, LoRAAdapter(lead, in_shape, out_shape, variable_sharding_names(mod.kernel), cfg, dtype=mod.dtype,
                                           param_dtype=config.param_dtype, rngs=rngs))
         found.append(name)
     if not found:
