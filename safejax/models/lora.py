@@ -207,7 +207,8 @@ def _add_lora(model: nnx.Module, cfg: LoRAConfig, seed: int, what: str) -> nnx.M
         lead = shape[:1] if config.scan_layers and name.startswith("model.layers.") else ()
         n_out = len(shape) - len(lead) - mod.n_in
         in_shape, out_shape = shape[len(lead):len(lead) + mod.n_in], shape[len(shape) - n_out:]
-        setattr(mod, ADAPTER, LoRAAdapter(lead, in_shape, out_shape, variable_sharding_names(mod.kernel), cfg, dtype=mod.dtype,
+        names = variable_sharding_names(mod.kernel)
+        setattr(mod, ADAPTER, LoRAAdapter(lead, in_shape, out_shape, names, cfg, dtype=mod.dtype,
                                           param_dtype=config.param_dtype, rngs=rngs))
         found.append(name)
     if not found:
