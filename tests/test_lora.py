@@ -251,3 +251,21 @@ def test_lora_export_is_merged_hf_and_a_peft_folder_with_safejax_logits(world, l
 
     tiny_world.run_cli("export", "--run", str(lora_run), "--out", str(tmp_path / "hf"), "--step", "2")
     np.testing.assert_allclose(_hf_logits(tmp_path / "hf", ids), ours, atol=1e-4)
+
+
+def test_demo_lora_flag_adds_the_lora_run_and_its_checks():
+    from safejax.cli import _load, build_parser
+    from safejax.demo import demo_checks
+
+    assert _load(build_parser().parse_args(["demo", "--lora"]), load_config).lora is True
+    assert _load(build_parser().parse_args(["demo"]), load_config).lora is False  # the default demo is unchanged
+    pol = {"sft": {"unsafe_rate_harmful": 0.5, "helpfulness_benign": 1.8},
+           "safe_rlhf": {"unsafe_rate_harmful": 0.05, "helpfulness_benign": 2.3},
+           "ppo": {"unsafe_rate_harmful": 0.9, "helpfulness_benign": 2.4}}
+    summary = {"policies": pol, "lambda_trace": [1.0, 2.0, 1.5], "episode_cost_trace": [1.0, 0.0, -1.0],
+               "threshold": 0.0}
+    assert not any("lora" in k for k in demo_checks(summary))
+    pol["safe_rlhf_lora"] = {"unsafe_rate_harmful": 0.3, "helpfulness_benign": 2.0}
+    checks = demo_checks(summary)
+    assert checks["safe_rlhf_lora_helpfulness_at_least_sft"] and checks["safe_rlhf_lora_unsafe_below_ppo"]
+    assert not checks["safe_rlhf_lora_unsafe_at_most_half_of_sft"]  # 0.3 > 0.5 * 0.5
