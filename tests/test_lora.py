@@ -269,3 +269,13 @@ def test_demo_lora_flag_adds_the_lora_run_and_its_checks():
     checks = demo_checks(summary)
     assert checks["safe_rlhf_lora_helpfulness_at_least_sft"] and checks["safe_rlhf_lora_unsafe_below_ppo"]
     assert not checks["safe_rlhf_lora_unsafe_at_most_half_of_sft"]  # 0.3 > 0.5 * 0.5
+
+
+def test_lora_targets_that_match_no_layer_exit_2_naming_the_key(world, tmp_path, capsys):
+    from safejax.cli import main
+
+    run = tmp_path / "bad"
+    assert main(_ppo_args(world, run, "lora.actor.targets=[nope_proj]")) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(err) == 1 and "lora.actor.targets" in err[0] and "nope_proj" in err[0], err
+    assert not (run / "checkpoints").exists()
