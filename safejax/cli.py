@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole Safe RLHF pipeline on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="safejax-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="drives task generation and training")
+    demo.add_argument("--lora", action="store_true",
+                      help="also run Safe RLHF with LoRA actor and critics, beside full fine-tuning")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     _stage_parser("sft", "supervised fine-tuning", sub)
     _stage_parser("rm", "train the reward model (helpfulness)", sub)
@@ -181,7 +183,7 @@ def _load(args, load_config) -> Any:
     if args.command == "demo":
         from safejax.demo import DemoConfig
 
-        return load_config(DemoConfig, None, args.overrides)
+        return load_config(DemoConfig, None, list(args.overrides) + (["lora=true"] if args.lora else []))
     if args.command == "sft":
         from safejax.train.sft import SFTConfig
 

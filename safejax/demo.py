@@ -30,6 +30,7 @@ from safejax.generation import SamplingConfig, generate
 from safejax.models import CausalLM, ModelConfig, save_pretrained
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax.models.lora import LoRAConfig, LoRARoles
 from safejax.models.pairs import pair_scores
 from safejax.parallel import MeshConfig, make_mesh, use_mesh
 from safejax.sections import LoopSection, ModelSection
@@ -41,6 +42,7 @@ from safejax.train.score_model import PreferenceDataSection, ScoreModelConfig, l
 from safejax.train.sft import SFTConfig, SupervisedDataSection, run_sft
 
 log = logging.getLogger("safejax")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every projection
 
 
 @dataclasses.dataclass
@@ -72,6 +74,13 @@ class DemoConfig:
     eval_every: int = 0
     mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(1, 1, 1))
     progress: bool = True
+    # ``safejax demo --lora``: also run Safe RLHF with LoRA actor and critics (policy ``safe_rlhf_lora``, its time
+    # beside the full fine-tuning run's); rank / alpha of every adapter, on LORA_TARGETS, and its learning rates
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_actor_lr: float = 2e-3
+    lora_critic_lr: float = 2e-3
 
     def validate(self) -> None:
         check_range("ppo_iterations", self.ppo_iterations, low=1)
@@ -242,8 +251,9 @@ def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=No
 
 
 def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_dirs: dict, threshold: float,
-           nu: float | None = None, prompts: Path | None = None, lagrange: dict | None = None):
-    """One RL run from ``actor_dir``; returns ``(oracle metrics, traces, PPOResult)``."""
+           nu: float | None = None, prompts: Path | None = None, lagrange: dict | None = None, lora: bool = False):
+    """One RL run from ``actor_dir``; returns ``(oracle metrics, traces, PPOResult)``.  ``lora``: LoRA actor and
+    critics (``cfg.lora_*``), judged from the merged HF export."""
     cfg = ws.cfg
     t = time.time()
     lag = dict(lambda_init=nu if nu is not None else cfg.lambda_init, lambda_lr=cfg.lambda_lr,
@@ -257,13 +267,20 @@ def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_d
         ppo=PPOSection(kl_coeff=cfg.kl_coeff, micro_batch_size=cfg.ppo_batch_size, ptx_coeff=0.0,
                        clip_range_score=50.0, clip_range_value=5.0),
         lagrange=LagrangeSection(**lag),
-        actor_optim=OptimConfig(lr=cfg.actor_lr, schedule="constant", weight_decay=0.0),
-        critic_optim=OptimConfig(lr=cfg.critic_lr, schedule="constant", weight_decay=0.0),
+        actor_optim=OptimConfig(lr=cfg.lora_actor_lr if lora else cfg.actor_lr, schedule="constant", weight_decay=0.0),
+        critic_optim=OptimConfig(lr=cfg.lora_critic_lr if lora else cfg.critic_lr, schedule="constant",
+                                 weight_decay=0.0),
         train=LoopSection(epochs=100, batch_size=cfg.ppo_batch_size, max_steps=cfg.ppo_iterations,
                           log_every=1, progress=cfg.progress),
         mesh=cfg.mesh)
+    if lora:
+        one = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=list(LORA_TARGETS))
+        pc.lora = LoRARoles(actor=one, reward_critic=one, cost_critic=one)
     res = run_ppo(pc)
-    metrics, texts = judge(ws, mdef=res.models.actor, params=res.state.actor.params)
+    if lora:  # the merged export: the policy a user of the HF folder gets
+        metrics, texts = judge(ws, res.export_dir)
+    else:
+        metrics, texts = judge(ws, mdef=res.models.actor, params=res.state.actor.params)
     ws.keep_samples(name, texts)
     metrics["algorithm"] = algorithm
     if nu is not None:
@@ -293,10 +310,11 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
     ws.keep_samples("sft", texts)
     runs = [("ppo-lag", "safe_rlhf", None), ("ppo", "ppo", None)]
     runs += [("ppo-reward-shaping", f"reward_shaping_nu{nu:g}", nu) for nu in cfg.nus]
+    runs += [("ppo-lag", "safe_rlhf_lora", None)] if cfg.lora else []
     traces: dict[str, dict] = {}
     for algorithm, name, nu in runs:
         policies[name], traces[name], _ = run_rl(ws, algorithm, name, actor_dir=sft_dir, score_dirs=score_dirs,
-                                                 threshold=threshold, nu=nu)
+                                                 threshold=threshold, nu=nu, lora=name == "safe_rlhf_lora")
     summary = {
         "seed": seed,
         "threshold": threshold,
@@ -343,4 +361,10 @@ def demo_checks(summary: dict) -> dict[str, bool]:
             not (v["unsafe_rate_harmful"] <= lag["unsafe_rate_harmful"]
                  and v["helpfulness_benign"] >= lag["helpfulness_benign"]) for v in shaping.values()),
     }
+    if "safe_rlhf_lora" in p:  # demo --lora: the same findings with LoRA actor and critics
+        lo = p["safe_rlhf_lora"]
+        half = 0.5 * sft["unsafe_rate_harmful"]
+        checks["safe_rlhf_lora_unsafe_at_most_half_of_sft"] = lo["unsafe_rate_harmful"] <= half
+        checks["safe_rlhf_lora_unsafe_below_ppo"] = lo["unsafe_rate_harmful"] < ppo["unsafe_rate_harmful"]
+        checks["safe_rlhf_lora_helpfulness_at_least_sft"] = lo["helpfulness_benign"] >= sft["helpfulness_benign"]
     return {k: bool(v) for k, v in checks.items()}

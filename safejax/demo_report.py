@@ -33,6 +33,8 @@ def _fmt(x, digits: int = 3) -> str:
 def _policy_label(name: str, v: dict) -> str:
     if name == "safe_rlhf":
         return "Safe RLHF (PPO-Lag)"
+    if name == "safe_rlhf_lora":
+        return "Safe RLHF with LoRA actor and critics"
     if name.startswith("reward_shaping"):
         return f"reward shaping, nu={v.get('nu', name.rsplit('nu', 1)[-1])}"
     return {"sft": "SFT", "ppo": "PPO (reward only)"}.get(name, name)

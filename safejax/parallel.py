@@ -50,6 +50,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("score", None),
     ("length", None),
     ("constraints", None),
+    ("lora_rank", None),           # LoRA adapters' rank axis (safejax.models.lora): small, replicated
 )
 
 

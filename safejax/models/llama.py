@@ -102,6 +102,9 @@ class Dense(nnx.Module):
                           preferred_element_type=jnp.dtype(self.out_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        adapter = getattr(self, "lora", None)  # safejax.models.lora.add_lora's LoRAAdapter, if any
+        if adapter is not None:
+            y = y + adapter(x).astype(y.dtype)
         return y
 
 

@@ -32,6 +32,7 @@ from safejax.checkpoint import (CheckpointError, CheckpointMismatchError, Checkp
                                 named_leaves)
 from safejax.models import save_pretrained
 from safejax.models.functional import split_model
+from safejax.models.lora import LoRAConfig, lora_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME
 from safejax.sections import ModelSection
@@ -79,6 +80,10 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     tok = load_tokenizer_for(sec)
     model = load_model_for(sec, None, model_type=model_type, tokenizer=tok)
     mdef, template = split_model(model)
+    lora = (cfg.get("lora") or {}).get("actor") or {} if key == ("actor", "params") else {}
+    if lora.get("rank"):  # a LoRA actor's checkpoint holds its adapters: merge them into the base
+        base = template
+        mdef, template = lora_model(mdef, base, LoRAConfig(**lora), seed=0, what="lora.actor")
     diff = describe_mismatch(leaf_table(params), leaf_table(template))
     if diff is not None:
         raise CheckpointMismatchError(f"checkpoint {ckpt_dir / str(s)} does not match the model at {sec.path}: {diff}")
@@ -86,7 +91,8 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, dtype: st
     flat, treedef = jax.tree_util.tree_flatten(template)
     params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(by_name[n], t.dtype)
                                                     for n, t in zip(named_leaves(template), flat)])
-    write_hf_folder(mdef.merge(params), out_dir, tokenizer=tok, dtype=dtype)
+    model = mdef.base.merge(mdef.merged_params(params, base)) if lora.get("rank") else mdef.merge(params)
+    write_hf_folder(model, out_dir, tokenizer=tok, dtype=dtype)
     log.info("exported %s (%s) step %d -> %s (%s)", run, stage, s, out_dir, dtype)
     return Path(out_dir)
 

@@ -32,6 +32,7 @@ from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
 from safejax.sections import ExportSection, LoopSection, ModelSection
 from safejax.models.functional import ModelDef
+from safejax.models.lora import LoRADef, LoRARoles, base_def, merge_role
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
 from safejax.train.state import ModelState, apply_gradients
 
@@ -141,6 +142,7 @@ class PPOConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     allow_config_change: bool = False
     export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf (actor)
+    lora: LoRARoles = dataclasses.field(default_factory=LoRARoles)  # lora.{actor,reward_critic,cost_critic}.rank...
 
     def validate(self) -> None:
         check_range("algorithm", self.algorithm, choices=ALGORITHMS)
@@ -160,6 +162,7 @@ class PPOConfig:
         if self.train.batch_size % self.rollout.num_return_sequences:
             raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
                               f"'rollout.num_return_sequences' = {self.rollout.num_return_sequences}")
+        self.lora.check_roles(self)
         for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
@@ -206,9 +209,9 @@ class Experience:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Models:
-    actor: ModelDef               # also the reference policy's def
-    reward_critic: ModelDef
-    cost_critic: ModelDef | None  # None unless ppo-lag
+    actor: ModelDef | LoRADef     # also the reference policy's def (a LoRA actor's: its base)
+    reward_critic: ModelDef | LoRADef  # a LoRA critic's base is the reward model's params
+    cost_critic: ModelDef | LoRADef | None  # None unless ppo-lag; a LoRA one's base is the cost model's
     reward: ModelDef
     cost: ModelDef | None         # None when no cost model is given (plain PPO may omit it)
 
@@ -293,7 +296,7 @@ class PPOPhases:
     def rollout(self, state: PPOState, frozen: Frozen, prompt_ids, prompt_mask):
         cfg, m = self.cfg, self.models
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        actor = m.actor.merge(state.actor.params)
+        actor = merge_role(m.actor, state.actor.params, frozen.ref)
         gen = generate(actor, prompt_ids, prompt_mask, key, self.sampling, eos_token_id=self.eos_id,
                        pad_token_id=self.pad_id)
         seq, mask = gen.sequences, gen.attention_mask
@@ -308,17 +311,19 @@ class PPOPhases:
             cost = _end_scores(m.cost.merge(frozen.cost), seq, mask)
         else:
             cost = jnp.zeros_like(reward)
-        old_lp, ref_lp, rv, cv = self.score(state, frozen.ref, seq, mask)
+        old_lp, ref_lp, rv, cv = self.score(state, frozen.ref, seq, mask, frozen)
         return Experience(seq, mask, old_lp, ref_lp, reward, cost, rv, cv, self.action_mask(mask))
 
-    def score(self, state: PPOState, ref_params, seq, mask):
+    def score(self, state: PPOState, ref_params, seq, mask, frozen: Frozen | None = None):
         """Actor and reference log-probs and the two critics' values of the response actions, each ``[B, N]``
-        (cost values are zeros without a cost critic).  ``seq, mask``: ``[B, L]``."""
+        (cost values are zeros without a cost critic).  ``seq, mask``: ``[B, L]``.  LoRA models need
+        ``frozen`` (their shared bases; ``ref_params`` is then the actor's base)."""
         m, start = self.models, self.P - 1
-        old_lp = _token_log_probs(m.actor.merge(state.actor.params), seq, mask, start)
-        ref_lp = _token_log_probs(m.actor.merge(ref_params), seq, mask, start)
-        rv = _values(m.reward_critic.merge(state.reward_critic.params), seq, mask, start)
-        cv = (_values(m.cost_critic.merge(state.cost_critic.params), seq, mask, start) if self.lag
+        fz = frozen or Frozen(None, None, None)
+        old_lp = _token_log_probs(merge_role(m.actor, state.actor.params, ref_params), seq, mask, start)
+        ref_lp = _token_log_probs(base_def(m.actor).merge(ref_params), seq, mask, start)
+        rv = _values(merge_role(m.reward_critic, state.reward_critic.params, fz.reward), seq, mask, start)
+        cv = (_values(merge_role(m.cost_critic, state.cost_critic.params, fz.cost), seq, mask, start) if self.lag
               else jnp.zeros_like(rv))
         return old_lp, ref_lp, rv, cv
 
@@ -347,15 +352,16 @@ class PPOPhases:
         extras = dict(rewards=rewards, costs=costs, r_sig=r_sig)
         return lag_state, data, extras
 
-    def actor_grads(self, params, mb, pb, lam):
+    def actor_grads(self, params, mb, pb, lam, base=None, key=None):
         """Gradient the actor's optimizer receives for one micro-step: ``grad L_actor``, or with a ptx
         micro-batch ``pb`` ``(grad L_actor + ptx_coeff * grad L_ptx) / 2`` (the reference accumulates the RL
         and the ptx micro-steps).  Returns ``(grads, metrics)``; metrics hold the losses and the new
-        log-probs / ratios ``[M, N]``."""
+        log-probs / ratios ``[M, N]``.  A LoRA actor: ``params`` are its adapters over the frozen ``base``,
+        ``key`` drives its dropout."""
         pc, start = self.cfg.ppo, self.P - 1
 
         def actor_loss(params):
-            lm = self.models.actor.merge(params)
+            lm = merge_role(self.models.actor, params, base, key)
             lp = _token_log_probs(lm, mb["seq"], mb["attn"], start)
             if self.lag:
                 loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["adv_c"], mb["mask"],
@@ -366,7 +372,7 @@ class PPOPhases:
             return loss, lp
 
         def ptx_loss(params):
-            lm = self.models.actor.merge(params)
+            lm = merge_role(self.models.actor, params, base, None if key is None else jax.random.fold_in(key, 1))
             seg = pb.get("segment_ids")  # packed ptx rows (data.ptx_pack)
             logits = lm(pb["input_ids"], attention_mask=pb["attention_mask"], segment_ids=seg,
                         positions=positions_from_mask(pb["attention_mask"]) if seg is None else pb["positions"])
@@ -383,12 +389,13 @@ class PPOPhases:
             metrics["ptx_loss"] = p_loss
         return grads, metrics
 
-    def critic_grads(self, params, mb, which: str):
-        """``which`` = 'r' | 'c': ``(grads, (loss, new values [M, N]))`` of the clipped value loss."""
+    def critic_grads(self, params, mb, which: str, base=None, key=None):
+        """``which`` = 'r' | 'c': ``(grads, (loss, new values [M, N]))`` of the clipped value loss (a LoRA
+        critic: ``params`` = adapters + head over the frozen ``base``, dropout keyed by ``key``)."""
         pc, start = self.cfg.ppo, self.P - 1
 
         def critic_loss(params):
-            sm = (self.models.reward_critic if which == "r" else self.models.cost_critic).merge(params)
+            sm = merge_role(self.models.reward_critic if which == "r" else self.models.cost_critic, params, base, key)
             v = _values(sm, mb["seq"], mb["attn"], start)
             return rl.value_loss(v, mb[f"v_{which}"], mb[f"ret_{which}"], mb["mask"],
                                  clip_range_value=pc.clip_range_value), v
@@ -396,7 +403,7 @@ class PPOPhases:
         (loss, v), grads = jax.value_and_grad(critic_loss, has_aux=True)(params)
         return grads, (loss, jax.lax.stop_gradient(v))
 
-    def update(self, state: PPOState, exp: Experience, ptx: dict | None):
+    def update(self, state: PPOState, exp: Experience, ptx: dict | None, frozen: Frozen | None = None):
         cfg = self.cfg
         pc, lc = cfg.ppo, cfg.lagrange
         lag_state, data, extras = self.prepare(state, exp)
@@ -415,30 +422,37 @@ class PPOPhases:
 
         def micro_step(carry, xs):
             actor_s, rc_s, cc_s, lag = carry
-            mb, pb = xs
+            mb, pb, key = xs
             out = {"log_lambda_before": lag.log_lambda[0]}
             if self.lag:
                 lag = rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr,
                                        lambda_max=lc.lambda_max, update_delay_steps=lc.lambda_update_delay_steps)
             lam = rl.multiplier(lag)[0] if self.lag else jnp.float32(0.0)
             out.update(log_lambda=lag.log_lambda[0], lambda_used=lam)
-            a_grads, a_out = self.actor_grads(actor_s.params, mb, pb, jax.lax.stop_gradient(lam))
+            a_grads, a_out = self.actor_grads(actor_s.params, mb, pb, jax.lax.stop_gradient(lam), fz.ref,
+                                              jax.random.fold_in(key, 0))
             out.update(a_out)
             if self.lag:
                 out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], mb["adv_c"], lam)
             actor_s = apply(self.actor_tx, actor_s, a_grads, "actor", out)
-            r_grads, (out["reward_critic_loss"], out["reward_values"]) = self.critic_grads(rc_s.params, mb, "r")
+            r_grads, (out["reward_critic_loss"], out["reward_values"]) = self.critic_grads(
+                rc_s.params, mb, "r", fz.reward, jax.random.fold_in(key, 2))
             rc_s = apply(self.critic_tx, rc_s, r_grads, "reward_critic", out)
             if self.lag:
-                c_grads, (out["cost_critic_loss"], out["cost_values"]) = self.critic_grads(cc_s.params, mb, "c")
+                c_grads, (out["cost_critic_loss"], out["cost_values"]) = self.critic_grads(
+                    cc_s.params, mb, "c", fz.cost, jax.random.fold_in(key, 3))
                 cc_s = apply(self.critic_tx, cc_s, c_grads, "cost_critic", out)
             return (actor_s, rc_s, cc_s, lag), out
 
-        def epoch(carry, _):
-            return jax.lax.scan(micro_step, carry, (data, ptx))
+        fz = frozen or Frozen(None, None, None)
+        # LoRA dropout: one key per micro-step from the state's rng (unused, so compiled away, without dropout)
+        it_key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 1 << 20)
+
+        def epoch(carry, e):
+            return jax.lax.scan(micro_step, carry, (data, ptx, jax.random.split(jax.random.fold_in(it_key, e), nmb)))
 
         carry = (state.actor, state.reward_critic, state.cost_critic, lag_state)
-        (actor_s, rc_s, cc_s, lag_state), steps = jax.lax.scan(epoch, carry, None, length=pc.update_iters)
+        (actor_s, rc_s, cc_s, lag_state), steps = jax.lax.scan(epoch, carry, jnp.arange(pc.update_iters))
         metrics = {k: jnp.mean(steps[k]) for k in ("actor_loss", "ptx_loss", "reward_critic_loss", "cost_critic_loss")
                    if k in steps}
         new_state = state.replace(step=state.step + 1, actor=actor_s, reward_critic=rc_s, cost_critic=cc_s,

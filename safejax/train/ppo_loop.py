@@ -28,8 +28,9 @@ from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.train.loop import HostLoop, to_host
 from safejax.train.ppo import Frozen, Models, PPOConfig, PPOPhases, PPOState
+from safejax.models.lora import base_def
+from safejax.train.ppo_lora import export_actor, lora_models
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
-from safejax.train.sft import export_model
 from safejax.train.state import build_state, keep_finite, place, replicated, trainable
 
 log = logging.getLogger("safejax")
@@ -52,20 +53,24 @@ class PPOResult:
 def load_models(cfg: PPOConfig, mesh, tok) -> tuple[Models, dict]:
     """The six models of the RL stage as ``(Models, params)``: ``params`` has ``actor``, ``ref`` (a copy of the
     actor's), ``reward``, ``cost``, ``reward_critic``, ``cost_critic`` (host trees; ``cost`` None without a cost
-    model, ``cost_critic`` None unless ppo-lag).  The critics start from the score models unless given."""
+    model, ``cost_critic`` None unless ppo-lag).  The critics start from the score models unless given.
+    LoRA roles (``cfg.lora``) come back as :func:`safejax.train.ppo_lora.lora_models` makes them."""
 
     def score_model(section):
         return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
                                           attention=cfg.actor.attention))
 
     actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
-    ref = jax.tree.map(jnp.copy, actor)
+    lc = cfg.lora  # a LoRA role shares its frozen base: no reference copy, no second critic backbone loaded
+    ref = jax.tree.map(jnp.copy, actor) if not lc.actor.rank else None
     rm_def, rm = score_model(cfg.reward_model)
     cm_def, cm = score_model(cfg.cost_model) if cfg.cost_model else (None, None)
-    rc_def, rc = score_model(cfg.reward_critic or cfg.reward_model)
-    cc_def, cc = score_model(cfg.cost_critic or cfg.cost_model) if cfg.algorithm == "ppo-lag" else (None, None)
+    rc_def, rc = (rm_def, None) if lc.reward_critic.rank else score_model(cfg.reward_critic or cfg.reward_model)
+    cc_def, cc = ((None, None) if cfg.algorithm != "ppo-lag" else (cm_def, None) if lc.cost_critic.rank
+                  else score_model(cfg.cost_critic or cfg.cost_model))
     models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
-    return models, {"actor": actor, "ref": ref, "reward": rm, "cost": cm, "reward_critic": rc, "cost_critic": cc}
+    params = {"actor": actor, "ref": ref, "reward": rm, "cost": cm, "reward_critic": rc, "cost_critic": cc}
+    return lora_models(cfg, models, params) if lc.any else (models, params)
 
 
 def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, mesh) -> tuple[PPOState, PPOState]:
@@ -86,7 +91,7 @@ def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, m
 
 def frozen_models(models: Models, ref, reward, cost, mesh) -> tuple[Frozen, Frozen]:
     """``(Frozen params placed on their shardings, their shardings)``; ``cost`` may be None."""
-    sh = Frozen(ref=models.actor.shardings(mesh), reward=models.reward.shardings(mesh),
+    sh = Frozen(ref=base_def(models.actor).shardings(mesh), reward=models.reward.shardings(mesh),
                 cost=models.cost.shardings(mesh) if models.cost is not None else None)
     return Frozen(ref=place(ref, sh.ref), reward=place(reward, sh.reward),
                   cost=place(cost, sh.cost) if cost is not None else None), sh
@@ -99,13 +104,14 @@ def make_rollout(phases: PPOPhases, mesh, state_shardings, frozen_shardings) -> 
 
 
 def make_update(phases: PPOPhases, mesh, state_shardings, *, skip_nonfinite: bool = False,
-                inject_nan_step: int = 0) -> Callable:
-    """The jitted ``update(state, exp, ptx) -> (state, metrics)``, state donated, with the numerics options of
-    :func:`guarded_update`."""
+                inject_nan_step: int = 0, frozen_shardings=None) -> Callable:
+    """The jitted ``update(state, exp, ptx[, frozen]) -> (state, metrics)``, state donated, with the numerics
+    options of :func:`guarded_update`; ``frozen`` (LoRA models' shared bases) when ``frozen_shardings`` is given."""
     fn = guarded_update(phases.update, skip_nonfinite=skip_nonfinite, inject_nan_step=inject_nan_step,
                         lag=phases.lag)
-    return parallel.mesh_jit(fn, mesh=mesh, in_shardings=(state_shardings, None, None),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+    in_sh = (state_shardings, None, None) + ((frozen_shardings,) if frozen_shardings is not None else ())
+    return parallel.mesh_jit(fn, mesh=mesh, in_shardings=in_sh, out_shardings=(state_shardings, None),
+                             donate_argnums=(0,))
 
 
 def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1
@@ -172,8 +178,10 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     state, state_sh = ppo_state(cfg, models, params, phases, mesh)
     frozen, frozen_sh = frozen_models(models, params["ref"], params["reward"], params["cost"], mesh)
     rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh) for w, p in all_phases.items()}
+    lora_sh = frozen_sh if cfg.lora.any else None  # LoRA models read their frozen bases in the update
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
-                                 inject_nan_step=cfg.train.inject_nan_step) for w, p in all_phases.items()}
+                                 inject_nan_step=cfg.train.inject_nan_step, frozen_shardings=lora_sh)
+                  for w, p in all_phases.items()}
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
@@ -201,7 +209,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh)
         exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
         ptx = parallel.host_local_to_global(ptx, mesh) if ptx is not None else None
-        return update_fns[w](state, exp, ptx)
+        return update_fns[w](state, exp, ptx, *((frozen,) if cfg.lora.any else ()))
 
     def log_hook(h: HostLoop, step: int, state) -> None:
         metrics = h.log(step)
@@ -219,7 +227,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
         host.add_end_hook(eval_step)
     if export:
-        host.add_export(lambda st: export_model(models.actor, st.actor.params, run.path / "hf", tok,
+        host.add_export(lambda st: export_actor(models, st.actor.params, frozen.ref, run.path / "hf", tok,
                                                 dtype=cfg.export.dtype))
     state, _ = host.run_steps(state, step, batches)
     result.state, result.export_dir = state, host.exported
@@ -250,14 +258,14 @@ def guarded_update(update: Callable, *, skip_nonfinite: bool, inject_nan_step: i
     if not skip_nonfinite and inject_nan_step <= 0:
         return update
 
-    def wrapped(state, exp, ptx):
+    def wrapped(state, exp, ptx, *frozen):
         if inject_nan_step > 0:
             hit = state.step + 1 == inject_nan_step
             if lag:
                 exp = exp.replace(cost=jnp.where(hit, jnp.float32(jnp.nan), exp.cost))
             else:
                 exp = exp.replace(reward=jnp.where(hit, jnp.float32(jnp.nan), exp.reward))
-        new, metrics = update(state, exp, ptx)
+        new, metrics = update(state, exp, ptx, *frozen)
         if skip_nonfinite:
             new, skipped = keep_finite(state, new, metrics)
             metrics = dict(metrics, **{"train/" + SKIP_KEY: skipped})
