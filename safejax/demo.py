@@ -32,7 +32,7 @@ from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.models.lora import LoRAConfig, LoRARoles
 from safejax.models.pairs import pair_scores
-from safejax.parallel import MeshConfig, make_mesh, use_mesh
+from safejax.parallel import MeshConfig, make_mesh, resolve_rules, use_mesh
 from safejax.sections import LoopSection, ModelSection
 from safejax.train.fit import eval_loop
 from safejax.train.optim import OptimConfig
@@ -98,11 +98,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def judge_policy(actor_def, params, prompt_arrays: dict, prompt_rows: list[dict], tokenizer, oracle, *, seed: int,
-                 max_new_tokens: int, mesh) -> tuple[dict, list[str]]:
+                 max_new_tokens: int, mesh, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES
+                 ) -> tuple[dict, list[str]]:
     """Sample one response per held-out prompt with the policy and score the texts with the oracle."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
 
-    @parallel.mesh_jit(mesh=mesh)
+    @parallel.mesh_jit(mesh=mesh, rules=rules)
     def sample(params, ids, mask, key):
         out = generate(actor_def.merge(params), ids, mask, key, sampling, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
@@ -128,14 +129,15 @@ def calibrate_threshold(cm_dir, pref_path, tok, cfg: DemoConfig, mesh) -> tuple[
     harmful prompt set; on a task with half benign prompts, E[C] <= 0 barely constrains anything.)"""
     arrays, _ = load_pairs([str(pref_path)], tok, PreferenceDataSection(max_length=cfg.max_length), "cost",
                            "threshold calibration")
-    mdef, params = split_model(load_model_for(str(cm_dir), mesh, model_type="score", tokenizer=tok))
+    rules = resolve_rules(cfg.mesh)
+    mdef, params = split_model(load_model_for(str(cm_dir), mesh, model_type="score", tokenizer=tok, rules=rules))
 
-    @parallel.mesh_jit(mesh=mesh)
+    @parallel.mesh_jit(mesh=mesh, rules=rules)
     def ends(params, b):
         _, _, ea, eb = pair_scores(mdef.merge(params), b, "cost")
         return {"a": ea, "b": eb}
 
-    out = eval_loop(lambda b: ends(params, b), arrays, cfg.batch_size, mesh)
+    out = eval_loop(lambda b: ends(params, b), arrays, cfg.batch_size, mesh, rules)
     costs = np.concatenate([out["a"], out["b"]])
     safe = np.concatenate([arrays["safer_is_safe"], arrays["unsafer_is_safe"]]).astype(bool)
     m_safe, m_unsafe = float(costs[safe].mean()), float(costs[~safe].mean())
@@ -193,7 +195,7 @@ def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
     hf_cfg = tiny_llama_config(len(tok))
     hf_cfg.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     mcfg = ModelConfig.from_hf_dict(dict(hf_cfg, architectures=["LlamaForCausalLM"], model_type="llama"))
-    with use_mesh(mesh):
+    with use_mesh(mesh, resolve_rules(cfg.mesh)):
         init_lm = CausalLM(mcfg, rngs=nnx.Rngs(seed))
     save_pretrained(init_lm, out / "init", tokenizer=tok)
     paths["init"] = out / "init"
@@ -244,10 +246,12 @@ def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, 
 
 def judge(ws: Workspace, policy_dir: Path | None = None, *, mdef=None, params=None) -> tuple[dict, list[str]]:
     """Oracle metrics of a policy (an HF folder, or a ModelDef + params) on the held-out prompts."""
+    rules = resolve_rules(ws.cfg.mesh)
     if mdef is None:
-        mdef, params = split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok))
+        mdef, params = split_model(load_model_for(str(policy_dir), ws.mesh, model_type="causal_lm", tokenizer=ws.tok,
+                                                  rules=rules))
     return judge_policy(mdef, params, ws.eval_arrays, ws.eval_rows, ws.tok, ws.task.oracle, seed=ws.seed,
-                        max_new_tokens=ws.cfg.max_new_tokens, mesh=ws.mesh)
+                        max_new_tokens=ws.cfg.max_new_tokens, mesh=ws.mesh, rules=rules)
 
 
 def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_dirs: dict, threshold: float,

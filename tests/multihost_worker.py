@@ -10,7 +10,7 @@ the global mesh has 4 devices, 2 per process.  Modes:
 
 * ``step``: a sharded SFT train step (``safejax.train.fit.make_train_step``) on a model loaded with
   ``load_pretrained(mesh=...)`` (each host reads only its shards of the weights) and batches from
-  ``BatchIterator`` (each host takes only its rows) made global by ``put_batch``.  Writes the
+  ``BatchIterator`` (each host takes only its rows) made global by ``parallel.host_local_to_global``.  Writes the
   per-step metrics, a parameter checksum and what this host loaded.
 * ``ppo``: ``run_ppo`` (the RL stage, PPO-Lagrangian) from a config given as ``key=value``
   overrides; writes the metrics history that ``run_ppo`` returns.
@@ -60,8 +60,8 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
 
     from safejax.data.batching import BatchIterator
     from safejax.models import load_pretrained
-    from safejax.train.common import TrainState, micro_batch_sharding, put_batch, split_micro
-    from safejax.train.fit import make_train_step
+    from safejax.train.common import TrainState, split_micro
+    from safejax.train.fit import MICRO_AXES, make_train_step
     from safejax.models.functional import split_model
     from safejax.train.optim import OptimConfig, make_optimizer
     from safejax.train.sft import sft_loss_fn
@@ -78,7 +78,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, schedule="constant", weight_decay=0.01), STEP_STEPS)
     state, state_sh = build_state(TrainState, mesh, 0, **spread(trainable(params, mdef.shardings(mesh), tx, mesh)))
     example = split_micro({k: v[:STEP_BATCH] for k, v in arrays.items()}, accum)
-    batch_sh = {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+    batch_sh = {k: parallel.input_sharding(mesh, np.ndim(v), MICRO_AXES) for k, v in example.items()}
     step = make_train_step(sft_loss_fn(mdef), tx, schedule, state_sh, batch_sh)
     batches = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, micro_batches=accum)
     whole = BatchIterator(arrays, STEP_BATCH, seed=3, shuffle=True, drop_last=True, process_index=0, process_count=1,
@@ -92,7 +92,7 @@ def run_step(model_path: str, mesh_shape: tuple[int, int, int], accum: int = 1) 
         idx, _ = batches.global_indices(batches.state()["epoch"], batches.state()["position"] - 1)
         out["local_rows"].append([int(i) for i in idx[batches.host_rows]])
         assert len(local["input_ids"]) == STEP_BATCH // jax.process_count()
-        glob = put_batch(split_micro(local, accum), mesh)
+        glob = parallel.host_local_to_global(split_micro(local, accum), mesh, axes=MICRO_AXES)
         gathered = multihost_utils.process_allgather(glob["input_ids"], tiled=True)
         out["global_batch_matches"].append(
             bool(np.array_equal(np.asarray(gathered), split_micro(ref, accum)["input_ids"])))

@@ -155,3 +155,27 @@ def test_evaluate_imports_nothing_from_train():
     bad = [(n, t) for n, imps in GRAPH.items() if n.startswith("safejax.evaluate")
            for t, _, _ in imps if t.startswith("safejax.train")]
     assert not bad
+
+
+def _physical_axis_literals(path: Path) -> list[str]:
+    """``"fsdp"`` / ``"tensor"`` string constants anywhere, and any string constant inside a ``P(...)`` /
+    ``PartitionSpec(...)`` call or a ``mesh.shape[...]`` subscript (``"data"`` is also an ordinary word)."""
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in ("fsdp", "tensor"):
+            found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "P", "PartitionSpec"):
+            found += [f"{path.name}:{a.lineno}: P({a.value!r})" for a in ast.walk(node)
+                      if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        elif (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "shape"
+              and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            found.append(f"{path.name}:{node.lineno}: shape[{node.slice.value!r}]")
+    return found
+
+
+def test_physical_mesh_axes_are_named_only_by_the_rules_table_and_the_mesh():
+    hits = [h for p in sorted(PKG.rglob("*.py")) if p.name != "parallel.py" for h in _physical_axis_literals(p)]
+    assert hits == []
+    assert _physical_axis_literals(PKG / "parallel.py"), "the check no longer sees the table itself"

@@ -208,6 +208,8 @@ CASES = [
     Case("eps_negative", sft("optim.eps=-1e-8"), ("optim.eps", ">= 0")),
     Case("max_consecutive_skips_zero", sft("train.max_consecutive_skips=0"), ("train.max_consecutive_skips", ">= 1")),
     Case("mesh_does_not_divide_devices", sft("mesh.data=3"), ("mesh", "8 devices")),
+    Case("mesh_rule_unknown_mesh_axis", sft(cfg=_yaml("mesh:\n  rules: {mlp: [tensor, model]}\n")),
+         ("mesh.rules.mlp", "unknown mesh axis 'model'", "bad.yaml")),
     Case("grad_accum_does_not_divide_batch", sft("optim.grad_accum=3", ALLOW), ("optim.grad_accum=3",
                                                                                  "train.batch_size=16")),
     Case("ppo_batch_not_multiple_of_micro_batch", stage("ppo-lag", lambda w, t: ppo_args(

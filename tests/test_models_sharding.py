@@ -136,7 +136,7 @@ def test_fsdp_train_step_shards_activations_by_batch_and_splits_the_work(scan):
     wants; each of 8 devices does about 1/8 of the one-device FLOPs.  Plain ``jax.jit`` follows the
     FSDP-sharded weights instead and leaves the batch split over ``data`` only (more FLOPs and more than
     1.5x the bytes per device)."""
-    from safejax.parallel import batch_sharding, mesh_jit
+    from safejax.parallel import input_sharding, mesh_jit
     from safejax.models.functional import split_model
 
     cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
@@ -146,7 +146,7 @@ def test_fsdp_train_step_shards_activations_by_batch_and_splits_the_work(scan):
     def make(mesh):
         with use_mesh(mesh):
             mdef, params = split_model(CausalLM(cfg, rngs=nnx.Rngs(0)))
-        ids = jax.device_put(np.ones((16, 32), np.int32), batch_sharding(mesh, 2))
+        ids = jax.device_put(np.ones((16, 32), np.int32), input_sharding(mesh, 2))
 
         def loss(p, ids):
             lm = mdef.merge(p)

@@ -121,8 +121,9 @@ class Sections:
         import jax
         import numpy as np
 
-        from safejax.train.common import TrainState, micro_batch_sharding
-        from safejax.train.fit import make_train_step
+        from safejax.parallel import host_local_to_global, input_sharding
+        from safejax.train.common import TrainState
+        from safejax.train.fit import MICRO_AXES, make_train_step
         from safejax.train.optim import OptimConfig, make_optimizer
         from safejax.train.sft import sft_loss_fn
         from safejax.train.state import build_state, spread, trainable
@@ -144,8 +145,8 @@ class Sections:
         B, T = c["train_batch"], c["train_seq"]
         ids = np.random.default_rng(0).integers(0, c["vocab"], size=(1, B, T)).astype(np.int32)
         batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "label_mask": np.ones_like(ids)}
-        bsh = {k: micro_batch_sharding(mesh, 3) for k in batch}
-        batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+        bsh = {k: input_sharding(mesh, 3, MICRO_AXES) for k in batch}
+        batch = host_local_to_global(batch, mesh, axes=MICRO_AXES)
         step = make_train_step(sft_loss_fn(mdef), tx, sched, state_sh, bsh)
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -323,14 +324,13 @@ class Sections:
         init_s = time.perf_counter() - t
         log(f"   six models built in {init_s:.1f}s (frozen params {frozen_dtype}, remat {remat}); "
             f"device memory in use {self.peak_mem_gb() or 0:.1f} GB peak")
-        bsh = parallel.batch_sharding(mesh, 2)
         rollout_fn = make_rollout(phases, mesh, state_sh, frozen_sh)
         update_fn = make_update(phases, mesh, state_sh)
         rng = np.random.default_rng(0)
 
         def prompts():
             ids = rng.integers(0, c["vocab"], size=(B, Pw)).astype(np.int32)
-            return jax.device_put(ids, bsh), jax.device_put(np.ones_like(ids), bsh)
+            return parallel.host_local_to_global((ids, np.ones_like(ids)), mesh)
 
         # warm-up iteration: compile (timed separately) + run
         ids, mask = prompts()

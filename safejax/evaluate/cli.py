@@ -61,7 +61,7 @@ from safejax.evaluate.generate import (Generations, LoadedModel, PromptSet, gene
 from safejax.evaluate.output import OutputDir, safe_name
 from safejax.evaluate.report import plot_histograms, plot_reward_cost_scatter
 from safejax.models.pairs import pair_scores
-from safejax.parallel import make_mesh
+from safejax.parallel import make_mesh, resolve_rules
 
 log = logging.getLogger("safejax")
 
@@ -94,20 +94,22 @@ class PolicyResult:
 
 
 def _check_batch(cfg, mesh) -> None:
-    mult = rows_per_batch_multiple(mesh)
+    mult = rows_per_batch_multiple(mesh, resolve_rules(cfg.mesh))
     if cfg.batch_size % mult:
-        raise ConfigError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the mesh's "
-                          f"data x fsdp size {mult} (each batch's rows are split over those axes)")
+        raise ConfigError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of {mult}, the mesh axes "
+                          "each batch's rows are split over (mesh.rules.batch; data x fsdp by default)")
 
 
 def _load_scorer(path: str, cfg, mesh, what: str) -> LoadedModel:
-    return load_model(path, mesh, model_type="score", name=what, tokenizer_path=cfg.tokenizer, dtype=cfg.dtype)
+    return load_model(path, mesh, model_type="score", name=what, tokenizer_path=cfg.tokenizer, dtype=cfg.dtype,
+                      rules=resolve_rules(cfg.mesh))
 
 
 def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]], mesh
                         ) -> tuple[PromptSet, dict[str, PolicyResult], dict]:
     """Every policy answers the same prompts; RM and CM score each answer. Policies are loaded one at a time."""
     _check_batch(cfg, mesh)
+    rules = resolve_rules(cfg.mesh)
     timings: dict[str, float] = {}
     t = time.time()
     rows = load_rows(list(cfg.prompts))          # first: a missing / offline dataset fails before any model loads
@@ -120,7 +122,7 @@ def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]]
     for name, path in policies:
         t = time.time()
         policy = load_model(path, mesh, model_type="causal_lm", name=name, tokenizer_path=cfg.tokenizer,
-                            dtype=cfg.dtype)
+                            dtype=cfg.dtype, rules=rules)
         ps = next((p for tok, p in prompt_sets if same_vocabulary(tok, policy.tokenizer)), None)
         if ps is None:
             ps = load_prompt_set(rows, policy.tokenizer, prompt_width=cfg.prompt_width, max_prompts=cfg.max_prompts,
@@ -134,10 +136,10 @@ def _generate_and_score(cfg: GenerationEvalBase, policies: list[tuple[str, str]]
                              f"{policies[0][0]!r} ({len(ps)} vs {len(reference)}); raise prompt_width so that no "
                              "prompt is dropped as too long")
         gens = generate_answers(policy, ps, cfg.sampling, batch_size=cfg.batch_size, mesh=mesh, seed=cfg.seed,
-                                progress=cfg.progress)
+                                progress=cfg.progress, rules=rules)
         max_len = cfg.score_max_length or (cfg.prompt_width + cfg.sampling.max_new_tokens)
         kw = dict(batch_size=cfg.batch_size, mesh=mesh, mode=cfg.score_input, max_length=max_len,
-                  policy_vocab=policy.config.vocab_size, progress=cfg.progress)
+                  policy_vocab=policy.config.vocab_size, progress=cfg.progress, rules=rules)
         rewards, r_in = score_generations(rm, policy.tokenizer, ps, gens, **kw)
         costs, c_in = score_generations(cm, policy.tokenizer, ps, gens, **kw)
         results[name] = PolicyResult(name, path, gens, rewards, costs, {"reward": r_in, "cost": c_in})
@@ -358,10 +360,11 @@ def _pair_ends(model: LoadedModel, arrays: dict, kind: str, cfg, mesh) -> tuple[
         _, _, ea, eb = pair_scores(mdef.merge(params), batch, kind)
         return {"a": ea, "b": eb}
 
-    ends = parallel.mesh_jit(pair_ends, mesh=mesh, out_shardings=rep)
+    rules = resolve_rules(cfg.mesh)
+    ends = parallel.mesh_jit(pair_ends, mesh=mesh, rules=rules, out_shardings=rep)
 
     out = run_batched(lambda b, i: ends(model.params, b), arrays, cfg.batch_size, mesh, desc=f"score {kind} pairs",
-                      progress=cfg.progress)
+                      progress=cfg.progress, rules=rules)
     return out["a"].astype(np.float32), out["b"].astype(np.float32)
 
 

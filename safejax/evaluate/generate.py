@@ -40,7 +40,6 @@ from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.metrics import progress as progress_bar
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
-from safejax.parallel import batch_sharding
 from safejax.paths import missing_path_error, resolve_model_dir
 from safejax.sections import ModelSection
 
@@ -168,9 +167,10 @@ def parse_named_path(entry: str, key: str) -> tuple[str, str]:
 
 
 def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_path: str = "",
-               dtype: str = "float32") -> LoadedModel:
+               dtype: str = "float32", rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> LoadedModel:
     """Load an HF folder (or a stage's out_dir: its ``hf/`` folder) as a ``causal_lm`` (policy) or ``score``
-    model straight into the mesh's shardings, with its prepared tokenizer (``tokenizer_path`` or the model folder)."""
+    model straight into the mesh's shardings (placed by ``rules``), with its prepared tokenizer (``tokenizer_path`` or
+    the model folder)."""
     if not path:
         raise ConfigError(f"no model folder given for {name or model_type}")
     if not os.path.isdir(os.path.expanduser(path)):
@@ -178,7 +178,7 @@ def load_model(path: str, mesh, *, model_type: str, name: str = "", tokenizer_pa
     section = ModelSection(path=resolve_model_dir(path, f"{name or model_type}: model folder"),
                            tokenizer=tokenizer_path, dtype=dtype)  # a stage's out_dir -> its hf/ folder
     tok = load_tokenizer_for(section)
-    model = load_model_for(section, mesh, model_type=model_type, tokenizer=tok)
+    model = load_model_for(section, mesh, model_type=model_type, tokenizer=tok, rules=rules)
     if model_type == "score" and getattr(model, "score_dim", 1) != 1:
         raise ModelFileError(f"{path}: score model has score_dim={model.score_dim}; evaluation needs a scalar score")
     mdef, params = split_model(model)
@@ -197,42 +197,38 @@ def same_vocabulary(tok_a, tok_b) -> bool:
 # ----------------------------------------------------------------------------- batching on the mesh
 
 
-def rows_per_batch_multiple(mesh) -> int:
-    """A batch's rows are split over the mesh by the rules table (``data`` x ``fsdp``), so its size must be a
-    multiple of this."""
-    return parallel.batch_shards(mesh)
-
-
-def _put(x: np.ndarray, mesh) -> jax.Array:
-    """A host array every process holds in full -> a global array with its rows split over ``data x fsdp``
-    (each process fills only its addressable shards, so this also works on multi-host meshes)."""
-    sharding = batch_sharding(mesh, x.ndim)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+def rows_per_batch_multiple(mesh, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> int:
+    """A batch's rows are split over the mesh by the rules table's ``batch`` rule (default ``data`` x ``fsdp``), so
+    its size must be a multiple of this."""
+    return parallel.batch_shards(mesh, rules)
 
 
 def run_batched(fn: Callable[[dict, int], Any], arrays: dict, batch_size: int, mesh, *, desc: str = "",
-                progress: bool = False) -> Any:
+                progress: bool = False, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Any:
     """Apply ``fn(device_batch, batch_index)`` over fixed-size batches of ``arrays`` (equal-length numpy).
 
     Every batch has exactly ``batch_size`` rows (static shapes: one compilation); the last one is padded by
-    repeating rows from the start and the extra outputs are dropped. Batches are placed with the rows split over
-    ``data x fsdp``. ``fn`` must return a pytree of arrays with a leading batch axis; the result is the numpy
+    repeating rows from the start and the extra outputs are dropped. Batches are placed with the rows split by the
+    ``batch`` rule of ``rules``.
+    ``fn`` must return a pytree of arrays with a leading batch axis; the result is the numpy
     concatenation over all ``N`` rows.
     """
     n = len(next(iter(arrays.values())))
     if n == 0:
         raise ValueError(f"{desc or 'run_batched'}: no rows")
-    mult = rows_per_batch_multiple(mesh)
+    mult = rows_per_batch_multiple(mesh, rules)
     if batch_size < 1 or batch_size % mult:
-        raise ConfigError(f"batch_size={batch_size} must be a positive multiple of the mesh's data x fsdp size "
-                         f"({mult}), since each batch's rows are split over those axes")
+        raise ConfigError(f"batch_size={batch_size} must be a positive multiple of {mult} (the mesh axes the batch "
+                         "rule splits rows over: data x fsdp by default)")
     n_batches = -(-n // batch_size)
     bar = progress_bar(n_batches, desc, progress)
     outs = []
     for b in range(n_batches):
         start = b * batch_size
         idx = np.arange(start, start + batch_size) % n
-        batch = {k: _put(np.asarray(v)[idx], mesh) for k, v in arrays.items()}
+        # every process holds the whole batch: rows split by the "batch" rule, each process fills its shards
+        batch = parallel.host_local_to_global({k: np.asarray(v)[idx] for k, v in arrays.items()}, mesh, rules,
+                                              global_rows=batch_size)
         out = jax.device_get(fn(batch, b))
         keep = min(batch_size, n - start)
         outs.append(jax.tree.map(lambda x: np.asarray(x)[:keep], out))
@@ -250,9 +246,10 @@ _SAMPLERS: dict = {}
 _SCORERS: dict = {}
 
 
-def _sampler(mdef, mesh, sampling: SamplingConfig, eos_id: int, pad_id: int):
+def _sampler(mdef, mesh, sampling: SamplingConfig, eos_id: int, pad_id: int,
+             rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
     """One jitted ``sample(params, ids [B,P], mask [B,P], key) -> (sequences, mask) [B, P+T]`` per architecture."""
-    key = (_abstract_key(mdef), mesh, sampling, int(eos_id), int(pad_id))
+    key = (_abstract_key(mdef), mesh, tuple(rules), sampling, int(eos_id), int(pad_id))
     fn = _SAMPLERS.get(key)
     if fn is None:
         rep = NamedSharding(mesh, P())
@@ -261,13 +258,13 @@ def _sampler(mdef, mesh, sampling: SamplingConfig, eos_id: int, pad_id: int):
             out = generate(mdef.merge(params), ids, mask, rng, sampling, eos_token_id=eos_id, pad_token_id=pad_id)
             return out.sequences, out.attention_mask
 
-        fn = _SAMPLERS[key] = parallel.mesh_jit(sample, mesh=mesh, out_shardings=(rep, rep))
+        fn = _SAMPLERS[key] = parallel.mesh_jit(sample, mesh=mesh, rules=rules, out_shardings=(rep, rep))
     return fn
 
 
-def _scorer(mdef, mesh):
+def _scorer(mdef, mesh, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
     """One jitted ``ends(params, ids [B,T], mask [B,T]) -> end_scores [B]`` per score-model architecture."""
-    key = (_abstract_key(mdef), mesh)
+    key = (_abstract_key(mdef), mesh, tuple(rules))
     fn = _SCORERS.get(key)
     if fn is None:
         rep = NamedSharding(mesh, P())
@@ -275,7 +272,7 @@ def _scorer(mdef, mesh):
         def ends(params, ids, mask):
             return mdef.merge(params)(ids, attention_mask=mask, positions=positions_from_mask(mask)).end_scores
 
-        fn = _SCORERS[key] = parallel.mesh_jit(ends, mesh=mesh, out_shardings=rep)
+        fn = _SCORERS[key] = parallel.mesh_jit(ends, mesh=mesh, rules=rules, out_shardings=rep)
     return fn
 
 
@@ -301,10 +298,11 @@ class Generations:
 
 
 def generate_answers(policy: LoadedModel, prompt_set: PromptSet, sampling: SamplingConfig, *, batch_size: int,
-                     mesh, seed: int, progress: bool = False) -> Generations:
+                     mesh, seed: int, progress: bool = False, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES
+                     ) -> Generations:
     """Sample one answer per prompt with the jitted sampler (batch ``b`` uses ``fold_in(key(seed), b)``)."""
     tok = policy.tokenizer
-    sample = _sampler(policy.mdef, mesh, sampling, tok.eos_token_id, tok.pad_token_id)
+    sample = _sampler(policy.mdef, mesh, sampling, tok.eos_token_id, tok.pad_token_id, rules)
     base = jax.random.key(seed)
 
     def fn(batch, b):
@@ -312,7 +310,7 @@ def generate_answers(policy: LoadedModel, prompt_set: PromptSet, sampling: Sampl
         return {"sequences": seqs, "attention_mask": mask}
 
     out = run_batched(fn, {"prompt_ids": prompt_set.prompt_ids, "prompt_mask": prompt_set.prompt_mask}, batch_size,
-                      mesh, desc=f"generate {policy.name}", progress=progress)
+                      mesh, desc=f"generate {policy.name}", progress=progress, rules=rules)
     p = prompt_set.width
     seqs, mask = out["sequences"].astype(np.int32), out["attention_mask"].astype(bool)
     resp, rmask = seqs[:, p:], mask[:, p:]
@@ -325,23 +323,25 @@ def generate_answers(policy: LoadedModel, prompt_set: PromptSet, sampling: Sampl
 
 
 def score_ids(scorer: LoadedModel, ids: np.ndarray, mask: np.ndarray, *, batch_size: int, mesh,
-              progress: bool = False, desc: str = "") -> np.ndarray:
+              progress: bool = False, desc: str = "", rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES
+              ) -> np.ndarray:
     """``[N]`` float32 end scores of token sequences ``ids [N, T]`` with ``mask [N, T]`` (any padding side)."""
     vocab = scorer.config.vocab_size if scorer.config is not None else None
     if vocab is not None and ids.size and int(ids.max()) >= vocab:
         raise ModelFileError(f"{scorer.path}: token id {int(ids.max())} is outside the score model's vocabulary of "
                          f"{vocab}; score the decoded texts instead (score_input=text)")
-    ends = _scorer(scorer.mdef, mesh)
+    ends = _scorer(scorer.mdef, mesh, rules)
 
     def fn(batch, b):  # noqa: ARG001
         return ends(scorer.params, batch["ids"], batch["mask"])
 
     return run_batched(fn, {"ids": np.asarray(ids, np.int32), "mask": np.asarray(mask, bool)}, batch_size, mesh,
-                       desc=desc or f"score {scorer.name}", progress=progress).astype(np.float32)
+                       desc=desc or f"score {scorer.name}", progress=progress, rules=rules).astype(np.float32)
 
 
 def score_texts(scorer: LoadedModel, prompts: Sequence[Any], answers: Sequence[str], *, ended: Sequence[bool] | None,
-                max_length: int, batch_size: int, mesh, progress: bool = False, desc: str = "") -> tuple[np.ndarray, int]:
+                max_length: int, batch_size: int, mesh, progress: bool = False, desc: str = "",
+                rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> tuple[np.ndarray, int]:
     """Re-tokenize ``format_prompt(prompt) + answer (+ EOS)`` with the score model's tokenizer and score it.
 
     ``ended[i]`` says whether answer ``i`` was closed by EOS (None = all were). Sequences are truncated on the
@@ -358,12 +358,14 @@ def score_texts(scorer: LoadedModel, prompts: Sequence[Any], answers: Sequence[s
     n_trunc = sum(len(x) > max_length for x in full)
     seqs = encode_texts(tok, texts, max_length=max_length)
     ids, mask = pad_sequences(seqs, length=max_length, pad_id=tok.pad_token_id)
-    return score_ids(scorer, ids, mask, batch_size=batch_size, mesh=mesh, progress=progress, desc=desc), n_trunc
+    return (score_ids(scorer, ids, mask, batch_size=batch_size, mesh=mesh, progress=progress, desc=desc, rules=rules),
+            n_trunc)
 
 
 def score_generations(scorer: LoadedModel, policy_tokenizer, prompt_set: PromptSet, gens: Generations, *,
                       batch_size: int, mesh, mode: str = "auto", max_length: int = 0, policy_vocab: int | None = None,
-                      progress: bool = False) -> tuple[np.ndarray, str]:
+                      progress: bool = False, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES
+                      ) -> tuple[np.ndarray, str]:
     """``[N]`` end scores of a policy's answers, and the input mode used (``"ids"`` or ``"text"``).
 
     ``mode="auto"`` scores the generated ids directly when the score model's tokenizer has the policy's
@@ -381,10 +383,10 @@ def score_generations(scorer: LoadedModel, policy_tokenizer, prompt_set: PromptS
     desc = f"score {scorer.name}"
     if use == "ids":
         return score_ids(scorer, gens.sequences, gens.attention_mask, batch_size=batch_size, mesh=mesh,
-                         progress=progress, desc=desc), use
+                         progress=progress, desc=desc, rules=rules), use
     width = max_length or gens.sequences.shape[1]
     scores, n_trunc = score_texts(scorer, prompt_set.prompts, gens.answers, ended=gens.ended, max_length=width,
-                                  batch_size=batch_size, mesh=mesh, progress=progress, desc=desc)
+                                  batch_size=batch_size, mesh=mesh, progress=progress, desc=desc, rules=rules)
     if n_trunc:
         log.warning("%s: %d of %d re-tokenized answers were longer than %d tokens and were truncated", scorer.name,
                     n_trunc, len(gens.answers), width)

@@ -34,9 +34,9 @@ class ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def shardings(self, mesh) -> dict:
-        """NamedShardings of the params dict from the logical-axis annotations."""
-        return nnx.to_pure_dict(parallel.state_shardings(self.template, mesh))
+    def shardings(self, mesh, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> dict:
+        """NamedShardings of the params dict from the logical-axis annotations, placed by ``rules``."""
+        return nnx.to_pure_dict(parallel.state_shardings(self.template, mesh, rules))
 
     def hf_names(self) -> dict:
         """HF tensor names shaped like the params dict (for the reference's weight-decay groups)."""

@@ -39,7 +39,7 @@ from safejax.models.hf_names import param_specs, variable_sharding_names, variab
 from safejax.models.llama import CausalLM
 from safejax.models.safetensors_files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, TensorFiles
 from safejax.models.score import ScoreModel, make_score_head
-from safejax.parallel import sharding_for, use_mesh
+from safejax.parallel import LOGICAL_AXIS_RULES, Rules, sharding_for, use_mesh
 from safejax.paths import resolve_model_dir
 
 CONFIG_NAME = "config.json"
@@ -70,7 +70,7 @@ def read_hf_config(path: str) -> dict:
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = "float32",
                     model_type: str | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                    score_dim: int | None = None, **config_overrides) -> CausalLM | ScoreModel:
+                    score_dim: int | None = None, rules: Rules = LOGICAL_AXIS_RULES, **config_overrides) -> CausalLM | ScoreModel:
     """Load an HF folder into a :class:`CausalLM` or :class:`ScoreModel`.
 
     Args:
@@ -80,7 +80,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
       model_type: ``None`` = auto (a ``score_head.weight`` tensor => ScoreModel, else CausalLM),
         ``"causal_lm"`` or ``"score"`` (on a causal-LM checkpoint: backbone loaded, fresh score head
         with ``score_dim`` outputs, the LM head ignored).
-      mesh: build each param directly into its NamedSharding (from its logical axis names).
+      mesh: build each param directly into its NamedSharding (from its logical axis names, placed by ``rules``,
+        the run's logical-axis table).
       seed: RNG seed for freshly initialised parameters (a new score head).
       config_overrides: other :class:`ModelConfig` fields, e.g. ``remat=True``, ``scan_layers=True``.
     """
@@ -125,7 +126,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
 
 
     if mesh is not None:
-        with use_mesh(mesh):
+        with use_mesh(mesh, rules):
             abstract = nnx.eval_shape(ctor)
     else:
         with nnx.use_eager_sharding(False):
@@ -136,7 +137,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     fresh: dict[tuple, Any] = {}
     if fresh_head:
         if mesh is not None:
-            with use_mesh(mesh):
+            with use_mesh(mesh, rules):
                 head = make_score_head(cfg, sdim, True, nnx.Rngs(seed))
         else:
             with nnx.use_eager_sharding(False):
@@ -171,7 +172,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         if spec.path in fresh:
             arr = fresh[spec.path]
         elif mesh is not None:
-            sharding = sharding_for(spec.shape, variable_sharding_names(var), mesh)
+            sharding = sharding_for(spec.shape, variable_sharding_names(var), mesh, rules)
             arr = jax.make_array_from_callback(
                 spec.shape, sharding, lambda idx, s=spec: np.ascontiguousarray(s.read(files, idx).astype(pdt)))
         else:
@@ -250,12 +251,13 @@ def save_pretrained(model: CausalLM | ScoreModel, path: str | os.PathLike, *, to
 # ----------------------------------------------------------------------------- vocabulary
 
 
-def resize_token_embeddings(model: CausalLM | ScoreModel, new_vocab_size: int) -> CausalLM | ScoreModel:
+def resize_token_embeddings(model: CausalLM | ScoreModel, new_vocab_size: int,
+                            rules: Rules = LOGICAL_AXIS_RULES) -> CausalLM | ScoreModel:
     """Grow (or shrink) the vocabulary in place; returns ``model``.
 
     New rows of the embedding ``[V, D]`` and of an untied LM head ``[D, V]`` are the mean of the
     existing ones (float32 mean, cast back).  A tied head (GPT-2, Qwen2 tied) follows the embedding;
-    GPT-2's position table is untouched.  Shardings are recomputed for the new shape."""
+    GPT-2's position table is untouched.  Shardings are recomputed for the new shape (by ``rules``)."""
     new_v = int(new_vocab_size)
     if new_v <= 0:
         raise ValueError(f"resize_token_embeddings: new_vocab_size must be positive, got {new_vocab_size}")
@@ -273,7 +275,7 @@ def resize_token_embeddings(model: CausalLM | ScoreModel, new_vocab_size: int) -
             y = jnp.concatenate([x, jnp.tile(mean, reps)], axis=axis)
         sh = getattr(x, "sharding", None)
         if isinstance(sh, jax.sharding.NamedSharding):
-            y = jax.device_put(y, sharding_for(y.shape, variable_sharding_names(var), sh.mesh))
+            y = jax.device_put(y, sharding_for(y.shape, variable_sharding_names(var), sh.mesh, rules))
         var.set_value(y)
 
     resized(model.model.embed_tokens.embedding, 0)

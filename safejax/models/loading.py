@@ -8,6 +8,7 @@ from typing import Any
 from safejax.config import ConfigError
 from safejax.data import load_tokenizer, prepare_tokenizer
 from safejax.models.hf import check_tokenizer_fits, load_pretrained, resize_token_embeddings
+from safejax.parallel import LOGICAL_AXIS_RULES, Rules
 from safejax.paths import resolve_model_dir
 from safejax.sections import ModelSection
 
@@ -27,15 +28,17 @@ def load_tokenizer_for(section: ModelSection):
 
 
 def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None, tokenizer=None,
-                   dtype: str | None = None, attention: str | None = None) -> Any:
+                   dtype: str | None = None, attention: str | None = None,
+                   rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """Load an HF folder as a CausalLM (``model_type='causal_lm'``) or ScoreModel (``'score'``),
     grow its embeddings when the tokenizer gained special tokens, and check the tokenizer fits.
-    A bare path takes ``dtype`` and ``attention`` (defaults of :class:`ModelSection` when None)."""
+    A bare path takes ``dtype`` and ``attention`` (defaults of :class:`ModelSection` when None).  Params are placed
+    on ``mesh`` by ``rules`` (the run's logical-axis table)."""
     if isinstance(section, str):
         section = ModelSection(path=section, dtype=dtype or "float32", attention=attention or "einsum")
     if not section.path:
         raise ConfigError(f"no model path given (model_type={model_type})")
-    model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh,
+    model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh, rules=rules,
                             remat=section.remat, scan_layers=section.scan_layers, attention_impl=section.attention)
     if tokenizer is not None:
         base = int(getattr(tokenizer, "vocab_size", len(tokenizer)))
@@ -45,6 +48,6 @@ def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None,
                              f"tokens but the model at {section.path} has {model.config.vocab_size} embedding "
                              "rows: the tokenizer does not belong to this model")
         if len(tokenizer) > model.config.vocab_size:  # special tokens added by prepare_tokenizer
-            model = resize_token_embeddings(model, len(tokenizer))
+            model = resize_token_embeddings(model, len(tokenizer), rules)
         check_tokenizer_fits(tokenizer, model.config, section.path)
     return model

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from safejax import parallel
 from safejax.config import ConfigError, check_range
 from safejax.models.functional import ModelDef, split_model
 from safejax.models.hf_names import variable_sharding_names
@@ -268,9 +269,9 @@ class LoRADef:
                 flat[rate_k] = jnp.full(lead, self.cfg.dropout, jnp.float32)
         return self.full.merge(unflatten_dict(flat))
 
-    def shardings(self, mesh) -> dict:
-        """NamedShardings of the trained params (the adapters on their logical axes)."""
-        return self.trained_params(self.full.shardings(mesh))
+    def shardings(self, mesh, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> dict:
+        """NamedShardings of the trained params (the adapters on their logical axes, through ``rules``)."""
+        return self.trained_params(self.full.shardings(mesh, rules))
 
     def hf_names(self) -> dict:
         """HF-style names shaped like the trained params (for the weight-decay rule): adapters are named like

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from safejax import parallel
 from safejax.checkpoint import Checkpointer, _key_name
@@ -71,24 +70,6 @@ def split_micro(batch: dict, accum: int) -> dict:
         return x.reshape(accum, b // accum, *x.shape[1:])
 
     return {k: one(v) for k, v in batch.items()}
-
-
-def micro_batch_sharding(mesh, ndim: int) -> NamedSharding:
-    """Sharding of an ``[accum, micro, ...]`` batch leaf: the micro axis over data x fsdp."""
-    return parallel.batch_sharding(mesh, ndim, batch_axis=1)
-
-
-def put_batch(batch: dict, mesh) -> dict:
-    """Host numpy micro-batched arrays -> global device arrays (multi-host: each host its rows)."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        sh = micro_batch_sharding(mesh, v.ndim) if v.ndim >= 2 else NamedSharding(mesh, P())
-        if jax.process_count() > 1:
-            out[k] = jax.make_array_from_process_local_data(sh, v)
-        else:
-            out[k] = jax.device_put(v, sh)
-    return out
 
 
 # ----------------------------------------------------------------------------- run directory

@@ -21,8 +21,7 @@ import optax
 from safejax import parallel
 from safejax.config import ConfigError
 from safejax.data.batching import BatchIterator
-from safejax.train.common import (SKIP_KEY, LoopSection, RunDir, TrainState, accumulate_gradients,
-                                  micro_batch_sharding, put_batch, split_micro)
+from safejax.train.common import SKIP_KEY, LoopSection, RunDir, TrainState, accumulate_gradients, split_micro
 from safejax.train.loop import HostLoop, to_host
 from safejax.train.optim import OptimConfig, make_optimizer
 from safejax.train.state import ModelState, apply_gradients, build_state, keep_finite, spread, trainable
@@ -33,8 +32,9 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, state_shardings, batch_shardings,
-                    *, skip_nonfinite: bool = False, inject_nan_step: int = 0):
-    """Build the jitted ``step(state, batch) -> (state, metrics)`` (state donated).
+                    *, skip_nonfinite: bool = False, inject_nan_step: int = 0,
+                    rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
+    """Build the jitted ``step(state, batch) -> (state, metrics)`` (state donated), traced under ``rules``.
 
     ``batch`` leaves are ``[accum, micro, ...]``; gradients are averaged over ``accum`` inside one
     ``lax.scan``.  ``skip_nonfinite``: when the loss or the gradient norm is NaN/Inf the update is
@@ -65,12 +65,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
         return new, metrics
 
     mesh = jax.tree.leaves(state_shardings)[0].mesh
-    return parallel.mesh_jit(step, mesh=mesh, in_shardings=(state_shardings, batch_shardings),
+    return parallel.mesh_jit(step, mesh=mesh, rules=rules, in_shardings=(state_shardings, batch_shardings),
                              out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def _batch_shardings(example: dict, mesh):
-    return {k: micro_batch_sharding(mesh, np.ndim(v)) for k, v in example.items()}
+MICRO_AXES = ("accum", "batch")  # logical names of a micro-batched [accum, micro, ...] leaf's leading axes
+
+
+def _batch_shardings(example: dict, mesh, rules: parallel.Rules):
+    return {k: parallel.input_sharding(mesh, np.ndim(v), MICRO_AXES, rules) for k, v in example.items()}
 
 
 @dataclasses.dataclass
@@ -86,7 +89,7 @@ class FitResult:
 def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, param_shardings, loss_fn: LossFn,
         train_arrays: dict, eval_fn: Callable[[Any], dict] | None, seed: int, desc: str,
         metric_prefix: str = "train/", param_names: Any = None,
-        export: Callable[[Any], Any] | None = None) -> FitResult:
+        export: Callable[[Any], Any] | None = None, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> FitResult:
     """Train ``params`` on ``train_arrays`` (dict of equal-length numpy arrays) with resume support.
 
     Resume: the newest complete checkpoint in ``run`` restores the whole :class:`TrainState` (params,
@@ -96,7 +99,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     NaN/Inf metric or state raises :class:`NonFiniteError` before anything is saved.  ``param_names``: HF names
     shaped like ``params`` (:meth:`ModelDef.hf_names`) for the reference's weight-decay groups.  The loop itself
     is :class:`HostLoop`; this function adds the stage's log and eval hooks, and ``export(params) -> folder``
-    (when given) as its export (:attr:`FitResult.export_dir`)."""
+    (when given) as its export (:attr:`FitResult.export_dir`).  ``rules``: the run's logical-axis table
+    (:func:`parallel.resolve_rules` of its ``mesh`` section): batches are placed and the step traced by it."""
     n = len(next(iter(train_arrays.values())))
     if n < loop.batch_size:
         raise ConfigError(f"{desc}: only {n} training rows but train.batch_size={loop.batch_size}")
@@ -116,8 +120,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     t0 = time.time()
     eval_metrics: dict = {}
     example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
-    step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh),
-                              skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step)
+    step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh, rules),
+                              skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step, rules=rules)
     host = HostLoop(run, loop, name=desc, total=total, iterators={"data": batches}, metric_prefix=metric_prefix)
 
     def log_hook(h: HostLoop, step: int, state) -> None:
@@ -136,7 +140,8 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
                       or s % steps_per_epoch == 0 or s == total)
 
     def step(st: TrainState, batch: dict):
-        return step_fn(st, put_batch(split_micro(batch, optim.grad_accum), mesh))
+        return step_fn(st, parallel.host_local_to_global(split_micro(batch, optim.grad_accum), mesh, rules,
+                                                         axes=MICRO_AXES))
 
     if export is not None:
         host.add_export(lambda st: export(st.params))
@@ -162,10 +167,9 @@ def concat_outputs(outs: list) -> Any:
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
 
-def to_device_batch(batch: dict, mesh) -> dict:
-    return {k: jax.device_put(np.asarray(v), parallel.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
-
-
-def eval_loop(apply_fn: Callable, arrays: dict, batch_size: int, mesh) -> Any:
-    return concat_outputs(batched_apply(lambda b: apply_fn(to_device_batch(b, mesh)), arrays, batch_size))
+def eval_loop(apply_fn: Callable, arrays: dict, batch_size: int, mesh,
+              rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Any:
+    """``apply_fn`` over fixed-size batches of ``arrays`` placed by the ``batch`` rule; outputs concatenated."""
+    return concat_outputs(batched_apply(  # every host holds every row: the global batch is the local one
+        lambda b: apply_fn(parallel.host_local_to_global(b, mesh, rules, global_rows=batch_size)), arrays, batch_size))
 

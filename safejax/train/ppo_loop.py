@@ -22,7 +22,7 @@ from safejax.config import ConfigError
 from safejax.data import build_prompts, build_supervised, load_rows
 from safejax.data.batching import BatchIterator
 from safejax.data.packing import pack_supervised
-from safejax.parallel import make_mesh
+from safejax.parallel import make_mesh, resolve_rules
 from safejax.train.common import SKIP_KEY, RunDir
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
@@ -50,7 +50,7 @@ class PPOResult:
     mesh: Any
 
 
-def load_models(cfg: PPOConfig, mesh, tok) -> tuple[Models, dict]:
+def load_models(cfg: PPOConfig, mesh, tok, rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> tuple[Models, dict]:
     """The six models of the RL stage as ``(Models, params)``: ``params`` has ``actor``, ``ref`` (a copy of the
     actor's), ``reward``, ``cost``, ``reward_critic``, ``cost_critic`` (host trees; ``cost`` None without a cost
     model, ``cost_critic`` None unless ppo-lag).  The critics start from the score models unless given.
@@ -58,9 +58,9 @@ def load_models(cfg: PPOConfig, mesh, tok) -> tuple[Models, dict]:
 
     def score_model(section):
         return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
-                                          attention=cfg.actor.attention))
+                                          attention=cfg.actor.attention, rules=rules))
 
-    actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
+    actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok, rules=rules))
     lc = cfg.lora  # a LoRA role shares its frozen base: no reference copy, no second critic backbone loaded
     ref = jax.tree.map(jnp.copy, actor) if not lc.actor.rank else None
     rm_def, rm = score_model(cfg.reward_model)
@@ -73,7 +73,8 @@ def load_models(cfg: PPOConfig, mesh, tok) -> tuple[Models, dict]:
     return lora_models(cfg, models, params) if lc.any else (models, params)
 
 
-def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, mesh) -> tuple[PPOState, PPOState]:
+def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, mesh,
+              rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> tuple[PPOState, PPOState]:
     """``(state, shardings)`` of the RL stage: actor and critics trainable, the Lagrange state replicated.
 
     ``params``: host params by role (:func:`load_models`); uses ``actor``, ``reward_critic``, ``cost_critic``."""
@@ -82,40 +83,45 @@ def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, m
     cc = models.cost_critic
     return build_state(
         PPOState, mesh, cfg.seed,
-        actor=trainable(params["actor"], models.actor.shardings(mesh), phases.actor_tx, mesh),
-        reward_critic=trainable(params["reward_critic"], models.reward_critic.shardings(mesh), phases.critic_tx, mesh),
-        cost_critic=(trainable(params["cost_critic"], cc.shardings(mesh), phases.critic_tx, mesh) if cc is not None
-                     else (None, None)),
+        actor=trainable(params["actor"], models.actor.shardings(mesh, rules), phases.actor_tx, mesh),
+        reward_critic=trainable(params["reward_critic"], models.reward_critic.shardings(mesh, rules), phases.critic_tx,
+                                mesh),
+        cost_critic=(trainable(params["cost_critic"], cc.shardings(mesh, rules), phases.critic_tx, mesh)
+                     if cc is not None else (None, None)),
         lagrange=replicated(lag, mesh))
 
 
-def frozen_models(models: Models, ref, reward, cost, mesh) -> tuple[Frozen, Frozen]:
+def frozen_models(models: Models, ref, reward, cost, mesh,
+                  rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> tuple[Frozen, Frozen]:
     """``(Frozen params placed on their shardings, their shardings)``; ``cost`` may be None."""
-    sh = Frozen(ref=base_def(models.actor).shardings(mesh), reward=models.reward.shardings(mesh),
-                cost=models.cost.shardings(mesh) if models.cost is not None else None)
+    sh = Frozen(ref=base_def(models.actor).shardings(mesh, rules), reward=models.reward.shardings(mesh, rules),
+                cost=models.cost.shardings(mesh, rules) if models.cost is not None else None)
     return Frozen(ref=place(ref, sh.ref), reward=place(reward, sh.reward),
                   cost=place(cost, sh.cost) if cost is not None else None), sh
 
 
-def make_rollout(phases: PPOPhases, mesh, state_shardings, frozen_shardings) -> Callable:
+def make_rollout(phases: PPOPhases, mesh, state_shardings, frozen_shardings,
+                 rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Callable:
     """The jitted ``rollout(state, frozen, prompt_ids [B/G, P], prompt_mask [B/G, P]) -> Experience``."""
-    bsh = parallel.batch_sharding(mesh, 2)
-    return parallel.mesh_jit(phases.rollout, mesh=mesh, in_shardings=(state_shardings, frozen_shardings, bsh, bsh))
+    bsh = parallel.input_sharding(mesh, 2, rules=rules)
+    return parallel.mesh_jit(phases.rollout, mesh=mesh, rules=rules,
+                             in_shardings=(state_shardings, frozen_shardings, bsh, bsh))
 
 
 def make_update(phases: PPOPhases, mesh, state_shardings, *, skip_nonfinite: bool = False,
-                inject_nan_step: int = 0, frozen_shardings=None) -> Callable:
+                inject_nan_step: int = 0, frozen_shardings=None,
+                rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Callable:
     """The jitted ``update(state, exp, ptx[, frozen]) -> (state, metrics)``, state donated, with the numerics
     options of :func:`guarded_update`; ``frozen`` (LoRA models' shared bases) when ``frozen_shardings`` is given."""
     fn = guarded_update(phases.update, skip_nonfinite=skip_nonfinite, inject_nan_step=inject_nan_step,
                         lag=phases.lag)
     in_sh = (state_shardings, None, None) + ((frozen_shardings,) if frozen_shardings is not None else ())
-    return parallel.mesh_jit(fn, mesh=mesh, in_shardings=in_sh, out_shardings=(state_shardings, None),
+    return parallel.mesh_jit(fn, mesh=mesh, rules=rules, in_shardings=in_sh, out_shardings=(state_shardings, None),
                              donate_argnums=(0,))
 
 
-def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1
-                         ) -> Callable[[int, Any], dict]:
+def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1,
+                         rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Callable[[int, Any], dict]:
     """Default periodic eval: sample ``samples_per_prompt`` answers per held-out prompt with the current actor (the
     same jitted rollout as training, so no extra compile; ``batch_size`` prompts per call) and report the mean RM
     reward and CM cost."""
@@ -125,7 +131,7 @@ def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh
         rewards, costs = [], []
         for i in range(0, n, batch_size):
             idx = np.arange(i, i + batch_size) % n  # the last batch is padded by repetition
-            batch = parallel.host_local_to_global({k: v[idx] for k, v in arrays.items()}, mesh)
+            batch = parallel.host_local_to_global({k: v[idx] for k, v in arrays.items()}, mesh, rules)
             exp = rollout_fn(result.state, frozen, batch["prompt_ids"], batch["prompt_mask"])
             k = min(batch_size, n - i) * samples_per_prompt
             rewards.append(to_host(exp.reward)[:k])
@@ -155,10 +161,10 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     ``eval_every`` iterations (and at the end).  Without a hook, ``data.eval_prompts`` turns on the
     default one (eval/reward, eval/cost, eval/harmless_ratio every ``train.eval_every`` iterations)."""
     t0 = time.time()
-    mesh = make_mesh(cfg.mesh)
+    mesh, rules = make_mesh(cfg.mesh), resolve_rules(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.actor)
-    models, params = load_models(cfg, mesh, tok)
+    models, params = load_models(cfg, mesh, tok, rules)
 
     prompts = load_prompts(cfg, tok)
     ptx_arrays = load_ptx(cfg, tok) if cfg.data.ptx and cfg.ppo.ptx_coeff > 0 else None
@@ -175,17 +181,17 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
                                total_updates=updates, ptx_enabled=ptx_arrays is not None, unk_id=tok.unk_token_id,
                                max_new_tokens=n) for w, n in buckets}
     phases = all_phases[cfg.data.prompt_width]
-    state, state_sh = ppo_state(cfg, models, params, phases, mesh)
-    frozen, frozen_sh = frozen_models(models, params["ref"], params["reward"], params["cost"], mesh)
-    rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh) for w, p in all_phases.items()}
+    state, state_sh = ppo_state(cfg, models, params, phases, mesh, rules)
+    frozen, frozen_sh = frozen_models(models, params["ref"], params["reward"], params["cost"], mesh, rules)
+    rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh, rules) for w, p in all_phases.items()}
     lora_sh = frozen_sh if cfg.lora.any else None  # LoRA models read their frozen bases in the update
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
-                                 inject_nan_step=cfg.train.inject_nan_step, frozen_shardings=lora_sh)
+                                 inject_nan_step=cfg.train.inject_nan_step, frozen_shardings=lora_sh, rules=rules)
                   for w, p in all_phases.items()}
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
-                                         cfg.rollout.num_return_sequences)
+                                         cfg.rollout.num_return_sequences, rules)
         eval_every = eval_every or cfg.train.eval_every
 
     prompt_iter = BatchIterator(prompts, n_per_batch, seed=cfg.seed, shuffle=True, drop_last=True)
@@ -206,9 +212,9 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     def step(state, batch_ptx):
         batch, ptx = batch_ptx
         w = bucket_width(batch["prompt_mask"], buckets)  # left-padded: the last w columns
-        batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh)
+        batch = parallel.host_local_to_global({k: v[:, -w:] for k, v in batch.items()}, mesh, rules)
         exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
-        ptx = parallel.host_local_to_global(ptx, mesh) if ptx is not None else None
+        ptx = parallel.host_local_to_global(ptx, mesh, rules) if ptx is not None else None
         return update_fns[w](state, exp, ptx, *((frozen,) if cfg.lora.any else ()))
 
     def log_hook(h: HostLoop, step: int, state) -> None:

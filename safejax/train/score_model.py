@@ -19,7 +19,7 @@ from safejax import parallel, rl
 from safejax.config import ConfigError, check_range
 from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
 from safejax.data.packing import pack_pairs, useful_token_fraction
-from safejax.parallel import MeshConfig, make_mesh
+from safejax.parallel import MeshConfig, make_mesh, resolve_rules
 from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection
 from safejax.train.common import RunDir
 from safejax.train.fit import eval_loop, fit
@@ -149,16 +149,17 @@ def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: s
     return packed, report
 
 
-def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh):
+def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh,
+                 rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
     """Held-out metrics: ranking accuracy (+ sign accuracy for the cost model) and score stats."""
 
-    @parallel.mesh_jit(mesh=mesh)
+    @parallel.mesh_jit(mesh=mesh, rules=rules)
     def ends(params, b):
         _, _, ea, eb = pair_scores(mdef.merge(params), b, kind)
         return {"a": ea, "b": eb}
 
     def eval_fn(params):
-        out = eval_loop(lambda b: ends(params, b), arrays, batch_size, mesh)
+        out = eval_loop(lambda b: ends(params, b), arrays, batch_size, mesh, rules)
         return preference_eval_metrics(out["a"], out["b"], arrays, kind)
 
     return eval_fn
@@ -178,18 +179,18 @@ def preference_eval_metrics(a: np.ndarray, b: np.ndarray, arrays: dict, kind: st
 def run_score_model(cfg: ScoreModelConfig, kind: str):
     if kind not in PAIR_FIELDS:
         raise ValueError(f"kind must be 'reward' or 'cost', got {kind!r}")
-    mesh = make_mesh(cfg.mesh)
+    mesh, rules = make_mesh(cfg.mesh), resolve_rules(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.model)
-    sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok)
+    sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok, rules=rules)
     mdef, params = split_model(sm)
     train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train", pack=cfg.data.pack)
     eval_fn = None
     if cfg.data.eval:
         eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval")
-        eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh)
+        eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh, rules)
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
-              param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(),
+              param_shardings=mdef.shardings(mesh, rules), param_names=mdef.hf_names(), rules=rules,
               loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug),
               train_arrays=train_arrays,
               eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm",

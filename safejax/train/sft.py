@@ -18,7 +18,7 @@ from safejax.config import ConfigError
 from safejax.data import build_supervised, load_rows
 from safejax.data.packing import pack_supervised, useful_token_fraction
 from safejax.generation import positions_from_mask
-from safejax.parallel import MeshConfig, make_mesh
+from safejax.parallel import MeshConfig, make_mesh, resolve_rules
 from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection
 from safejax.train.common import RunDir
 from safejax.train.export import write_hf_folder
@@ -74,15 +74,16 @@ def sft_loss_fn(mdef, token_mean_rows: int = 0):
     return loss_fn
 
 
-def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh):
+def make_sft_eval_fn(loss_fn, arrays: dict, batch_size: int, mesh,
+                     rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
     """Held-out token-mean loss (averaged over fixed-size batches)."""
 
-    @parallel.mesh_jit(mesh=mesh)
+    @parallel.mesh_jit(mesh=mesh, rules=rules)
     def eval_batch(params, b):
         return {"loss": loss_fn(params, b, None)[0] * jnp.ones((b["input_ids"].shape[0],))}
 
     def eval_fn(params):
-        out = eval_loop(lambda b: eval_batch(params, b), arrays, batch_size, mesh)
+        out = eval_loop(lambda b: eval_batch(params, b), arrays, batch_size, mesh, rules)
         return {"eval/loss": float(np.mean(out["loss"]))}
 
     return eval_fn
@@ -106,21 +107,21 @@ def load_supervised(specs, tokenizer, data: SupervisedDataSection, what: str, pa
 
 
 def run_sft(cfg: SFTConfig):
-    mesh = make_mesh(cfg.mesh)
+    mesh, rules = make_mesh(cfg.mesh), resolve_rules(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.model)
-    lm = load_model_for(cfg.model, mesh, model_type="causal_lm", tokenizer=tok)
+    lm = load_model_for(cfg.model, mesh, model_type="causal_lm", tokenizer=tok, rules=rules)
     mdef, params = split_model(lm)
     train_arrays, report = load_supervised(cfg.data.train, tok, cfg.data, "sft train", pack=cfg.data.pack)
     eval_arrays = load_supervised(cfg.data.eval, tok, cfg.data, "sft eval")[0] if cfg.data.eval else None
     loss_fn = sft_loss_fn(mdef, cfg.token_mean_rows)
 
-    eval_fn = (make_sft_eval_fn(sft_loss_fn(mdef), eval_arrays, cfg.eval_batch_size, mesh)
+    eval_fn = (make_sft_eval_fn(sft_loss_fn(mdef), eval_arrays, cfg.eval_batch_size, mesh, rules)
                if eval_arrays is not None else None)
 
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
-              param_shardings=mdef.shardings(mesh), param_names=mdef.hf_names(), loss_fn=loss_fn,
-              train_arrays=train_arrays, eval_fn=eval_fn,
+              param_shardings=mdef.shardings(mesh, rules), param_names=mdef.hf_names(), loss_fn=loss_fn,
+              train_arrays=train_arrays, eval_fn=eval_fn, rules=rules,
               seed=cfg.seed, desc="sft",
               export=lambda p: export_model(mdef, p, run.path / "hf", tok, dtype=cfg.export.dtype))
     export_dir = res.export_dir
