@@ -58,20 +58,21 @@ def loss_world(tmp_path_factory):
                 reward=reward, cost=cost)
 
 
-def np_grpo_lag_loss(w, *, kl, beta, method, lam0, lambda_lr, threshold, lambda_max, clip):
+def np_grpo_lag_loss(w, cost, *, kl, beta, method, lam0, lambda_lr, threshold, lambda_max, clip):
     """The GRPO-Lag loss of the first (and only) micro-step, from the equations: lambda after one SGD step on
     log lambda from the window of raw costs; scores k1-shaped (k1_reward); group advantages of reward and cost
-    separately; (A_r - lambda A_c) / (1 + lambda) per sequence; clipped ratios; token mean, then sequence mean;
-    + beta * k3 (k3_loss)."""
+    separately (and each constraint k of ``cost [B, K]`` on its own); (A_r - sum_k l_k A_c,k) / (1 + sum_k l_k) per
+    sequence; clipped ratios; token mean, then sequence mean; + beta * k3 (k3_loss).  Returns (loss, sum_k l_k)."""
     m, lp, old, ref = w["mask"], w["lp"], w["old"], w["ref"]
-    jbar = w["cost"].mean()
-    lam = min(np.exp(np.log(lam0) + lambda_lr * lam0 * (jbar - threshold)), lambda_max)
-    r, c = w["reward"].copy(), w["cost"].copy()
+    jbar = cost.mean(axis=0)                                                            # [K]
+    lam = np.minimum(np.exp(np.log(lam0) + lambda_lr * lam0 * (jbar - threshold)), lambda_max)
+    r, c = w["reward"].copy(), cost.copy()
     if kl == "k1_reward":
         k1 = np.sum((old - ref) * m, axis=1)
-        r, c = r - beta * k1, c + beta * k1
-    a_r, a_c = np_group_advantages(r, 4, method), np_group_advantages(c, 4, method)
-    adv = ((a_r - lam * a_c) / (1 + lam))[:, None]
+        r, c = r - beta * k1, c + beta * k1[:, None]
+    a_r = np_group_advantages(r, 4, method)
+    a_c = np.stack([np_group_advantages(c[:, k], 4, method) for k in range(c.shape[1])], axis=1)
+    adv = ((a_r - a_c @ lam) / (1 + lam.sum()))[:, None]
     ratio = np.exp(lp - old)
     surr = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - clip, 1 + clip))
     per_seq = lambda x: np.sum(x * m, axis=1) / np.sum(m, axis=1)  # noqa: E731
@@ -79,12 +80,12 @@ def np_grpo_lag_loss(w, *, kl, beta, method, lam0, lambda_lr, threshold, lambda_
     if kl == "k3_loss":
         d = ref - lp
         loss += beta * np.mean(per_seq(np.exp(d) - d - 1))
-    return loss, lam
+    return loss, lam.sum()
 
 
-@pytest.mark.parametrize("kl,method", [("k1_reward", "grpo"), ("k3_loss", "grpo"), ("k1_reward", "rloo"),
-                                       ("k3_loss", "dr_grpo")])
-def test_grpo_lag_update_loss_matches_numpy_equations_with_transformers_log_probs(loss_world, kl, method):
+@pytest.mark.parametrize("kl,method,k", [("k1_reward", "grpo", 1), ("k3_loss", "grpo", 1), ("k1_reward", "rloo", 2),
+                                         ("k3_loss", "dr_grpo", 2)])
+def test_grpo_lag_update_loss_matches_numpy_equations_with_transformers_log_probs(loss_world, kl, method, k):
     from safejax import rl
     from safejax.generation import SamplingConfig
     from safejax.models import load_pretrained
@@ -104,19 +105,21 @@ def test_grpo_lag_update_loss_matches_numpy_equations_with_transformers_log_prob
                                               episode_cost_window_size=16),
                      actor_optim=OptimConfig(lr=1e-3, schedule="constant", weight_decay=0.0),
                      train=LoopSection(batch_size=8))
-    phases = GRPOPhases(cfg, GRPOModels(actor=adef, reward=adef, cost=adef), prompt_width=w["p"], eos_id=2,
-                        pad_id=w["pad"], total_updates=1)
+    phases = GRPOPhases(cfg, GRPOModels(actor=adef, reward=adef, cost=adef, num_constraints=k), prompt_width=w["p"],
+                        eos_id=2, pad_id=w["pad"], total_updates=1)
+    # K = 2: a second constraint, mostly violated in the other group (its own lambda goes the other way)
+    cost = w["cost"][:, None] if k == 1 else np.stack([w["cost"], -0.8 * w["cost"] + 0.5], axis=1)
     state = GRPOState(step=jnp.int32(0), actor=ModelState(ap, phases.actor_tx.init(ap)),
                       lagrange=phases.init_lagrange(), rng=jax.random.key_data(jax.random.key(0)))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     exp = GRPOExperience(jnp.asarray(w["seq"]), jnp.asarray(w["attn"]), f32(w["old"]), f32(w["ref"]),
-                         f32(w["reward"]), f32(w["cost"]), f32(w["mask"]))
+                         f32(w["reward"]), f32(cost[:, 0] if k == 1 else cost), f32(w["mask"]))
     new, metrics = jax.jit(phases.update)(state, exp)
-    want_loss, want_lam = np_grpo_lag_loss(w, kl=kl, beta=beta, method=method, lam0=lam0, lambda_lr=lr,
+    want_loss, want_lam = np_grpo_lag_loss(w, cost, kl=kl, beta=beta, method=method, lam0=lam0, lambda_lr=lr,
                                            threshold=thr, lambda_max=lmax, clip=clip)
     np.testing.assert_allclose(float(metrics["train/lambda"]), want_lam, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["train/actor_loss"]), want_loss, rtol=2e-4, atol=2e-5)
-    assert float(rl.episode_cost_mean(new.lagrange)[0]) == pytest.approx(w["cost"].mean(), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(rl.episode_cost_mean(new.lagrange)), cost.mean(axis=0), rtol=1e-5)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.actor.params, ap))
     assert any(moved) and int(new.step) == 1
 

@@ -25,6 +25,7 @@ is the REINFORCE-style estimate of the KL-regularised objective, and it is how S
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,7 @@ class GRPOExperience:
     old_log_probs: jax.Array   # [B, N]
     ref_log_probs: jax.Array   # [B, N]
     reward: jax.Array          # [B] RM end score
-    cost: jax.Array            # [B] CM end score (zeros without a cost model)
+    cost: jax.Array            # [B] CM end score ([B, K] for a cost model with K outputs; zeros without one)
     mask: jax.Array            # [B, N] float32 action mask
 
 
@@ -194,21 +195,28 @@ class GRPOModels:
     actor: ModelDef         # also the reference policy's def
     reward: ModelDef
     cost: ModelDef | None   # None for grpo
+    num_constraints: int = 1  # K: the cost model's score_dim
 
 
 # ----------------------------------------------------------------------------- pure pieces
 
 
+def costs_kb(cost):
+    """End costs ``[B]`` or ``[B, K]`` -> ``[K, B]`` (the constraint axis first, as the rl core takes it)."""
+    return cost.reshape(cost.shape[0], -1).T
+
+
 def grpo_advantages(cfg: GRPOConfig, exp: GRPOExperience, lag: bool):
-    """``(adv_r [B], adv_c [B], reward signal [B], cost signal [B])``: the (k1-shaped, with ``grpo.kl =
-    k1_reward``) scores and their group-relative advantages; ``adv_c`` is zeros without the constraint."""
+    """``(adv_r [B], adv_c [K, B], reward signal [B], cost signal [K, B])``: the (k1-shaped, with ``grpo.kl =
+    k1_reward``) scores and their group-relative advantages, each constraint normalised on its own; ``adv_c`` is
+    zeros without the constraint."""
     gc, g = cfg.grpo, cfg.rollout.num_return_sequences
-    r, c = exp.reward, exp.cost
+    r, c = exp.reward, costs_kb(exp.cost)
     if gc.kl == "k1_reward":
         r, c = rl.kl_shaped_scores(r, c, exp.old_log_probs, exp.ref_log_probs, exp.mask, kl_coeff=gc.kl_coeff)
-    adv_r = rl.group_advantages(r, group_size=g, method=gc.advantage, eps=gc.eps)
-    adv_c = (rl.group_advantages(c, group_size=g, method=gc.advantage, eps=gc.eps) if lag
-             else jnp.zeros_like(adv_r))
+    adv = functools.partial(rl.group_advantages, group_size=g, method=gc.advantage, eps=gc.eps)
+    adv_r = adv(r)
+    adv_c = jax.vmap(adv)(c) if lag else jnp.zeros_like(c)
     return adv_r, adv_c, r, c
 
 
@@ -231,8 +239,16 @@ class GRPOPhases:
                                                                       models.actor.hf_names())
 
     def init_lagrange(self) -> rl.LagrangeState:
+        """The multiplier state of the K constraints (PPO-Lag's rule and settings)."""
         lc = self.cfg.lagrange
-        return rl.lagrange_init(lc.lambda_init, num_constraints=1, window_size=lc.window, lambda_lr=lc.lambda_lr)
+        return rl.lagrange_init(lc.lambda_init, num_constraints=self.models.num_constraints, window_size=lc.window,
+                                lambda_lr=lc.lambda_lr)
+
+    def lagrange_step(self, lag):
+        """One multiplier update from the window (every micro-step, as PPO-Lag)."""
+        lc = self.cfg.lagrange
+        return rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr, lambda_max=lc.lambda_max,
+                                update_delay_steps=lc.lambda_update_delay_steps)
 
     def rollout(self, state: GRPOState, frozen: Frozen, prompt_ids, prompt_mask) -> GRPOExperience:
         seq, mask, reward, cost = sample_and_score(self, state, frozen, prompt_ids, prompt_mask,
@@ -244,36 +260,35 @@ class GRPOPhases:
 
     def actor_loss(self, params, mb, lam):
         """``(loss, new log-probs [M, N])`` of one mini-batch ``mb`` (``seq``, ``attn``, ``old_lp``, ``ref_lp``,
-        ``mask`` and the sequence advantages ``adv_r``, ``adv_c`` ``[M]``) at multiplier ``lam``."""
+        ``mask`` and the sequence advantages ``adv_r [M]``, ``adv_c [M, K]``) at multipliers ``lam [K]``."""
         gc = self.cfg.grpo
         lp = _token_log_probs(self.models.actor.merge(params), mb["seq"], mb["attn"], self.P - 1)
         k3 = gc.kl == "k3_loss"
         loss = rl.grpo_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["mask"], clip_range_ratio=gc.clip_range_ratio,
-                                  cost_advantages=mb["adv_c"] if self.lag else None, multiplier=lam,
+                                  cost_advantages=mb["adv_c"].T if self.lag else None, multiplier=lam,
                                   ref_log_probs=mb["ref_lp"] if k3 else None, kl_coeff=gc.kl_coeff if k3 else 0.0)
         return loss, lp
 
     def update(self, state: GRPOState, exp: GRPOExperience, ptx=None):
         """``(new state, metrics)``; ``ptx`` is accepted for the shared jit wrapper and must be None."""
         del ptx
-        cfg, gc, lc = self.cfg, self.cfg.grpo, self.cfg.lagrange
-        lag_state = rl.lagrange_record(state.lagrange, exp.cost[None, :])
+        cfg, gc = self.cfg, self.cfg.grpo
+        lag_state = rl.lagrange_record(state.lagrange, costs_kb(exp.cost))
         adv_r, adv_c, r_sig, c_sig = grpo_advantages(cfg, exp, self.lag)
         data = dict(seq=exp.sequences, attn=exp.attention_mask, old_lp=exp.old_log_probs, ref_lp=exp.ref_log_probs,
-                    mask=exp.mask, adv_r=adv_r, adv_c=adv_c)
+                    mask=exp.mask, adv_r=adv_r, adv_c=adv_c.T)
         nmb = exp.sequences.shape[0] // gc.micro_batch_size
         data = jax.tree.map(lambda x: x.reshape(nmb, gc.micro_batch_size, *x.shape[1:]), data)
 
         def micro_step(carry, mb):
             actor_s, lag = carry
             if self.lag:
-                lag = rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr,
-                                       lambda_max=lc.lambda_max, update_delay_steps=lc.lambda_update_delay_steps)
-            lam = jax.lax.stop_gradient(rl.multiplier(lag)[0]) if self.lag else jnp.float32(0.0)
+                lag = self.lagrange_step(lag)
+            lam = jax.lax.stop_gradient(rl.multiplier(lag))  # [K]; unused by grpo
             (loss, lp), grads = jax.value_and_grad(self.actor_loss, has_aux=True)(actor_s.params, mb, lam)
             actor_s = apply_gradients(actor_s, grads, self.actor_tx)
             ratio = jnp.exp(jnp.where(mb["mask"] != 0, jax.lax.stop_gradient(lp) - mb["old_lp"], 0.0))
-            out = {"actor_loss": loss, "lambda_used": lam, "actor_grad_norm": step_log(actor_s.opt_state).grad_norm,
+            out = {"actor_loss": loss, "lambda_used": jnp.sum(lam), "actor_grad_norm": step_log(actor_s.opt_state).grad_norm,
                    "ratio": rl.masked_mean(ratio, mb["mask"])}
             return (actor_s, lag), out
 
@@ -291,8 +306,14 @@ class GRPOPhases:
             "mean_generated_length": jnp.mean(jnp.sum(mk, axis=-1)),
             "reward_group_std": jnp.mean(jnp.std(exp.reward.reshape(-1, cfg.rollout.num_return_sequences), axis=1)),
         }
-        if self.models.cost is not None:
-            metrics.update(cost=jnp.mean(exp.cost), episode_cost=rl.episode_cost_mean(lag_state)[0])
+        if self.models.cost is not None:  # K > 1: the mean over the constraints, lambda their sum (+ per constraint)
+            ep = rl.episode_cost_mean(lag_state)
+            metrics.update(cost=jnp.mean(exp.cost), episode_cost=jnp.mean(ep))
+            if self.models.num_constraints > 1:
+                metrics.update({f"episode_cost/{k}": ep[k] for k in range(self.models.num_constraints)})
         if self.lag:
-            metrics.update({"lambda": rl.multiplier(lag_state)[0], "shaped_cost": jnp.mean(c_sig)})
+            lam = rl.multiplier(lag_state)
+            metrics.update({"lambda": jnp.sum(lam), "shaped_cost": jnp.mean(c_sig)})
+            if self.models.num_constraints > 1:
+                metrics.update({f"lambda/{k}": lam[k] for k in range(self.models.num_constraints)})
         return new_state, {"train/" + k: v for k, v in metrics.items()}

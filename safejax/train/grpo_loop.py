@@ -33,7 +33,8 @@ log = logging.getLogger("safejax")
 
 def load_grpo_models(cfg: GRPOConfig, mesh, tok) -> tuple[GRPOModels, dict]:
     """The four models as ``(GRPOModels, params)``: ``params`` has ``actor``, ``ref`` (a copy of the actor's),
-    ``reward``, ``cost`` (host trees; ``cost`` None for grpo)."""
+    ``reward``, ``cost`` (host trees; ``cost`` None for grpo).  K, the number of constraints, is the cost model's
+    ``score_dim``."""
 
     def score_model(path):
         return split_model(load_model_for(path, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
@@ -42,7 +43,8 @@ def load_grpo_models(cfg: GRPOConfig, mesh, tok) -> tuple[GRPOModels, dict]:
     actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok))
     rm_def, rm = score_model(cfg.reward_model)
     cm_def, cm = score_model(cfg.cost_model) if cfg.algorithm == "grpo-lag" else (None, None)
-    models = GRPOModels(actor=actor_def, reward=rm_def, cost=cm_def)
+    k = cm_def.merge(cm).score_dim if cm_def is not None else 1  # K constraints: one cost model with K outputs
+    models = GRPOModels(actor=actor_def, reward=rm_def, cost=cm_def, num_constraints=k)
     return models, {"actor": actor, "ref": jax.tree.map(jnp.copy, actor), "reward": rm, "cost": cm}
 
 
