@@ -288,7 +288,7 @@ class GRPOPhases:
             (loss, lp), grads = jax.value_and_grad(self.actor_loss, has_aux=True)(actor_s.params, mb, lam)
             actor_s = apply_gradients(actor_s, grads, self.actor_tx)
             ratio = jnp.exp(jnp.where(mb["mask"] != 0, jax.lax.stop_gradient(lp) - mb["old_lp"], 0.0))
-            out = {"actor_loss": loss, "lambda_used": jnp.sum(lam), "actor_grad_norm": step_log(actor_s.opt_state).grad_norm,
+            out = {"actor_loss": loss, "actor_grad_norm": step_log(actor_s.opt_state).grad_norm,
                    "ratio": rl.masked_mean(ratio, mb["mask"])}
             return (actor_s, lag), out
 
