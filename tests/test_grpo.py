@@ -190,7 +190,7 @@ def test_grpo_lag_and_grpo_commands_train_log_and_export(world, tmp_path, capsys
 def test_print_config_lists_the_grpo_keys(capsys):
     assert main(["grpo-lag", "--print-config"]) == 0
     text = capsys.readouterr().out
-    for key in ("algorithm: grpo-lag", "advantage: grpo", "kl: k1_reward", "num_return_sequences: 8", "lagrange:"):
+    for key in ("algorithm: grpo-lag", "advantage: dr_grpo", "kl: k1_reward", "num_return_sequences: 8", "lagrange:"):
         assert key in text
 
 

@@ -56,8 +56,14 @@ class GRPOSection:
     """The critic-free update.  The group size G is ``rollout.num_return_sequences`` (>= 2).
 
     Attributes:
-      advantage: ``grpo`` = (s - group mean) / (group std, ddof 1, + eps) (DeepSeekMath); ``rloo`` = s - mean of
-        the other G - 1; ``dr_grpo`` = s - group mean (Dr. GRPO).  Applied to reward and cost separately.
+      advantage: ``dr_grpo`` (default) = s - group mean (Dr. GRPO); ``grpo`` = (s - group mean) / (group std,
+        ddof 1, + eps) (DeepSeekMath); ``rloo`` = s - mean of the other G - 1.  Applied to reward and cost
+        separately.  Why not ``grpo`` by default: dividing the *cost* by its group std turns the small cost
+        differences among answers that are all safe (the group of every benign prompt) into unit-sized
+        advantages, so the policy is pushed along the cost model's noise -- towards refusals -- and reward and
+        cost lose the common scale that ``(A_r - lambda A_c) / (1 + lambda)`` and the threshold assume.  On the
+        built-in task (seeds 0, 1, 2) ``grpo`` lost benign helpfulness in one seed of three (21% refusals),
+        ``dr_grpo`` kept it in all three.
       kl: ``k1_reward`` (default): ``beta * sum_t (lp_old - lp_ref)`` subtracted from each response's reward and
         added to its cost before the group normalisation (Safe RLHF's shaping of both signals; an unbiased
         gradient of the KL-regularised objective).  ``k3_loss``: DeepSeekMath's ``beta * k3`` per-token term
@@ -73,7 +79,7 @@ class GRPOSection:
         ``ppo.mask_sampled_special``).
     """
 
-    advantage: str = "grpo"
+    advantage: str = "dr_grpo"
     kl: str = "k1_reward"
     beta: float | None = None
     eps: float = 1e-6
