@@ -174,10 +174,14 @@ def grpo_args(world, **over) -> list[str]:
 
 
 def test_grpo_lag_and_grpo_commands_train_log_and_export(world, tmp_path, capsys):
-    for cmd, over in (("grpo-lag", {}), ("grpo", {"cost_model": None})):
+    evals = {"data.eval_prompts": f"[{world['prompts']}:8/-1]"}  # 8 held-out prompts, scored at the end
+    for cmd, over in (("grpo-lag", evals), ("grpo", {"cost_model": None})):
         out = tmp_path / cmd
         assert main([cmd, f"out_dir={out}", *grpo_args(world, **over)]) == 0
         recs = read_metrics(out / "metrics.jsonl")
+        ev = [r for r in recs if "eval/reward" in r]
+        assert len(ev) == (cmd == "grpo-lag") and (not ev or (ev[0]["step"] == 2 and ev[0]["eval/count"] == 8))
+        recs = [r for r in recs if "train/actor_loss" in r]
         assert [r["step"] for r in recs] == [1, 2]
         assert all(np.isfinite(r["train/actor_loss"]) for r in recs)
         assert ("train/lambda" in recs[-1]) == (cmd == "grpo-lag")
@@ -202,6 +206,7 @@ def test_print_config_lists_the_grpo_keys(capsys):
     ({"grpo.kl": "k2"}, ["grpo.kl"]),
     ({"data.ptx": "[x.jsonl]"}, ["'data.ptx'"]),
     ({"grpo.micro_batch_size": 3}, ["'grpo.micro_batch_size' = 3"]),
+    ({"train.batch_size": 512}, ["only 64 usable distinct prompts", "train.batch_size=512 needs 128"]),
 ])
 def test_bad_grpo_config_exits_2_with_one_line_naming_the_key(world, tmp_path, capsys, over, expect):
     out = tmp_path / "run"
