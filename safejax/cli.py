@@ -5,6 +5,7 @@ Commands:
   sft | rm | cm            supervised fine-tuning, reward model, cost model
   ppo-lag | ppo | ppo-reward-shaping
                            the RL stage (Safe RLHF, and its two baselines)
+  grpo-lag | grpo          critic-free RL: GRPO-Lagrangian, and GRPO without the constraint
   eval                     score / prefs / arena / elo
   export                   HF-format folder from a stage's checkpoint
 Every training command reads a YAML config and then ``key=value`` overrides (dotted keys);
@@ -58,7 +59,8 @@ CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key wi
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
                 "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
                 "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
-                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig"}
+                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig",
+                "grpo-lag": "safejax/train/grpo.py: GRPOConfig", "grpo": "safejax/train/grpo.py: GRPOConfig"}
 EVAL_HELP = {
     "score": "each policy answers a prompt set; reward and cost models score the answers (means, harmless ratio)",
     "prefs": "RM / CM accuracy on a preference split (the paper's Table 1)",
@@ -97,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser("cm", "train the cost model (harmlessness)", sub)
     for alg, what in (("ppo-lag", "Safe RLHF: PPO-Lagrangian, maximise reward with the mean cost under a threshold"),
                       ("ppo", "baseline: plain PPO on the reward (with KL penalty and ptx)"),
-                      ("ppo-reward-shaping", "baseline: PPO on reward - nu * cost with a fixed nu")):
+                      ("ppo-reward-shaping", "baseline: PPO on reward - nu * cost with a fixed nu"),
+                      ("grpo-lag", "critic-free GRPO-Lagrangian: group-relative reward and cost advantages, "
+                                   "four models"),
+                      ("grpo", "critic-free GRPO on the reward (no cost model)")):
         _stage_parser(alg, what, sub)
     ev = sub.add_parser("eval", help="evaluate policies and preference models", epilog=_config_epilog("eval"),
                         description="Evaluations:\n" + "\n".join(f"  {k:6s} {v}" for k, v in EVAL_HELP.items()),
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STAGE_CONFIGS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo",
-                 "ppo-reward-shaping": "ppo_reward_shaping"}  # command -> its example config's file name
+                 "ppo-reward-shaping": "ppo_reward_shaping", "grpo-lag": "grpo_lag", "grpo": "grpo"}  # command -> its example config's file name
 
 
 def _load(args, load_config) -> Any:
@@ -196,6 +201,10 @@ def _load(args, load_config) -> Any:
         from safejax.train.ppo import PPOConfig
 
         return load_config(PPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
+    if args.command in ("grpo-lag", "grpo"):
+        from safejax.train.grpo import GRPOConfig
+
+        return load_config(GRPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
     if args.command == "eval":
         from safejax.evaluate.cli import CONFIGS
 
@@ -221,6 +230,10 @@ def _run(args, cfg) -> Any:
         from safejax.train.ppo_loop import run_ppo
 
         return run_ppo(cfg)
+    if args.command in ("grpo-lag", "grpo"):
+        from safejax.train.grpo_loop import run_grpo
+
+        return run_grpo(cfg)
     if args.command == "eval":
         from safejax.evaluate.cli import run_eval_config
 

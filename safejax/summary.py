@@ -51,14 +51,14 @@ def _ppo_line(cmd: str, cfg: Any, result: Any) -> str:
     h = result.history
     step = _last(h, "step")
     parts = [f"{step if step is not None else 0} iterations"]
-    if cmd == "ppo-lag":
+    if cmd in ("ppo-lag", "grpo-lag"):
         parts.append(f"final lambda {_num(_last(h, 'train/lambda'))}")
         parts.append(f"episode cost {_num(_last(h, 'train/episode_cost'))} "
                      f"(threshold {_num(cfg.lagrange.threshold)})")
     elif cmd == "ppo-reward-shaping":
         parts.append(f"nu {_num(cfg.lagrange.lambda_init)}")
     parts.append(f"reward {_num(_last(h, 'train/reward'))}")
-    if cmd != "ppo-lag" and _last(h, "train/cost") is not None:
+    if cmd not in ("ppo-lag", "grpo-lag") and _last(h, "train/cost") is not None:
         parts.append(f"cost {_num(_last(h, 'train/cost'))}")
     for key in ("eval/reward", "eval/cost"):
         if _last(h, key) is not None:
@@ -92,7 +92,7 @@ def result_line(cmd: str, cfg: Any, result: Any, out: str | None = None) -> str:
     export) its ``--out`` folder."""
     if cmd in ("sft", "rm", "cm"):
         return _fit_line(cmd, result)
-    if cmd in ("ppo-lag", "ppo", "ppo-reward-shaping"):
+    if cmd in ("ppo-lag", "ppo", "ppo-reward-shaping", "grpo-lag", "grpo"):
         return _ppo_line(cmd, cfg, result)
     if cmd.startswith("eval"):
         return _eval_line(cmd, cfg, result)

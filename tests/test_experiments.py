@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from safejax.config import load_config
+from safejax.train.grpo import GRPOConfig
 from safejax.train.ppo import PPOConfig
 from safejax.train.score_model import ScoreModelConfig
 from safejax.train.sft import SFTConfig
@@ -27,6 +28,8 @@ PAPER_ROUNDS = {1: (0.0, 1.0, 0.01), 2: (-3.0, 0.5, 0.04), 3: (-3.0, 1.0, 0.04)}
 
 
 def _class_for(path: Path):
+    if path.stem.startswith("grpo"):
+        return GRPOConfig
     return STAGE_CLASS.get(path.stem, PPOConfig if path.stem.startswith("ppo") else None)
 
 
@@ -50,6 +53,8 @@ def test_every_config_yaml_loads_with_its_stage_class():
         if cls is PPOConfig:
             expected_alg = {"ppo": "ppo", "ppo_reward_shaping": "ppo-reward-shaping"}.get(path.stem, "ppo-lag")
             assert cfg.algorithm == expected_alg, path
+        if cls is GRPOConfig:
+            assert cfg.algorithm == path.stem.replace("_", "-"), path
 
 
 def test_full_scale_configs_carry_the_spec_values():
@@ -82,9 +87,19 @@ def test_full_scale_configs_carry_the_spec_values():
     assert shaping.lagrange.lambda_init == 1.0 and shaping.cost_model
     for path in _all_yaml(CONFIGS):  # every full-scale stage: bf16, remat, pure FSDP
         cfg = load_config(_class_for(path), path)
-        model = cfg.actor if isinstance(cfg, PPOConfig) else cfg.model
+        model = cfg.actor if isinstance(cfg, (PPOConfig, GRPOConfig)) else cfg.model
         assert (model.dtype, model.remat) == ("bfloat16", True), path
         assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 1), path
+
+
+def test_grpo_configs_carry_deepseekmath_values_and_four_or_three_models():
+    for name in ("grpo_lag", "grpo"):
+        c = load_config(GRPOConfig, CONFIGS / f"{name}.yaml")
+        assert (c.rollout.num_return_sequences, c.train.batch_size, c.actor_optim.lr) == (64, 1024, 1e-6), name
+        assert c.train.batch_size // c.grpo.micro_batch_size == c.actor_optim.grad_accum, name  # one update/rollout
+        assert c.grpo.kl == "k1_reward" and c.data.ptx == [] and c.data.max_length == 512, name
+        assert bool(c.cost_model) == (name == "grpo_lag"), name
+    assert load_config(GRPOConfig, CONFIGS / "grpo_lag.yaml").lagrange.threshold == 0.0
 
 
 def test_full_scale_configs_run_with_the_reference_rollout_window_budget_and_loss_unit():

@@ -262,6 +262,29 @@ def _end_scores(sm, seq, mask):
     return sm(seq, attention_mask=mask, positions=positions_from_mask(mask)).end_scores
 
 
+def sample_and_score(phases, state, frozen: Frozen, prompt_ids, prompt_mask, *, mask_sampled_special: bool):
+    """The rollout shared by the RL stages (PPO family, GRPO family): sample with the actor of ``state`` (key:
+    ``state.rng`` folded with ``state.step``), cut responses at ``data.max_length`` when set, mask sampled pad/unk
+    tokens, then the reward and cost models' end scores.  ``phases`` supplies ``cfg.data``, ``models`` (``actor``,
+    ``reward``, ``cost`` defs), ``sampling``, ``P``, ``eos_id``, ``pad_id``, ``unk_id``.  ``prompt_ids, prompt_mask``:
+    ``[B/G, P]``.  Returns ``(seq [B, L], mask [B, L], reward [B], cost [B])`` (cost zeros without a cost model)."""
+    m = phases.models
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    actor = merge_role(m.actor, state.actor.params, frozen.ref)  # a LoRA actor: adapters over the shared base
+    gen = generate(actor, prompt_ids, prompt_mask, key, phases.sampling,
+                   eos_token_id=phases.eos_id, pad_token_id=phases.pad_id)
+    seq, mask = gen.sequences, gen.attention_mask
+    if phases.cfg.data.max_length:  # the reference's budget: max_length - the batch's longest prompt
+        budget = phases.cfg.data.max_length - jnp.max(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1))
+        keep = jnp.arange(seq.shape[1]) < phases.P + budget
+        seq, mask = jnp.where(keep, seq, phases.pad_id), mask & keep
+    if mask_sampled_special:
+        mask = mask & special_token_mask(seq, phases.pad_id, phases.unk_id)
+    reward = _end_scores(m.reward.merge(frozen.reward), seq, mask)
+    cost = _end_scores(m.cost.merge(frozen.cost), seq, mask) if m.cost is not None else jnp.zeros_like(reward)
+    return seq, mask, reward, cost
+
+
 class PPOPhases:
     """The PPO phases of one config and prompt width: ``rollout`` and ``update``, pure functions (:func:`make_rollout`
     and :func:`make_update` in ``ppo_loop`` jit them); holds the optimizers, no training state.
@@ -294,23 +317,8 @@ class PPOPhases:
 
     # ---- rollout + experience (no gradients)
     def rollout(self, state: PPOState, frozen: Frozen, prompt_ids, prompt_mask):
-        cfg, m = self.cfg, self.models
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        actor = merge_role(m.actor, state.actor.params, frozen.ref)
-        gen = generate(actor, prompt_ids, prompt_mask, key, self.sampling, eos_token_id=self.eos_id,
-                       pad_token_id=self.pad_id)
-        seq, mask = gen.sequences, gen.attention_mask
-        if cfg.data.max_length:  # the reference's budget: max_length - the batch's longest prompt
-            budget = cfg.data.max_length - jnp.max(jnp.sum(prompt_mask.astype(jnp.int32), axis=-1))
-            keep = jnp.arange(seq.shape[1]) < self.P + budget
-            seq, mask = jnp.where(keep, seq, self.pad_id), mask & keep
-        if cfg.ppo.mask_sampled_special:
-            mask = mask & special_token_mask(seq, self.pad_id, self.unk_id)
-        reward = _end_scores(m.reward.merge(frozen.reward), seq, mask)
-        if m.cost is not None:
-            cost = _end_scores(m.cost.merge(frozen.cost), seq, mask)
-        else:
-            cost = jnp.zeros_like(reward)
+        seq, mask, reward, cost = sample_and_score(self, state, frozen, prompt_ids, prompt_mask,
+                                                   mask_sampled_special=self.cfg.ppo.mask_sampled_special)
         old_lp, ref_lp, rv, cv = self.score(state, frozen.ref, seq, mask, frozen)
         return Experience(seq, mask, old_lp, ref_lp, reward, cost, rv, cv, self.action_mask(mask))
 
