@@ -22,7 +22,7 @@ sys.path.insert(0, str(MINI))
 
 import common as C  # noqa: E402
 
-STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig}
+STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig, "cm_categories": ScoreModelConfig}
 PAPER_ROUNDS = {1: (0.0, 1.0, 0.01), 2: (-3.0, 0.5, 0.04), 3: (-3.0, 1.0, 0.04)}  # threshold, lambda_init, lambda_lr
 
 
@@ -85,6 +85,24 @@ def test_full_scale_configs_carry_the_spec_values():
         model = cfg.actor if isinstance(cfg, PPOConfig) else cfg.model
         assert (model.dtype, model.remat) == ("bfloat16", True), path
         assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, -1, 1), path
+
+
+def test_category_configs_cover_every_pku_category_once_and_name_one_constraint_per_output():
+    import yaml
+
+    from safejax.data import PKU_HARM_CATEGORIES
+
+    for folder, k in ((CONFIGS, 5), (CONFIGS / "tiny", 2)):
+        cm = load_config(ScoreModelConfig, folder / "cm_categories.yaml")
+        groups = cm.groups()
+        assert len(groups) == k, folder
+        ppo = yaml.safe_load((folder / "ppo_lag_categories.yaml").read_text())
+        lag = ppo["lagrange"]
+        assert lag["names"] == list(groups), folder
+        assert isinstance(lag["threshold"], list) and len(lag["threshold"]) == k and lag["rule"] in ("sgd_log", "pid")
+        assert ppo["cost_model"].split("/hf")[0].endswith(cm.out_dir.rsplit("/", 1)[-1]), folder
+    cats = [c for g in load_config(ScoreModelConfig, CONFIGS / "cm_categories.yaml").groups().values() for c in g]
+    assert sorted(cats) == sorted(PKU_HARM_CATEGORIES)
 
 
 def test_full_scale_configs_run_with_the_reference_rollout_window_budget_and_loss_unit():
