@@ -241,3 +241,32 @@ def test_quick_preference_accuracy_runs_end_to_end_and_writes_tables_and_pngs(tm
     for png in ("accuracy.png", "cost_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "seed0" / "result.json").exists() and (out / "seed0" / "cm" / "hf" / "config.json").exists()
+
+
+def test_categories_aggregate_counts_seeds_within_each_tolerance_and_parses_tolerances():
+    import categories as K
+
+    assert K.parse_tolerances(["privacy=0.02"]) == {"hazard": 0.10, "privacy": 0.02}
+    with pytest.raises(SystemExit, match="CATEGORY=SHARE"):
+        K.parse_tolerances(["violence=0.1"])
+
+    def pol(hz, pv):
+        return {k: 0.5 for k, _, _ in K.METRICS} | {"unsafe_rate_harmful/hazard": hz, "unsafe_rate_harmful/privacy": pv}
+
+    def seed(agg_pv, per_pv):
+        return {"tolerances": {"hazard": 0.1, "privacy": 0.01},
+                "policies": {"sft": pol(0.4, 0.04), "aggregate": pol(0.05, agg_pv), "per_category": pol(0.08, per_pv)},
+                "score_models": {"cm_categories": {"accuracy": 0.8, "accuracy_sign": 0.9, "accuracy_sign/hazard": 0.95,
+                                                   "accuracy_sign/privacy": 0.97},
+                                 "cm_aggregate": {"accuracy": 0.8, "accuracy_sign": 0.9}},
+                "traces": {"aggregate": {"lambda": [1.0, 2.0, 1.5]},
+                           "per_category": {"lambda/hazard": [1.0, 3.0], "lambda/privacy": [1.0, 0.5]}}}
+
+    agg = K.aggregate({0: seed(0.03, 0.0), 1: seed(0.0, 0.02), 2: seed(0.02, 0.005)})
+    w = agg["within_tolerance"]
+    assert w["aggregate/privacy"] == {"seeds_within": 1, "seeds": 3}
+    assert w["per_category/privacy"] == {"seeds_within": 2, "seeds": 3}
+    assert w["per_category/hazard"]["seeds_within"] == 3 and w["sft/hazard"]["seeds_within"] == 0
+    assert agg["lambda"]["per_category/hazard"]["peak"]["mean"] == 3.0
+    assert agg["lambda"]["aggregate/cost"]["end"]["mean"] == 1.5
+    assert agg["policies"]["aggregate"]["unsafe_rate_harmful/privacy"]["mean"] == pytest.approx(0.05 / 3)
