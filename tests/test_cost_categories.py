@@ -219,6 +219,7 @@ def test_cm_with_two_category_groups_learns_each_sign_and_exports_names(tmp_path
     assert any("train/accuracy_sign/b" in r for r in read_metrics(tmp_path / "cm" / "metrics.jsonl"))
     cfg = json.loads((tmp_path / "cm" / "hf" / "config.json").read_text())
     assert cfg["score_dim"] == 2 and cfg["score_names"] == ["a", "b"]
+    assert cfg["score_categories"] == {"a": ["A"], "b": ["B"]}
     sm = load_pretrained(tmp_path / "cm" / "hf")
     assert isinstance(sm, ScoreModel) and sm.score_dim == 2
 
@@ -232,3 +233,18 @@ def test_cm_with_an_unknown_category_exits_2_naming_it(tmp_path, capsys):
                "data.max_length=24", "train.progress=false", "cost_categories=[A, Nope]"])
     err = capsys.readouterr().err
     assert rc == 2 and "no category 'Nope'" in err and "train.jsonl, row 0" in err
+
+
+def test_cost_categories_need_the_sequence_wise_unpacked_cost_model(tmp_path):
+    from safejax.config import ConfigError
+    from safejax.sections import DataSection
+    from safejax.train.score_model import ScoreModelConfig, run_score_model
+
+    with pytest.raises(ConfigError, match="cost_categories"):
+        ScoreModelConfig(cost_categories=["A"], loss_type="token-wise").validate()
+    with pytest.raises(ConfigError, match="cost_categories"):
+        ScoreModelConfig(cost_categories=["A"], data=DataSection(pack=True)).validate()
+    with pytest.raises(ConfigError, match="cost_categories.a"):
+        ScoreModelConfig(cost_categories={"a": []}).validate()
+    with pytest.raises(ConfigError, match="not the reward model"):
+        run_score_model(ScoreModelConfig(out_dir=str(tmp_path / "rm"), cost_categories=["A"]), "reward")

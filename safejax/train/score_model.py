@@ -270,20 +270,22 @@ def run_score_model(cfg: ScoreModelConfig, kind: str):
               train_arrays=train_arrays,
               eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm",
               export=lambda p: record_score_names(export_model(mdef, p, run.path / "hf", tok,
-                                                               dtype=cfg.export.dtype), names))
+                                                               dtype=cfg.export.dtype), groups))
     export_dir = res.export_dir
     log.info("%s model: exported %s", kind, export_dir)
     return res, export_dir
 
 
-def record_score_names(folder, names: tuple[str, ...] | None):
-    """Add ``score_names`` (the K output names, e.g. harm-category groups) to an exported score model's
-    ``config.json`` (beside its ``score_dim``); nothing without names.  Returns ``folder``."""
-    if names and jax.process_index() == 0:
+def record_score_names(folder, groups: dict[str, tuple[str, ...]] | None):
+    """Add ``score_names`` (the K output names: harm-category groups, in output order) and ``score_categories``
+    (group -> its categories) to an exported score model's ``config.json`` beside its ``score_dim``; nothing
+    without groups.  Returns ``folder``."""
+    if groups and jax.process_index() == 0:
         path = os.path.join(os.fspath(folder), "config.json")
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        d["score_names"] = list(names)
+        d["score_names"] = list(groups)
+        d["score_categories"] = {g: list(c) for g, c in groups.items()}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(d, f, indent=2, sort_keys=True)
     return folder
