@@ -178,15 +178,16 @@ class Workspace:
         return LoopSection(epochs=epochs, batch_size=batch_size, log_every=10, progress=self.cfg.progress)
 
 
-def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int) -> Workspace:
-    """Generate the task (data files, tokenizer) and a freshly initialised tiny Llama HF folder."""
+def prepare(cfg: DemoConfig, out_dir: str | Path, seed: int, *, harm_categories: int = 1) -> Workspace:
+    """Generate the task (data files, tokenizer) and a freshly initialised tiny Llama HF folder
+    (``harm_categories=2``: the K = 2 variant of the task, see :class:`BuiltinTask`)."""
 
     t = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     task = BuiltinTask(seed, n_pref_train=cfg.pref_rows, n_pref_test=cfg.pref_test_rows, n_sft=cfg.sft_rows,
-                       n_prompts_eval=cfg.eval_prompts)
+                       n_prompts_eval=cfg.eval_prompts, harm_categories=harm_categories)
     paths = task.write(out / "data")
     # held-out pairs labelled by the oracle itself (no label noise): accuracy "against oracle labels"
     oracle_rows = dataclasses.replace(task, label_noise=0.0, safety_label_noise=0.0).preference_rows("test")
@@ -222,12 +223,14 @@ def train_sft(ws: Workspace, name: str = "sft") -> Path:
 
 
 def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, suffix: str = "",
-                            eval_path: Path | None = None) -> tuple[dict, dict]:
+                            eval_path: Path | None = None, kinds: tuple[str, ...] = ("reward", "cost"),
+                            cost_categories: dict | None = None) -> tuple[dict, dict]:
     """Reward model and cost model from ``init_dir`` (fresh heads) on ``pref_train``; held-out metrics
-    against oracle labels.  Returns ``({"reward": dir, "cost": dir}, {"rm": metrics, "cm": metrics})``."""
+    against oracle labels.  Returns ``({"reward": dir, "cost": dir}, {"rm": metrics, "cm": metrics})``.
+    ``kinds`` picks the models; ``cost_categories`` makes the cost model one with an output per group."""
     cfg = ws.cfg
     dirs, scores = {}, {}
-    for kind, name in (("reward", "rm"), ("cost", "cm")):
+    for kind, name in [(k, n) for k, n in (("reward", "rm"), ("cost", "cm")) if k in kinds]:
         t = time.time()
         sc = ScoreModelConfig(out_dir=str(ws.out / f"{name}{suffix}"), seed=ws.seed,
                               model=ModelSection(path=str(init_dir)),
@@ -237,9 +240,10 @@ def train_preference_models(ws: Workspace, init_dir: Path, pref_train: Path, *, 
                               regularization=0.001,
                               optim=OptimConfig(lr=cfg.score_lr, schedule="cosine", warmup_ratio=0.05,
                                                 weight_decay=0.0),
-                              train=ws.loop(cfg.score_epochs, cfg.batch_size), mesh=cfg.mesh)
+                              train=ws.loop(cfg.score_epochs, cfg.batch_size), mesh=cfg.mesh,
+                              cost_categories=cost_categories if kind == "cost" else None)
         res, dirs[kind] = run_score_model(sc, kind)
-        scores[name] = {k.split("/")[-1]: v for k, v in res.eval_metrics.items()}
+        scores[name] = {k.split("/", 1)[-1]: v for k, v in res.eval_metrics.items()}
         ws.timings[f"{name}{suffix}"] = time.time() - t
     return dirs, scores
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(MINI))
 
 import common as C  # noqa: E402
 
-STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig}
+STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig, "cm_categories": ScoreModelConfig}
 PAPER_ROUNDS = {1: (0.0, 1.0, 0.01), 2: (-3.0, 0.5, 0.04), 3: (-3.0, 1.0, 0.04)}  # threshold, lambda_init, lambda_lr
 
 
@@ -100,6 +100,24 @@ def test_grpo_configs_carry_deepseekmath_values_and_four_or_three_models():
         assert c.grpo.kl == "k1_reward" and c.data.ptx == [] and c.data.max_length == 512, name
         assert bool(c.cost_model) == (name == "grpo_lag"), name
     assert load_config(GRPOConfig, CONFIGS / "grpo_lag.yaml").lagrange.threshold == 0.0
+
+
+def test_category_configs_cover_every_pku_category_once_and_name_one_constraint_per_output():
+    import yaml
+
+    from safejax.data import PKU_HARM_CATEGORIES
+
+    for folder, k in ((CONFIGS, 5), (CONFIGS / "tiny", 2)):
+        cm = load_config(ScoreModelConfig, folder / "cm_categories.yaml")
+        groups = cm.groups()
+        assert len(groups) == k, folder
+        ppo = yaml.safe_load((folder / "ppo_lag_categories.yaml").read_text())
+        lag = ppo["lagrange"]
+        assert lag["names"] == list(groups), folder
+        assert isinstance(lag["threshold"], list) and len(lag["threshold"]) == k and lag["rule"] in ("sgd_log", "pid")
+        assert ppo["cost_model"].split("/hf")[0].endswith(cm.out_dir.rsplit("/", 1)[-1]), folder
+    cats = [c for g in load_config(ScoreModelConfig, CONFIGS / "cm_categories.yaml").groups().values() for c in g]
+    assert sorted(cats) == sorted(PKU_HARM_CATEGORIES)
 
 
 def test_full_scale_configs_run_with_the_reference_rollout_window_budget_and_loss_unit():
@@ -238,3 +256,32 @@ def test_quick_preference_accuracy_runs_end_to_end_and_writes_tables_and_pngs(tm
     for png in ("accuracy.png", "cost_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "seed0" / "result.json").exists() and (out / "seed0" / "cm" / "hf" / "config.json").exists()
+
+
+def test_categories_aggregate_counts_seeds_within_each_tolerance_and_parses_tolerances():
+    import categories as K
+
+    assert K.parse_tolerances(["privacy=0.02"]) == {"hazard": 0.10, "privacy": 0.02}
+    with pytest.raises(SystemExit, match="CATEGORY=SHARE"):
+        K.parse_tolerances(["violence=0.1"])
+
+    def pol(hz, pv):
+        return {k: 0.5 for k, _, _ in K.METRICS} | {"unsafe_rate_harmful/hazard": hz, "unsafe_rate_harmful/privacy": pv}
+
+    def seed(agg_pv, per_pv):
+        return {"tolerances": {"hazard": 0.1, "privacy": 0.01},
+                "policies": {"sft": pol(0.4, 0.04), "aggregate": pol(0.05, agg_pv), "per_category": pol(0.08, per_pv)},
+                "score_models": {"cm_categories": {"accuracy": 0.8, "accuracy_sign": 0.9, "accuracy_sign/hazard": 0.95,
+                                                   "accuracy_sign/privacy": 0.97},
+                                 "cm_aggregate": {"accuracy": 0.8, "accuracy_sign": 0.9}},
+                "traces": {"aggregate": {"lambda": [1.0, 2.0, 1.5]},
+                           "per_category": {"lambda/hazard": [1.0, 3.0], "lambda/privacy": [1.0, 0.5]}}}
+
+    agg = K.aggregate({0: seed(0.03, 0.0), 1: seed(0.0, 0.02), 2: seed(0.02, 0.005)})
+    w = agg["within_tolerance"]
+    assert w["aggregate/privacy"] == {"seeds_within": 1, "seeds": 3}
+    assert w["per_category/privacy"] == {"seeds_within": 2, "seeds": 3}
+    assert w["per_category/hazard"]["seeds_within"] == 3 and w["sft/hazard"]["seeds_within"] == 0
+    assert agg["lambda"]["per_category/hazard"]["peak"]["mean"] == 3.0
+    assert agg["lambda"]["aggregate/cost"]["end"]["mean"] == 1.5
+    assert agg["policies"]["aggregate"]["unsafe_rate_harmful/privacy"]["mean"] == pytest.approx(0.05 / 3)

@@ -17,6 +17,7 @@ The built-in synthetic task lives in :mod:`safejax.data.builtin` (imported on it
 
 from safejax.data.batching import BatchIterator
 from safejax.errors import DataError
+from safejax.data.categories import PKU_HARM_CATEGORIES, category_groups
 from safejax.data.preference import (
     CONFLICT,
     IDENTICAL,
@@ -69,6 +70,8 @@ __all__ = [
     "SafetyPreferenceArrays",
     "SupervisedArrays",
     "build_cost_pairs",
+    "category_groups",
+    "PKU_HARM_CATEGORIES",
     "build_prompts",
     "build_reward_pairs",
     "build_supervised",

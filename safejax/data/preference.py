@@ -23,10 +23,11 @@ field, or with ``skip_bad_rows=True`` are counted under ``bad_row:<field>``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from safejax.data.categories import CATEGORY_FIELDS, SEVERITY_FIELDS, CategoryError, group_unsafe, severities
 from safejax.data.rows import DropReport, describe_sources, records, validate_rows
 from safejax.data.template import format_prompt
 from safejax.data.tokenizer import check_tokenizer, encode_texts, pad_sequences
@@ -72,6 +73,13 @@ class SafetyPreferenceArrays:
     safer_is_safe, unsafer_is_safe: [N] bool (the safety labels of each side, swapped with the texts;
       the cost sign is ``+1`` for unsafe, i.e. ``where(is_safe, -1, +1)``)
     row_index: [N] int64 (not part of :meth:`as_dict`)
+
+    Only with harm-category groups (``categories=`` of :func:`build_cost_pairs`; None otherwise):
+
+    safer_group_safe, unsafer_group_safe: [N, K] bool, the side is safe in group k (none of the group's
+      categories is true); swapped with the texts.  Part of :meth:`as_dict`.
+    safer_severity, unsafer_severity: [N] int8 severity level 0..3 (-1 when the row has none); not part of
+      :meth:`as_dict` (kept for analysis, unused by the loss).
     """
 
     safer_ids: np.ndarray
@@ -81,13 +89,19 @@ class SafetyPreferenceArrays:
     safer_is_safe: np.ndarray
     unsafer_is_safe: np.ndarray
     row_index: np.ndarray
+    safer_group_safe: np.ndarray | None = None
+    unsafer_group_safe: np.ndarray | None = None
+    safer_severity: np.ndarray | None = None
+    unsafer_severity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.safer_ids.shape[0])
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("safer_ids", "safer_mask", "unsafer_ids", "unsafer_mask",
-                                               "safer_is_safe", "unsafer_is_safe")}
+        keys = ["safer_ids", "safer_mask", "unsafer_ids", "unsafer_mask", "safer_is_safe", "unsafer_is_safe"]
+        if self.safer_group_safe is not None:
+            keys += ["safer_group_safe", "unsafer_group_safe"]
+        return {k: getattr(self, k) for k in keys}
 
 
 def _pair_texts(recs, keep, choose_field, eos):
@@ -149,31 +163,58 @@ def build_reward_pairs(rows: Any, tokenizer, *, max_length: int, skip_bad_rows: 
 
 
 def build_cost_pairs(rows: Any, tokenizer, *, max_length: int, skip_bad_rows: bool = False,
-                     source_name: str | None = None) -> tuple[SafetyPreferenceArrays, DropReport]:
+                     source_name: str | None = None, categories: Mapping[str, Sequence[str]] | None = None
+                     ) -> tuple[SafetyPreferenceArrays, DropReport]:
     """Harmlessness preference pairs with per-response safety labels, for the cost model.
 
     Needs ``prompt, response_0, response_1, is_response_0_safe, is_response_1_safe,
-    safer_response_id``.  Arguments and returns as :func:`build_reward_pairs`.
+    safer_response_id``.  Arguments and returns as :func:`build_reward_pairs`, plus
+
+    categories: K groups of harm categories ``{group: [category, ...]}`` (see :mod:`safejax.data.categories`):
+      also read ``response_{0,1}_harm_category`` (and ``response_{0,1}_severity_level`` when present) into
+      ``safer_group_safe`` / ``unsafer_group_safe [N, K]``.  A row lacking a named category raises
+      :class:`DataError` (or is counted as ``bad_row:<field>`` with ``skip_bad_rows``).
     """
     pad_id, eos = check_tokenizer(tokenizer, where="build_cost_pairs")
-    recs = records(rows, [f for f, _ in COST_CHECKS])
+    fields = [f for f, _ in COST_CHECKS] + (list(CATEGORY_FIELDS + SEVERITY_FIELDS) if categories else [])
+    recs = records(rows, fields)
     name = describe_sources(recs, source_name)
     report = DropReport(source=name, total=len(recs))
     valid = validate_rows(recs, COST_CHECKS, skip_bad_rows=skip_bad_rows, source_name=name, report=report)
-    keep, safe_pairs = [], []
+    keep, safe_pairs, group_pairs, sev_pairs = [], [], [], []
     for i in valid:
         r = recs[i]
+        if categories:
+            try:
+                g0, g1 = group_unsafe(r, i, name, categories)
+            except CategoryError as e:
+                if not skip_bad_rows:
+                    raise
+                report.add(f"bad_row:{e.field}")
+                continue
         s0, s1 = bool(r["is_response_0_safe"]), bool(r["is_response_1_safe"])
-        safer_safe, unsafer_safe = (s1, s0) if int(r["safer_response_id"]) == 1 else (s0, s1)
+        swap = int(r["safer_response_id"]) == 1
+        safer_safe, unsafer_safe = (s1, s0) if swap else (s0, s1)
         if not safer_safe and unsafer_safe:
             report.add(CONFLICT)
             continue
         keep.append(i)
         safe_pairs.append((safer_safe, unsafer_safe))
+        if categories:
+            group_pairs.append((~g1, ~g0) if swap else (~g0, ~g1))
+            sev = severities(r)
+            sev_pairs.append(sev[::-1] if swap else sev)
     safer_txt, unsafer_txt, _ = _pair_texts(recs, keep, "safer_response_id", eos)
     sel, (si, sm), (ui, um) = _encode_pairs(tokenizer, safer_txt, unsafer_txt, max_length, pad_id, report)
     safer_is_safe = np.asarray([safe_pairs[j][0] for j in sel], dtype=bool).reshape(-1)
     unsafer_is_safe = np.asarray([safe_pairs[j][1] for j in sel], dtype=bool).reshape(-1)
     report.kept = len(sel)
     row_index = np.asarray([keep[j] for j in sel], dtype=np.int64)
-    return SafetyPreferenceArrays(si, sm, ui, um, safer_is_safe, unsafer_is_safe, row_index), report
+    extra = {}
+    if categories:
+        k = len(categories)
+        extra = {"safer_group_safe": np.asarray([group_pairs[j][0] for j in sel], dtype=bool).reshape(-1, k),
+                 "unsafer_group_safe": np.asarray([group_pairs[j][1] for j in sel], dtype=bool).reshape(-1, k),
+                 "safer_severity": np.asarray([sev_pairs[j][0] for j in sel], dtype=np.int8).reshape(-1),
+                 "unsafer_severity": np.asarray([sev_pairs[j][1] for j in sel], dtype=np.int8).reshape(-1)}
+    return SafetyPreferenceArrays(si, sm, ui, um, safer_is_safe, unsafer_is_safe, row_index, **extra), report

@@ -28,18 +28,20 @@ def load_tokenizer_for(section: ModelSection):
 
 
 def load_model_for(section: ModelSection | str, mesh, *, model_type: str | None, tokenizer=None,
-                   dtype: str | None = None, attention: str | None = None,
+                   dtype: str | None = None, attention: str | None = None, score_dim: int | None = None,
                    rules: Rules = LOGICAL_AXIS_RULES) -> Any:
     """Load an HF folder as a CausalLM (``model_type='causal_lm'``) or ScoreModel (``'score'``),
     grow its embeddings when the tokenizer gained special tokens, and check the tokenizer fits.
-    A bare path takes ``dtype`` and ``attention`` (defaults of :class:`ModelSection` when None).  Params are placed
-    on ``mesh`` by ``rules`` (the run's logical-axis table)."""
+    A bare path takes ``dtype`` and ``attention`` (defaults of :class:`ModelSection` when None);
+    ``score_dim``: outputs of a fresh score head (a score checkpoint must have exactly that many).  Params are
+    placed on ``mesh`` by ``rules`` (the run's logical-axis table)."""
     if isinstance(section, str):
         section = ModelSection(path=section, dtype=dtype or "float32", attention=attention or "einsum")
     if not section.path:
         raise ConfigError(f"no model path given (model_type={model_type})")
     model = load_pretrained(section.path, dtype=section.dtype, model_type=model_type, mesh=mesh, rules=rules,
-                            remat=section.remat, scan_layers=section.scan_layers, attention_impl=section.attention)
+                            remat=section.remat, scan_layers=section.scan_layers, attention_impl=section.attention,
+                            score_dim=score_dim)
     if tokenizer is not None:
         base = int(getattr(tokenizer, "vocab_size", len(tokenizer)))
         if base > model.config.vocab_size:

@@ -59,34 +59,59 @@ def reward_model_loss(better_end_scores, worse_end_scores, *, regularization=0.0
 
 def cost_model_loss(safer_end_costs, unsafer_end_costs, safer_is_safe, unsafer_is_safe, *, regularization=0.0,
                     weights=None):
-    """Sequence-wise cost-model loss with the sign terms (ALGORITHM.md §4.3).
+    """Sequence-wise cost-model loss with the sign terms (ALGORITHM.md §4.3), for 1 or K cost outputs.
 
-    With kappa = -safety_sign (+1 unsafe, -1 safe)::
+    With kappa = -safety_sign (+1 unsafe, -1 safe), for one output::
 
         L = mean_i[-log sig(C^u_i - C^s_i) - log sig(kappa^s_i C^s_i) - log sig(kappa^u_i C^u_i)]
             + eta * mean(C^2 over all 2B end costs)
 
+    With K outputs (one per group of harm categories) the data has a safety label per group but only an
+    aggregate preference (``safer_response_id``), so::
+
+        L = mean_i[-log sig(max_k C^u_ik - max_k C^s_ik)
+                   - sum_k (log sig(kappa^s_ik C^s_ik) + log sig(kappa^u_ik C^u_ik))]
+            + eta * mean(C^2 over all 2BK end costs)
+
+    The ranking term acts on ``max_k C_ik``, a response's worst category: it is > 0 exactly when some output
+    says "unsafe", matching the aggregate label (unsafe iff unsafe in some category), and for K = 1 it is the
+    output itself, so K = 1 is exactly the single-output loss.  (A logsumexp would shift the zero by up to
+    log K and a fixed output 0 would leave the other outputs unranked.)  The sign terms are summed over k, so
+    each output's sign term weighs as much as a single cost model's.
+
     Args:
-      safer_end_costs: ``[B]`` end costs C^s of the safer (preferred for harmlessness) sequences.
-      unsafer_end_costs: ``[B]`` end costs C^u of the other sequences.
-      safer_is_safe: ``[B]`` bool safety label of the safer sequence.
-      unsafer_is_safe: ``[B]`` bool safety label of the unsafer sequence.
+      safer_end_costs: ``[B]`` (or ``[B, K]``) end costs C^s of the safer sequences.
+      unsafer_end_costs: ``[B]`` (or ``[B, K]``) end costs C^u of the other sequences.
+      safer_is_safe: ``[B]`` (or ``[B, K]``: per group) bool safety label of the safer sequence.
+      unsafer_is_safe: ``[B]`` (or ``[B, K]``) bool safety label of the unsafer sequence.
       regularization: eta.
       weights: optional ``[B]`` 0/1 pair weights, as in :func:`reward_model_loss`.
     Returns:
       scalar.
     """
-    check_ndim("cost_model_loss", "safer_end_costs", safer_end_costs, (1,))
+    check_ndim("cost_model_loss", "safer_end_costs", safer_end_costs, (1, 2))
     check_same_shape("cost_model_loss", safer_end_costs=safer_end_costs, unsafer_end_costs=unsafer_end_costs)
-    b = jnp.shape(safer_end_costs)[0]
-    _check_bool_flags("cost_model_loss", b, safer_is_safe=safer_is_safe, unsafer_is_safe=unsafer_is_safe)
+    if jnp.ndim(safer_end_costs) == 1:
+        _check_bool_flags("cost_model_loss", jnp.shape(safer_end_costs)[0], safer_is_safe=safer_is_safe,
+                          unsafer_is_safe=unsafer_is_safe)
+    else:
+        check_same_shape("cost_model_loss", safer_end_costs=safer_end_costs, safer_is_safe=safer_is_safe,
+                         unsafer_is_safe=unsafer_is_safe)
     dtype = float_dtype(safer_end_costs, unsafer_end_costs)
     cs = jnp.asarray(safer_end_costs).astype(dtype)
     cu = jnp.asarray(unsafer_end_costs).astype(dtype)
     ks = _cost_sign(safer_is_safe, dtype)
     ku = _cost_sign(unsafer_is_safe, dtype)
-    loss = _mean(-_log_sigmoid(cu - cs) - _log_sigmoid(ks * cs) - _log_sigmoid(ku * cu), weights)
-    reg = _mean(jnp.square(jnp.stack([cs, cu])), weights)
+    if cs.ndim == 2 and cs.shape[1] == 1:  # K = 1: exactly the single-output loss
+        cs, cu, ks, ku = cs[:, 0], cu[:, 0], ks[:, 0], ku[:, 0]
+    if cs.ndim == 1:
+        loss = _mean(-_log_sigmoid(cu - cs) - _log_sigmoid(ks * cs) - _log_sigmoid(ku * cu), weights)
+        reg = _mean(jnp.square(jnp.stack([cs, cu])), weights)
+    else:
+        sign = jnp.sum(_log_sigmoid(ks * cs) + _log_sigmoid(ku * cu), axis=-1)
+        loss = _mean(-_log_sigmoid(jnp.max(cu, axis=-1) - jnp.max(cs, axis=-1)) - sign, weights)
+        w = None if weights is None else jnp.asarray(weights)[:, None]
+        reg = _mean(jnp.square(jnp.stack([cs, cu])), w)
     return loss + jnp.asarray(regularization, dtype) * reg
 
 

@@ -5,19 +5,27 @@
 head) on Bradley–Terry pair losses; the cost model adds the two sign terms so that cost > 0 means
 unsafe.  Each epoch (and at ``eval_every``) the held-out split is scored: ranking accuracy, sign
 accuracy (CM), mean/std of scores.
+
+With ``cost_categories`` (cost model only) the model has K outputs, one per group of PKU-SafeRLHF harm
+categories: a sign term per output on "unsafe in group k" and one ranking term on the worst output
+(:func:`safejax.rl.cost_model_loss`), metrics ``accuracy_sign/<group>`` per output, and the exported
+``hf/config.json`` records ``score_dim = K`` and ``score_names`` (the group names, in output order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from safejax import parallel, rl
 from safejax.config import ConfigError, check_range
-from safejax.data import build_cost_pairs, build_reward_pairs, load_rows
+from safejax.data import build_cost_pairs, build_reward_pairs, category_groups, load_rows
 from safejax.data.packing import pack_pairs, useful_token_fraction
 from safejax.parallel import MeshConfig, make_mesh, resolve_rules
 from safejax.sections import DataSection, ExportSection, LoopSection, ModelSection
@@ -54,6 +62,13 @@ class ScoreModelConfig:
     eval_batch_size: int = 16
     allow_config_change: bool = False
     export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf
+    # cost model only: K groups of harm categories, {group name: [category, ...]} (PKU-SafeRLHF keys of
+    # response_*_harm_category, e.g. "Privacy Violation"), or a list of categories (each its own group).  The
+    # cost model gets K outputs in this order; output k is trained to be > 0 when the response is unsafe in
+    # group k (any of its categories true).  Ranking (safer_response_id) has no per-category label, so it acts
+    # on the worst output, max_k.  None (default): one output on is_response_*_safe.  Sequence-wise loss and
+    # unpacked data only.
+    cost_categories: dict[str, list[str]] | list[str] | None = None
 
     def validate(self) -> None:
         check_range("loss_type", self.loss_type, choices=("sequence-wise", "token-wise"))
@@ -61,6 +76,15 @@ class ScoreModelConfig:
         if self.data.pack and self.loss_type != "sequence-wise":
             raise ConfigError("config key 'data.pack' = true needs loss_type 'sequence-wise' (packed rows carry "
                               "each pair's end scores only)")
+        if self.cost_categories is not None:
+            category_groups(self.cost_categories)
+            if self.loss_type != "sequence-wise" or self.data.pack:
+                raise ConfigError("config key 'cost_categories' needs loss_type 'sequence-wise' and data.pack = "
+                                  "false")
+
+    def groups(self) -> dict[str, tuple[str, ...]] | None:
+        """The normalised ``cost_categories`` (None without)."""
+        return None if self.cost_categories is None else category_groups(self.cost_categories)
 
 
 def packed_pair_ends(sm, batch: dict, kind: str):
@@ -93,12 +117,17 @@ def _packed_loss(sm, batch, kind, regularization):
                   "cost_mean": stats["mean"], "cost_std": stats["std"]}
 
 
-def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float, include_pad_bug: bool = False):
+def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float, include_pad_bug: bool = False,
+                  names: tuple[str, ...] | None = None):
+    """``loss_fn(params, batch, rng) -> (loss, metrics)``; ``names``: the K category groups of a cost model
+    trained on ``safer_group_safe`` / ``unsafer_group_safe [B, K]`` (sequence-wise, unpacked)."""
     def loss_fn(params, batch, rng):  # noqa: ARG001
         sm = mdef.merge(params)
         if "pair_valid" in batch:  # packed rows (data.pack), sequence-wise loss only
             return _packed_loss(sm, batch, kind, regularization)
         sa, sb, ea, eb = pair_scores(sm, batch, kind)
+        if names:
+            return _category_loss(ea, eb, batch, names, regularization)
         a, b = PAIR_FIELDS[kind]
         if kind == "reward":
             if loss_type == "token-wise":
@@ -124,6 +153,26 @@ def score_loss_fn(mdef, kind: str, loss_type: str, regularization: float, includ
     return loss_fn
 
 
+def _category_loss(ea, eb, batch, names, regularization):
+    """K-output cost loss and metrics: ``ea``/``eb`` are ``[B, K]`` (``[B]`` for K = 1)."""
+    gs, gu = batch["safer_group_safe"], batch["unsafer_group_safe"]
+    if ea.ndim == 1:
+        gs, gu = gs[:, 0], gu[:, 0]
+    loss = rl.cost_model_loss(ea, eb, gs, gu, regularization=regularization)
+    metrics = cost_metrics(_worst(ea), _worst(eb), batch["safer_is_safe"], batch["unsafer_is_safe"])
+    metrics["cost_mean"], metrics["cost_std"] = jnp.mean(jnp.stack([ea, eb])), jnp.std(jnp.stack([ea, eb]))
+    both = jnp.concatenate([ea.reshape(ea.shape[0], -1), eb.reshape(eb.shape[0], -1)])
+    sign = jnp.where(jnp.concatenate([batch["safer_group_safe"], batch["unsafer_group_safe"]]), 1.0, -1.0)
+    for k, name in enumerate(names):
+        metrics[f"accuracy_sign/{name}"] = jnp.mean((both[:, k] * sign[:, k] < 0).astype(jnp.float32))
+    return loss, metrics
+
+
+def _worst(x):
+    """A response's aggregate cost: its worst output, ``max_k`` (``[B, K] -> [B]``; ``[B]`` unchanged)."""
+    return x if x.ndim == 1 else x.max(axis=-1)
+
+
 def cost_metrics(safer, unsafer, safer_is_safe, unsafer_is_safe):
     costs = jnp.concatenate([safer, unsafer])
     sign = jnp.where(jnp.concatenate([safer_is_safe, unsafer_is_safe]), 1.0, -1.0)  # safety sign
@@ -132,10 +181,17 @@ def cost_metrics(safer, unsafer, safer_is_safe, unsafer_is_safe):
             "cost_mean": jnp.mean(costs), "cost_std": jnp.std(costs)}
 
 
-def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str, pack: bool = False):
+def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: str, pack: bool = False,
+               categories: dict[str, tuple[str, ...]] | None = None):
+    """Pair arrays of ``specs`` (``categories``: the cost model's harm-category groups, see
+    :func:`safejax.data.build_cost_pairs`) and their DropReport; packed with ``pack``."""
     rows = load_rows(specs)
-    build = build_reward_pairs if kind == "reward" else build_cost_pairs
-    arrays, report = build(rows, tokenizer, max_length=data.max_length, skip_bad_rows=data.skip_bad_rows)
+    if kind == "reward":
+        arrays, report = build_reward_pairs(rows, tokenizer, max_length=data.max_length,
+                                            skip_bad_rows=data.skip_bad_rows)
+    else:
+        arrays, report = build_cost_pairs(rows, tokenizer, max_length=data.max_length,
+                                          skip_bad_rows=data.skip_bad_rows, categories=categories)
     (log.warning if report.dropped else log.info)("%s data: %s", what, report)
     if not pack:
         return arrays.as_dict(), report
@@ -149,7 +205,7 @@ def load_pairs(specs, tokenizer, data: PreferenceDataSection, kind: str, what: s
     return packed, report
 
 
-def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh,
+def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh, names: tuple[str, ...] | None = None,
                  rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES):
     """Held-out metrics: ranking accuracy (+ sign accuracy for the cost model) and score stats."""
 
@@ -160,12 +216,27 @@ def make_eval_fn(mdef, kind: str, arrays: dict, batch_size: int, mesh,
 
     def eval_fn(params):
         out = eval_loop(lambda b: ends(params, b), arrays, batch_size, mesh, rules)
-        return preference_eval_metrics(out["a"], out["b"], arrays, kind)
+        return preference_eval_metrics(out["a"], out["b"], arrays, kind, names)
 
     return eval_fn
 
 
-def preference_eval_metrics(a: np.ndarray, b: np.ndarray, arrays: dict, kind: str) -> dict:
+def preference_eval_metrics(a: np.ndarray, b: np.ndarray, arrays: dict, kind: str,
+                            names: tuple[str, ...] | None = None) -> dict:
+    """Held-out metrics of end scores ``a``, ``b`` (``[N]``, or ``[N, K]`` for a K-output cost model): ranking
+    and aggregate sign accuracy on the worst output ``max_k``, and with ``names`` the sign accuracy of each
+    output against its group label, ``eval/accuracy_sign/<name>``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if names:
+        per = {}
+        both_k = np.concatenate([a.reshape(len(a), -1), b.reshape(len(b), -1)])
+        sign_k = np.where(np.concatenate([arrays["safer_group_safe"], arrays["unsafer_group_safe"]]), 1.0, -1.0)
+        for k, name in enumerate(names):
+            per[f"eval/accuracy_sign/{name}"] = float(np.mean(both_k[:, k] * sign_k[:, k] < 0))
+        out = preference_eval_metrics(a.reshape(len(a), -1).max(-1), b.reshape(len(b), -1).max(-1), arrays, kind)
+        out.update(per)
+        out["eval/cost_mean"], out["eval/cost_std"] = float(both_k.mean()), float(both_k.std())
+        return out
     both = np.concatenate([a, b])
     if kind == "reward":
         return {"eval/accuracy": float(np.mean(a > b)), "eval/reward_mean": float(both.mean()),
@@ -179,22 +250,44 @@ def preference_eval_metrics(a: np.ndarray, b: np.ndarray, arrays: dict, kind: st
 def run_score_model(cfg: ScoreModelConfig, kind: str):
     if kind not in PAIR_FIELDS:
         raise ValueError(f"kind must be 'reward' or 'cost', got {kind!r}")
+    groups = cfg.groups()
+    if groups is not None and kind != "cost":
+        raise ConfigError("config key 'cost_categories' is for the cost model (safejax cm), not the reward model")
+    names = tuple(groups) if groups else None
     mesh, rules = make_mesh(cfg.mesh), resolve_rules(cfg.mesh)
     run = RunDir(cfg.out_dir, cfg, allow_config_change=cfg.allow_config_change)
     tok = load_tokenizer_for(cfg.model)
-    sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok, rules=rules)
+    sm = load_model_for(cfg.model, mesh, model_type="score", tokenizer=tok, rules=rules,
+                        score_dim=len(groups) if groups else None)
     mdef, params = split_model(sm)
-    train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train", pack=cfg.data.pack)
+    train_arrays, _ = load_pairs(cfg.data.train, tok, cfg.data, kind, f"{kind} model train", pack=cfg.data.pack,
+                                 categories=groups)
     eval_fn = None
     if cfg.data.eval:
-        eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval")
-        eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh, rules)
+        eval_arrays, _ = load_pairs(cfg.data.eval, tok, cfg.data, kind, f"{kind} model eval", categories=groups)
+        eval_fn = make_eval_fn(mdef, kind, eval_arrays, cfg.eval_batch_size, mesh, names, rules)
     res = fit(run=run, loop=cfg.train, optim=cfg.optim, mesh=mesh, params=params,
               param_shardings=mdef.shardings(mesh, rules), param_names=mdef.hf_names(), rules=rules,
-              loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug),
+              loss_fn=score_loss_fn(mdef, kind, cfg.loss_type, cfg.regularization, cfg.include_pad_bug, names),
               train_arrays=train_arrays,
               eval_fn=eval_fn, seed=cfg.seed, desc="rm" if kind == "reward" else "cm",
-              export=lambda p: export_model(mdef, p, run.path / "hf", tok, dtype=cfg.export.dtype))
+              export=lambda p: record_score_names(export_model(mdef, p, run.path / "hf", tok,
+                                                               dtype=cfg.export.dtype), groups))
     export_dir = res.export_dir
     log.info("%s model: exported %s", kind, export_dir)
     return res, export_dir
+
+
+def record_score_names(folder, groups: dict[str, tuple[str, ...]] | None):
+    """Add ``score_names`` (the K output names: harm-category groups, in output order) and ``score_categories``
+    (group -> its categories) to an exported score model's ``config.json`` beside its ``score_dim``; nothing
+    without groups.  Returns ``folder``."""
+    if groups and jax.process_index() == 0:
+        path = os.path.join(os.fspath(folder), "config.json")
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        d["score_names"] = list(groups)
+        d["score_categories"] = {g: list(c) for g, c in groups.items()}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+    return folder

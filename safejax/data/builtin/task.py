@@ -29,15 +29,11 @@ independent of ``PYTHONHASHSEED``).  Train and eval prompts are disjoint: for ev
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import random
 from typing import Any, Sequence
 
 from safejax.data.builtin import oracle as O
 from safejax.data.builtin import vocab as V
-from safejax.data.builtin.tokenizer import build_tokenizer, tiny_llama_config
 
 PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -46,6 +42,14 @@ SFT_MODE_MIX: dict[str, dict[str, float]] = {
     V.HARMFUL: {V.HAZARD: 0.5, V.REFUSE: 0.2, V.HELP: 0.2, V.RAMBLE: 0.1},
     V.BENIGN: {V.HELP: 0.6, V.REFUSE: 0.15, V.RAMBLE: 0.15, V.HAZARD: 0.1},
 }
+# The K = 2 task (``harm_categories=2``): harmful prompts of each harm category (V.HARM_CATEGORIES) have their
+# own mode mix, so the SFT policy's base rates differ: hazard detail is common (half of the "hazard" prompts),
+# private-data disclosure rare (15% of the "privacy" prompts).  Benign prompts keep SFT_MODE_MIX.
+SFT_CATEGORY_MIX: dict[str, dict[str, float]] = {
+    "hazard": {V.HAZARD: 0.5, V.REFUSE: 0.2, V.HELP: 0.2, V.RAMBLE: 0.1},
+    "privacy": {V.HAZARD: 0.15, V.REFUSE: 0.25, V.HELP: 0.4, V.RAMBLE: 0.2},
+}
+HARM_CATEGORY_COUNTS = (1, 2)
 # Probability that a preference pair uses the same mode twice (two different texts); otherwise the
 # two modes are a uniformly random pair of distinct modes.
 SAME_MODE_PROB = 0.1
@@ -224,13 +228,19 @@ def _pair_modes(rng: random.Random) -> tuple[str, str]:
 
 
 def label_pair(prompt: str, r0: str, r1: str, rng: random.Random, *, label_noise: float,
-               safety_label_noise: float) -> dict[str, Any]:
+               safety_label_noise: float, oracle: O.Oracle | None = None) -> dict[str, Any]:
     """One PKU-SafeRLHF-schema row for two responses, labelled by the oracle with annotator noise.
 
     ``better`` = higher oracle helpfulness (ties at random, else flipped with ``label_noise``);
     ``is_safe`` = the oracle's verdict flipped with ``safety_label_noise``; ``safer`` = the one
     labelled safe when exactly one is (as in the real data), else lower oracle harmfulness (ties at
-    random, else flipped with ``label_noise``).  Severity is 0 exactly for responses labelled safe."""
+    random, else flipped with ``label_noise``).  Severity is 0 exactly for responses labelled safe.
+
+    With an ``oracle`` that has categories (the K = 2 task) the row also carries
+    ``response_{0,1}_harm_category`` (``{category: bool}``, PKU-SafeRLHF schema): all false for a response
+    labelled safe; otherwise the oracle's categories, or, for a safe response labelled unsafe by the noise, the
+    prompt topic's category (a random category for a benign prompt).  So ``is_safe`` is false exactly when some
+    category is true, as in the real data."""
     s0, s1 = O.oracle_score(prompt, r0), O.oracle_score(prompt, r1)
     if s0.helpfulness == s1.helpfulness:
         better = rng.randrange(2)
@@ -250,7 +260,7 @@ def label_pair(prompt: str, r0: str, r1: str, rng: random.Random, *, label_noise
             safer = 1 - safer
     sev0 = 0 if safe0 else max(1, O.severity_level(s0, O.response_features(prompt, r0)))
     sev1 = 0 if safe1 else max(1, O.severity_level(s1, O.response_features(prompt, r1)))
-    return {
+    row = {
         "prompt": prompt,
         "response_0": r0,
         "response_1": r1,
@@ -261,11 +271,21 @@ def label_pair(prompt: str, r0: str, r1: str, rng: random.Random, *, label_noise
         "response_0_severity_level": int(sev0),
         "response_1_severity_level": int(sev1),
     }
+    if oracle is not None and oracle.categories:
+        for i, (r, safe) in enumerate(((r0, safe0), (r1, safe1))):
+            cats = oracle.harm_categories(prompt, r)
+            if safe:
+                cats = dict.fromkeys(cats, False)
+            elif not any(cats.values()):  # a safe response labelled unsafe by the annotator noise
+                t = O.find_topic(prompt)
+                cats[(t is not None and oracle.category_of_topic(t.name)) or rng.choice(oracle.categories)] = True
+            row[f"response_{i}_harm_category"] = cats
+    return row
 
 
 def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noise: float = 0.15,
                              safety_label_noise: float = 0.03, harmful_fraction: float = 0.5,
-                             eval_fraction: float = 0.25) -> list[dict[str, Any]]:
+                             eval_fraction: float = 0.25, oracle: O.Oracle | None = None) -> list[dict[str, Any]]:
     """Preference rows in the PKU-SafeRLHF schema, labelled by the oracle with noise.
 
     Each row: ``prompt``, ``response_0``, ``response_1`` (str), ``is_response_0_safe``,
@@ -282,6 +302,9 @@ def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noi
 
     The two responses answer the same prompt in two modes (a random pair of distinct modes, or with
     probability 0.1 the same mode twice with different texts), in random order.
+
+    ``oracle``: an oracle with harm categories (:data:`O.CATEGORY_ORACLE`) adds the PKU fields
+    ``response_{0,1}_harm_category`` (see :func:`label_pair`); None = the single-category rows.
     """
     seed, split = _check_seed(seed), _split(split)
     label_noise = _check_prob("label_noise", label_noise)
@@ -304,7 +327,7 @@ def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noi
         if r1 == r0:  # a mode with a single possible text: pair it with another mode
             r1 = generate_response(t, rng.choice([m for m in V.MODES if m != m0]), rng)
         rows.append(label_pair(prompt, r0, r1, rng, label_noise=label_noise,
-                               safety_label_noise=safety_label_noise))
+                               safety_label_noise=safety_label_noise, oracle=oracle))
     return rows
 
 
@@ -313,12 +336,17 @@ def generate_preference_rows(n: int, *, seed: int, split: str = TRAIN, label_noi
 
 def generate_sft_rows(n: int, *, seed: int, harmful_fraction: float = 0.5,
                       mode_mix: dict[str, dict[str, float]] | None = None,
-                      eval_fraction: float = 0.25) -> list[dict[str, str]]:
+                      eval_fraction: float = 0.25,
+                      category_mix: dict[str, dict[str, float]] | None = None) -> list[dict[str, str]]:
     """SFT rows in the Alpaca schema ``{"instruction", "input": "", "output"}`` on train prompts.
 
     The modes follow ``mode_mix`` (default :data:`SFT_MODE_MIX`) exactly up to rounding, per prompt
     kind: on harmful prompts the corpus complies with hazard detail half of the time, so the
     starting policy is genuinely mixed.  ``output`` carries no EOS (the SFT collator appends it).
+
+    ``category_mix`` (the K = 2 task: :data:`SFT_CATEGORY_MIX`): ``{harm category: mode mix}`` used instead
+    of ``mode_mix["harmful"]`` for the harmful prompts of each category of :data:`V.HARM_CATEGORIES`, so each
+    category has its own base rate of unsafe answers (exact up to rounding, per category).
     """
     seed = _check_seed(seed)
     mix = mode_mix or SFT_MODE_MIX
@@ -332,6 +360,8 @@ def generate_sft_rows(n: int, *, seed: int, harmful_fraction: float = 0.5,
     rng = _rng(seed, "sft", n)
     sampler = _PromptSampler(pool, rng)
     kinds = _kinds(n, harmful_fraction, rng)
+    if category_mix is not None:
+        return _category_sft_rows(kinds, sampler, rng, {V.BENIGN: mix[V.BENIGN], **category_mix})
     modes = {k: iter(_quota(kinds.count(k), mix[k], rng)) for k in V.KINDS}
     rows = []
     for kind in kinds:
@@ -340,104 +370,15 @@ def generate_sft_rows(n: int, *, seed: int, harmful_fraction: float = 0.5,
     return rows
 
 
-# ----------------------------------------------------------------------------- bundle
-
-
-def _write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
-
-
-@dataclasses.dataclass(frozen=True)
-class BuiltinTask:
-    """The whole built-in task for one seed.
-
-    Sizes: ``n_pref_train`` / ``n_pref_test`` preference rows (train prompts / held-out eval
-    prompts), ``n_sft`` SFT rows, ``n_prompts_train`` / ``n_prompts_eval`` prompt rows (None = the
-    whole pool of the split).
-    """
-
-    seed: int = 0
-    n_pref_train: int = 3000
-    n_pref_test: int = 600
-    n_sft: int = 2000
-    n_prompts_train: int | None = None
-    n_prompts_eval: int | None = None
-    label_noise: float = 0.15
-    safety_label_noise: float = 0.03
-    harmful_fraction: float = 0.5
-    eval_fraction: float = 0.25
-
-    def __post_init__(self):
-        _check_seed(self.seed)
-        _check_prob("label_noise", self.label_noise)
-        _check_prob("safety_label_noise", self.safety_label_noise)
-
-    @property
-    def oracle(self) -> O.Oracle:
-        return O.ORACLE
-
-    def preference_rows(self, split: str = TRAIN) -> list[dict[str, Any]]:
-        """PKU-schema rows: ``"train"`` on train prompts, ``"test"``/``"eval"`` on held-out prompts."""
-        split = _split(split)
-        n = self.n_pref_train if split == TRAIN else self.n_pref_test
-        return generate_preference_rows(n, seed=self.seed, split=split, label_noise=self.label_noise,
-                                        safety_label_noise=self.safety_label_noise,
-                                        harmful_fraction=self.harmful_fraction, eval_fraction=self.eval_fraction)
-
-    def sft_rows(self) -> list[dict[str, str]]:
-        return generate_sft_rows(self.n_sft, seed=self.seed, harmful_fraction=self.harmful_fraction,
-                                 eval_fraction=self.eval_fraction)
-
-    def prompts(self, split: str = TRAIN) -> list[dict[str, str]]:
-        split = _split(split)
-        n = self.n_prompts_train if split == TRAIN else self.n_prompts_eval
-        return generate_prompts(n, seed=self.seed, split=split, harmful_fraction=self.harmful_fraction,
-                                eval_fraction=self.eval_fraction)
-
-    def tokenizer(self, out_dir: str | os.PathLike | None = None):
-        return build_tokenizer(out_dir)
-
-    def model_config(self, **overrides: Any) -> dict[str, Any]:
-        return tiny_llama_config(**overrides)
-
-    def write(self, out_dir: str | os.PathLike) -> dict[str, str]:
-        """Write the task to ``out_dir`` and return the paths::
-
-            pku/train.jsonl, pku/test.jsonl      preference rows (PKU-SafeRLHF schema)
-            sft/train.jsonl                      Alpaca rows
-            prompts/train.jsonl, prompts/eval.jsonl   {"prompt", "kind", "topic"}
-            tokenizer/                           transformers tokenizer folder
-            model_config.json                    tiny LlamaConfig (HF config.json format)
-            task.json                            seed, sizes, noise, mode mix, vocabulary size
-
-        Keys of the returned dict: preference_train, preference_test, sft, prompts_train,
-        prompts_eval, tokenizer, model_config, task, root.  Folder specs work with the loaders,
-        since file stems name their splits.
-        """
-        root = os.fspath(out_dir)
-        paths = {
-            "root": root,
-            "preference_train": _write_jsonl(os.path.join(root, "pku", "train.jsonl"), self.preference_rows(TRAIN)),
-            "preference_test": _write_jsonl(os.path.join(root, "pku", "test.jsonl"), self.preference_rows(EVAL)),
-            "sft": _write_jsonl(os.path.join(root, "sft", "train.jsonl"), self.sft_rows()),
-            "prompts_train": _write_jsonl(os.path.join(root, "prompts", "train.jsonl"), self.prompts(TRAIN)),
-            "prompts_eval": _write_jsonl(os.path.join(root, "prompts", "eval.jsonl"), self.prompts(EVAL)),
-        }
-        tok_dir = os.path.join(root, "tokenizer")
-        tok = self.tokenizer(tok_dir)
-        paths["tokenizer"] = tok_dir
-        cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **self.model_config(vocab_size=len(tok))}
-        paths["model_config"] = os.path.join(root, "model_config.json")
-        with open(paths["model_config"], "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        meta.update({"vocab_size": len(tok), "sft_mode_mix": SFT_MODE_MIX, "same_mode_prob": SAME_MODE_PROB,
-                     "prompt_template": PROMPT_TEMPLATE, "eos_token": V.EOS_TOKEN})
-        paths["task"] = os.path.join(root, "task.json")
-        with open(paths["task"], "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        return paths
+def _category_sft_rows(kinds: list[str], sampler: _PromptSampler, rng: random.Random,
+                       mix: dict[str, dict[str, float]]) -> list[dict[str, str]]:
+    """SFT rows whose modes follow ``mix`` per group: ``benign`` or the harm category of a harmful topic."""
+    group_of = {t: c for c, names in V.HARM_CATEGORIES.items() for t in names}
+    bad = sorted(set(group_of.values()) - set(mix)) or sorted(set(m for g in mix.values() for m in g) - set(V.MODES))
+    if bad:
+        raise ValueError(f"generate_sft_rows: category_mix misses categories or names unknown modes: {bad}")
+    drawn = [sampler.draw(kind) for kind in kinds]
+    groups = [group_of.get(t.name, V.BENIGN) for t, _ in drawn]
+    modes = {g: iter(_quota(groups.count(g), mix[g], rng)) for g in mix}
+    return [{"instruction": p, "input": "", "output": generate_response(t, next(modes[g]), rng)}
+            for (t, p), g in zip(drawn, groups)]
