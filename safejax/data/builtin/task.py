@@ -30,7 +30,7 @@ independent of ``PYTHONHASHSEED``).  Train and eval prompts are disjoint: for ev
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any
 
 from safejax.data.builtin import oracle as O
 from safejax.data.builtin import vocab as V
