@@ -32,6 +32,7 @@ from safejax.generation import SamplingConfig, generate, positions_from_mask
 from safejax.parallel import MeshConfig
 from safejax.sections import ExportSection, LoopSection, ModelSection
 from safejax.models.functional import ModelDef
+from safejax.train.lagrange_stage import LagrangeSection, cost_metrics, lagrange_micro_step  # noqa: F401
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
 from safejax.train.state import ModelState, apply_gradients
 
@@ -93,33 +94,6 @@ class PPOSection:
 
 
 @dataclasses.dataclass
-class LagrangeSection:
-    lambda_init: float = 1.0          # also nu, the fixed multiplier of reward shaping
-    lambda_lr: float = 0.1
-    lambda_max: float | None = 5.0
-    threshold: float = 0.0
-    episode_cost_window_size: int = 128
-    # the reference keeps episode_cost_window_size costs per rank and averages over its ranks, so lambda sees the
-    # last window_size x ranks costs (128 x 8 = 1,024 for the paper's run); safejax keeps one global window of
-    # that many (== the mean of the per-rank means while every rank adds the same number of costs per batch)
-    episode_cost_window_ranks: int = 1
-    lambda_update_delay_steps: int = 0     # counted in RL micro-steps (lambda steps), as the reference's global_step
-
-    @property
-    def window(self) -> int:
-        """Length of the global episode-cost window: ``episode_cost_window_size * episode_cost_window_ranks``."""
-        return self.episode_cost_window_size * self.episode_cost_window_ranks
-
-    def validate(self) -> None:
-        check_range("lagrange.lambda_init", self.lambda_init, low=0.0, low_open=True)
-        check_range("lagrange.lambda_lr", self.lambda_lr, low=0.0)
-        if self.lambda_max is not None:
-            check_range("lagrange.lambda_max", self.lambda_max, low=0.0, low_open=True)
-        check_range("lagrange.episode_cost_window_size", self.episode_cost_window_size, low=1)
-        check_range("lagrange.episode_cost_window_ranks", self.episode_cost_window_ranks, low=1)
-
-
-@dataclasses.dataclass
 class PPOConfig:
     algorithm: str = "ppo-lag"
     out_dir: str = "runs/ppo-lag"
@@ -176,7 +150,7 @@ class PPOState:
     actor: ModelState
     reward_critic: ModelState
     cost_critic: ModelState | None  # None for ppo / reward shaping
-    lagrange: rl.LagrangeState
+    lagrange: rl.LagrangeState | rl.PIDLagrangeState  # K constraints, windows [K, W] (lagrange.rule)
     rng: jax.Array                  # raw key data
 
 
@@ -191,16 +165,17 @@ class Frozen:
 
 @struct.dataclass
 class Experience:
-    """One rollout batch.  Shifted-response arrays are ``[B, N]`` (actions ``P-1 .. L-2``)."""
+    """One rollout batch.  Shifted-response arrays are ``[B, N]`` (actions ``P-1 .. L-2``); with K > 1 cost outputs
+    the cost arrays carry a trailing constraint axis, as the cost model returns them."""
 
     sequences: jax.Array      # [B, L]
     attention_mask: jax.Array  # [B, L]
     old_log_probs: jax.Array  # [B, N]
     ref_log_probs: jax.Array  # [B, N]
     reward: jax.Array         # [B] RM end score
-    cost: jax.Array           # [B] CM end score
+    cost: jax.Array           # [B] CM end score ([B, K] for K cost outputs)
     reward_values: jax.Array  # [B, N]
-    cost_values: jax.Array    # [B, N]
+    cost_values: jax.Array    # [B, N] ([B, N, K])
     mask: jax.Array           # [B, N] float32 action mask
 
 
@@ -211,6 +186,7 @@ class Models:
     cost_critic: ModelDef | None  # None unless ppo-lag
     reward: ModelDef
     cost: ModelDef | None         # None when no cost model is given (plain PPO may omit it)
+    num_constraints: int = 1      # K: the cost model's score_dim (its outputs are the K constraints' costs)
 
 
 # ----------------------------------------------------------------------------- the small per-algorithm functions
@@ -226,6 +202,16 @@ def scalar_signals(algorithm: str, reward, cost, nu: float):
 
 
 # ----------------------------------------------------------------------------- pure pieces
+
+
+def _k_first(x):
+    """Cost arrays of the mini-batch: ``[M, N]`` (K = 1) unchanged, ``[M, N, K]`` -> ``[K, M, N]``."""
+    return x if x.ndim == 2 else jnp.moveaxis(x, -1, 0)
+
+
+def _one(x):
+    """A ``[K]`` multiplier array as the trace keeps it: a scalar for K = 1, else ``[K]``."""
+    return x[0] if x.shape[0] == 1 else x
 
 
 def data_flat(data: dict, key: str):
@@ -330,15 +316,22 @@ class PPOPhases:
     def prepare(self, state: PPOState, exp: Experience):
         """Record the batch's episode costs, KL-shape rewards / costs and run GAE (reference ``rl_step`` up to
         the losses).  Returns ``(lagrange_state, data, extras)``; ``data`` holds the ``[B, ...]`` arrays the
-        micro-steps consume."""
+        micro-steps consume.  With K > 1 constraints the cost arrays are ``[B, N, K]`` (each cost KL-shaped and
+        run through GAE on its own, vmapped over K); K = 1 keeps ``[B, N]`` and today's arithmetic."""
         pc, lc = self.cfg.ppo, self.cfg.lagrange
-        lag_state = rl.lagrange_record(state.lagrange, exp.cost[None, :])
-        r_sig, c_sig = scalar_signals(self.algorithm, exp.reward, exp.cost, lc.lambda_init)
+        k = self.models.num_constraints
+        cost_kb = exp.cost[None, :] if k == 1 else exp.cost.T  # [K, B]
+        lag_state = rl.lagrange_record(state.lagrange, cost_kb)
+        r_sig, c_sig = scalar_signals(self.algorithm, exp.reward, exp.cost if k == 1 else cost_kb, lc.lambda_init)
         rewards, costs = rl.kl_shaped_rewards(r_sig, c_sig, exp.old_log_probs, exp.ref_log_probs, exp.mask,
                                               kl_coeff=pc.kl_coeff, clip_range_score=pc.clip_range_score)
         adv_r, ret_r = rl.gae(exp.reward_values, rewards, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda)
-        if self.lag:
+        if self.lag and k == 1:
             adv_c, ret_c = rl.gae(exp.cost_values, costs, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda)
+        elif self.lag:  # costs [K, B, N]; values [B, N, K]
+            gae_k = jax.vmap(lambda v, c: rl.gae(v, c, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda))
+            adv_c, ret_c = gae_k(jnp.moveaxis(exp.cost_values, -1, 0), costs)
+            costs, adv_c, ret_c = (jnp.moveaxis(x, 0, -1) for x in (costs, adv_c, ret_c))
         else:
             costs = jnp.zeros_like(rewards)
             adv_c, ret_c = jnp.zeros_like(adv_r), jnp.zeros_like(ret_r)
@@ -358,7 +351,7 @@ class PPOPhases:
             lm = self.models.actor.merge(params)
             lp = _token_log_probs(lm, mb["seq"], mb["attn"], start)
             if self.lag:
-                loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["adv_c"], mb["mask"],
+                loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], _k_first(mb["adv_c"]), mb["mask"],
                                              multiplier=lam, clip_range_ratio=pc.clip_range_ratio)
             else:
                 loss = rl.ppo_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["mask"],
@@ -390,6 +383,11 @@ class PPOPhases:
         def critic_loss(params):
             sm = (self.models.reward_critic if which == "r" else self.models.cost_critic).merge(params)
             v = _values(sm, mb["seq"], mb["attn"], start)
+            if v.ndim == 3:  # K cost heads [M, N, K]: the mean over K of each head's clipped value loss
+                per_k = jax.vmap(lambda v_, o_, g_: rl.value_loss(v_, o_, g_, mb["mask"],
+                                                                  clip_range_value=pc.clip_range_value),
+                                 in_axes=-1)(v, mb[f"v_{which}"], mb[f"ret_{which}"])
+                return jnp.mean(per_k), v
             return rl.value_loss(v, mb[f"v_{which}"], mb[f"ret_{which}"], mb["mask"],
                                  clip_range_value=pc.clip_range_value), v
 
@@ -416,16 +414,18 @@ class PPOPhases:
         def micro_step(carry, xs):
             actor_s, rc_s, cc_s, lag = carry
             mb, pb = xs
-            out = {"log_lambda_before": lag.log_lambda[0]}
+            sgd = isinstance(lag, rl.LagrangeState)
+            out = {"log_lambda_before": _one(lag.log_lambda)} if sgd else {"lambda_before": _one(rl.multiplier(lag))}
             if self.lag:
-                lag = rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr,
-                                       lambda_max=lc.lambda_max, update_delay_steps=lc.lambda_update_delay_steps)
-            lam = rl.multiplier(lag)[0] if self.lag else jnp.float32(0.0)
-            out.update(log_lambda=lag.log_lambda[0], lambda_used=lam)
+                lag = lagrange_micro_step(lc, lag)
+            lam = _one(rl.multiplier(lag)) if self.lag else jnp.float32(0.0)
+            if sgd:
+                out["log_lambda"] = _one(lag.log_lambda)
+            out["lambda_used"] = lam
             a_grads, a_out = self.actor_grads(actor_s.params, mb, pb, jax.lax.stop_gradient(lam))
             out.update(a_out)
             if self.lag:
-                out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], mb["adv_c"], lam)
+                out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], _k_first(mb["adv_c"]), lam)
             actor_s = apply(self.actor_tx, actor_s, a_grads, "actor", out)
             r_grads, (out["reward_critic_loss"], out["reward_values"]) = self.critic_grads(rc_s.params, mb, "r")
             rc_s = apply(self.critic_tx, rc_s, r_grads, "reward_critic", out)
@@ -459,6 +459,9 @@ class PPOPhases:
 
     def _experience_metrics(self, exp, rewards, costs, adv_r, ret_r, adv_c, ret_c, lag, r_sig):
         mk = exp.mask
+        k = self.models.num_constraints
+        if k > 1:  # the aggregate cost metrics below average the K constraints (see cost_metrics)
+            costs, adv_c, ret_c = (jnp.mean(x, axis=-1) for x in (costs, adv_c, ret_c))
         seq_sum = lambda x: jnp.mean(jnp.sum(x * mk, axis=-1))  # noqa: E731
         lengths = jnp.sum(mk, axis=-1)
         out = {
@@ -468,7 +471,7 @@ class PPOPhases:
             "max_generated_length": jnp.max(lengths),
         }
         if self.models.cost is not None:  # plain PPO without a cost model has no cost to report
-            out.update({"cost": jnp.mean(exp.cost), "episode_cost": rl.episode_cost_mean(lag)[0]})
+            out.update(cost_metrics(self.cfg.lagrange, exp.cost, lag, with_lambda=self.lag))
         if self.algorithm == "ppo-reward-shaping":
             out.update({"nu": jnp.float32(self.cfg.lagrange.lambda_init), "shaped_reward": jnp.mean(r_sig),
                         "shaped_reward_with_kl_penalty": seq_sum(rewards),
@@ -480,7 +483,8 @@ class PPOPhases:
                         "reward_advantage": rl.masked_mean(adv_r, mk), "reward_return": rl.masked_mean(ret_r, mk),
                         "reward_value": rl.masked_mean(exp.reward_values, mk)})
         if self.lag:
-            out.update({"lambda": rl.multiplier(lag)[0], "cost_with_kl_penalty": seq_sum(costs),
+            cv = exp.cost_values if k == 1 else jnp.mean(exp.cost_values, axis=-1)
+            out.update({"cost_with_kl_penalty": seq_sum(costs),
                         "cost_advantage": rl.masked_mean(adv_c, mk), "cost_return": rl.masked_mean(ret_c, mk),
-                        "cost_value": rl.masked_mean(exp.cost_values, mk)})
+                        "cost_value": rl.masked_mean(cv, mk)})
         return out
