@@ -30,6 +30,7 @@ from safejax.metrics import MetricWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_SEED = int(os.environ.get("SAFEJAX_KILL_SEED", "12345"))  # fixed in CI; set it to explore other draws
+STAGE_TIMEOUT = float(os.environ.get("SAFEJAX_RESUME_TEST_TIMEOUT", "240"))  # seconds per stage run (loaded hosts)
 
 
 # ----------------------------------------------------------------------------- subprocess harness
@@ -53,7 +54,7 @@ class Outcome:
 
 
 def run_stage(cmd: list[str], *, stop_after_save: int | None = None, delay: float = 0.0,
-              sig: int = signal.SIGKILL, timeout: float = 240.0) -> Outcome:
+              sig: int = signal.SIGKILL, timeout: float = STAGE_TIMEOUT) -> Outcome:
     """Run ``python -m safejax.cli *cmd``; when ``stop_after_save`` is set, send ``sig`` ``delay`` seconds
     after the log line announcing the async save of that step (delay 0 lands inside the save)."""
     p = subprocess.Popen([sys.executable, "-m", "safejax.cli", *cmd], cwd=REPO, env=_env(), text=True,
