@@ -8,8 +8,9 @@ One trainer serves the three algorithms; they differ only in small functions
    and cost end scores, values of the reward and cost critics.  Output: an ``Experience`` batch.
 2. ``update_fn(state, experience, ptx)`` (jitted, state donated): record episode costs in the
    Lagrange state, KL-shape the per-token rewards/costs, GAE for both, then ``update_iters`` epochs
-   over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step, the actor step
-   (clipped surrogate on ``(A_r - lambda*A_c)/(1+lambda)``, plus ptx) and the two critic steps.
+   over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step (``lagrange.rule``), the actor
+   step (clipped surrogate on ``(A_r - sum_k lambda_k A_c,k)/(1 + sum_k lambda_k)``, plus ptx) and the two
+   critic steps.  K constraints = the cost model's K outputs (:mod:`safejax.train.lagrange_stage`).
 
 Index conventions (ALGORITHM.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
 arrays have length ``L-1``; response actions are the shifted positions ``[P-1, L-2]``, i.e. a
