@@ -58,8 +58,8 @@ CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key wi
                "'Coming from safe-rlhf'.")
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
                 "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
-                "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
-                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig",
+                "ppo-lag": "safejax/train/ppo_config.py: PPOConfig", "ppo": "safejax/train/ppo_config.py: PPOConfig",
+                "ppo-reward-shaping": "safejax/train/ppo_config.py: PPOConfig",
                 "grpo-lag": "safejax/train/grpo.py: GRPOConfig", "grpo": "safejax/train/grpo.py: GRPOConfig"}
 EVAL_HELP = {
     "score": "each policy answers a prompt set; reward and cost models score the answers (means, harmless ratio)",

@@ -21,6 +21,11 @@ def _num(x: Any, fmt: str = ".4g") -> str:
     return format(v, fmt) if math.isfinite(v) else str(v)
 
 
+def _nums(x: Any) -> str:
+    """A number, or a per-constraint list of numbers as ``[a, b]``."""
+    return f"[{', '.join(_num(v) for v in x)}]" if isinstance(x, (list, tuple)) else _num(x)
+
+
 def _last(history: list[dict], key: str) -> Any:
     for rec in reversed(history):
         if key in rec:
@@ -54,7 +59,7 @@ def _ppo_line(cmd: str, cfg: Any, result: Any) -> str:
     if cmd in ("ppo-lag", "grpo-lag"):
         parts.append(f"final lambda {_num(_last(h, 'train/lambda'))}")
         parts.append(f"episode cost {_num(_last(h, 'train/episode_cost'))} "
-                     f"(threshold {_num(cfg.lagrange.threshold)})")
+                     f"(threshold {_nums(cfg.lagrange.threshold)})")
     elif cmd == "ppo-reward-shaping":
         parts.append(f"nu {_num(cfg.lagrange.lambda_init)}")
     parts.append(f"reward {_num(_last(h, 'train/reward'))}")

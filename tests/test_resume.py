@@ -30,6 +30,7 @@ from safejax.metrics import MetricWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_SEED = int(os.environ.get("SAFEJAX_KILL_SEED", "12345"))  # fixed in CI; set it to explore other draws
+STAGE_TIMEOUT = float(os.environ.get("SAFEJAX_RESUME_TEST_TIMEOUT", "240"))  # seconds per stage run (loaded hosts)
 
 
 # ----------------------------------------------------------------------------- subprocess harness
@@ -53,7 +54,7 @@ class Outcome:
 
 
 def run_stage(cmd: list[str], *, stop_after_save: int | None = None, delay: float = 0.0,
-              sig: int = signal.SIGKILL, timeout: float = 240.0) -> Outcome:
+              sig: int = signal.SIGKILL, timeout: float = STAGE_TIMEOUT) -> Outcome:
     """Run ``python -m safejax.cli *cmd``; when ``stop_after_save`` is set, send ``sig`` ``delay`` seconds
     after the log line announcing the async save of that step (delay 0 lands inside the save)."""
     p = subprocess.Popen([sys.executable, "-m", "safejax.cli", *cmd], cwd=REPO, env=_env(), text=True,
@@ -247,6 +248,37 @@ def test_ppo_lag_sigkill_and_sigterm_resume_bit_exactly_with_lambda_and_window(w
     assert meta["prompts"] == {"epoch": 0, "position": 6}
     lam = [r["train/lambda"] for r in read_metrics(run / "metrics.jsonl")]
     assert len(lam) == 6 and len(set(lam)) > 1
+
+
+@pytest.mark.parametrize("variant", ["k2_sgd_log", "k1_pid"])
+def test_ppo_lag_k_constraints_and_pid_rule_resume_bit_exactly(world, tmp_path, variant):
+    """A K = 2 run (a 2-output cost model, per-constraint thresholds) and a PID-rule run, killed once at a random
+    save, resume to the uninterrupted run's metrics file and multiplier state (K windows, PID terms)."""
+    from safejax.models import hf, load_pretrained
+
+    rng = random.Random(KILL_SEED + 2 + len(variant))
+    extra = ["lagrange.rule=pid", "lagrange.lambda_init=0.5"]
+    if variant == "k2_sgd_log":
+        cm2 = tmp_path / "cm2"
+        hf.save_pretrained(load_pretrained(world["model"], model_type="score", score_dim=2, seed=2), cm2,
+                           tokenizer=tiny_world.build_tokenizer(cm2))
+        extra = [f"cost_model={cm2}", "lagrange.threshold=[-0.5,0.5]", "lagrange.names=[harm,privacy]"]
+    base, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    _ok(run_stage(_ppo_cmd(world, base) + extra), f"the uninterrupted {variant} run")
+    kills = [(rng.randint(1, 4), rng.uniform(0.0, 0.5), signal.SIGKILL)]
+    _kill_chain(_ppo_cmd(world, run) + extra, run, base, kills, {
+        "lagrange": lambda s: s["lagrange"], "actor": lambda s: s["actor"],
+        "critics": lambda s: (s["reward_critic"], s["cost_critic"]), "rng_step": lambda s: (s["rng"], s["step"])})
+    assert (run / "metrics.jsonl").read_bytes() == (base / "metrics.jsonl").read_bytes(), f"seed {KILL_SEED}"
+    lag, _ = _state(run, 6)
+    lag = lag["lagrange"]
+    assert lag["cost_window"].shape == ((2, 12) if variant == "k2_sgd_log" else (1, 12))
+    recs = read_metrics(run / "metrics.jsonl")
+    if variant == "k2_sgd_log":
+        assert len({r["train/lambda/harm"] for r in recs}) > 1 and len({r["train/lambda/privacy"] for r in recs}) > 1
+    else:  # the PID terms were saved and moved
+        assert {"integral", "delta_p", "cost_d", "cost_d_history"} <= set(lag) and float(lag["delta_p"][0]) != 0.0
+        assert len({r["train/lambda"] for r in recs}) > 1
 
 
 # ----------------------------------------------------------------------------- in-process units

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -38,7 +40,8 @@ from safejax.models.functional import ModelDef
 from safejax.parallel import MeshConfig
 from safejax.sections import ExportSection, LoopSection, ModelSection
 from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
-from safejax.train.ppo import Frozen, LagrangeSection, PPODataSection, _token_log_probs, sample_and_score
+from safejax.train.lagrange_stage import LagrangeSection, cost_metrics, lagrange_micro_step, lagrange_state_init
+from safejax.train.ppo import Frozen, PPODataSection, _token_log_probs, sample_and_score
 from safejax.train.state import ModelState, apply_gradients
 
 log = logging.getLogger("safejax")
@@ -178,7 +181,7 @@ class GRPOState:
 
     step: jax.Array            # [] int32: completed iterations (prompt batches)
     actor: ModelState
-    lagrange: rl.LagrangeState  # carried by grpo too (its window reports the episode cost; lambda unused)
+    lagrange: Any  # rl.LagrangeState or rl.PIDLagrangeState (lagrange.rule); carried by grpo too (its window reports the episode cost; lambda unused)
     rng: jax.Array             # raw key data
 
 
@@ -244,17 +247,13 @@ class GRPOPhases:
         self.actor_tx, self.actor_sched = make_accumulating_optimizer(cfg.actor_optim, total_updates,
                                                                       models.actor.hf_names())
 
-    def init_lagrange(self) -> rl.LagrangeState:
-        """The multiplier state of the K constraints (PPO-Lag's rule and settings)."""
-        lc = self.cfg.lagrange
-        return rl.lagrange_init(lc.lambda_init, num_constraints=self.models.num_constraints, window_size=lc.window,
-                                lambda_lr=lc.lambda_lr)
+    def init_lagrange(self):
+        """The multiplier state of the K constraints (PPO-Lag's rule and settings: ``lagrange.rule``)."""
+        return lagrange_state_init(self.cfg.lagrange, self.models.num_constraints)
 
     def lagrange_step(self, lag):
-        """One multiplier update from the window (every micro-step, as PPO-Lag)."""
-        lc = self.cfg.lagrange
-        return rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr, lambda_max=lc.lambda_max,
-                                update_delay_steps=lc.lambda_update_delay_steps)
+        """One multiplier update from the window (every micro-step, as PPO-Lag), for either rule."""
+        return lagrange_micro_step(self.cfg.lagrange, lag)
 
     def rollout(self, state: GRPOState, frozen: Frozen, prompt_ids, prompt_mask) -> GRPOExperience:
         seq, mask, reward, cost = sample_and_score(self, state, frozen, prompt_ids, prompt_mask,
@@ -312,14 +311,8 @@ class GRPOPhases:
             "mean_generated_length": jnp.mean(jnp.sum(mk, axis=-1)),
             "reward_group_std": jnp.mean(jnp.std(exp.reward.reshape(-1, cfg.rollout.num_return_sequences), axis=1)),
         }
-        if self.models.cost is not None:  # K > 1: the mean over the constraints, lambda their sum (+ per constraint)
-            ep = rl.episode_cost_mean(lag_state)
-            metrics.update(cost=jnp.mean(exp.cost), episode_cost=jnp.mean(ep))
-            if self.models.num_constraints > 1:
-                metrics.update({f"episode_cost/{k}": ep[k] for k in range(self.models.num_constraints)})
+        if self.models.cost is not None:  # per constraint + the aggregate keys (K > 1: mean cost, summed lambda)
+            metrics.update(cost_metrics(cfg.lagrange, exp.cost, lag_state, with_lambda=self.lag))
         if self.lag:
-            lam = rl.multiplier(lag_state)
-            metrics.update({"lambda": jnp.sum(lam), "shaped_cost": jnp.mean(c_sig)})
-            if self.models.num_constraints > 1:
-                metrics.update({f"lambda/{k}": lam[k] for k in range(self.models.num_constraints)})
+            metrics["shaped_cost"] = jnp.mean(c_sig)
         return new_state, {"train/" + k: v for k, v in metrics.items()}

@@ -8,8 +8,9 @@ One trainer serves the three algorithms; they differ only in small functions
    and cost end scores, values of the reward and cost critics.  Output: an ``Experience`` batch.
 2. ``update_fn(state, experience, ptx)`` (jitted, state donated): record episode costs in the
    Lagrange state, KL-shape the per-token rewards/costs, GAE for both, then ``update_iters`` epochs
-   over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step, the actor step
-   (clipped surrogate on ``(A_r - lambda*A_c)/(1+lambda)``, plus ptx) and the two critic steps.
+   over mini-batches as nested ``lax.scan``; each mini-batch does the lambda step (``lagrange.rule``), the actor
+   step (clipped surrogate on ``(A_r - sum_k lambda_k A_c,k)/(1 + sum_k lambda_k)``, plus ptx) and the two
+   critic steps.  K constraints = the cost model's K outputs (:mod:`safejax.train.lagrange_stage`).
 
 Index conventions (ALGORITHM.md §5.1): prompts are left-padded to a fixed width ``P``; shifted
 arrays have length ``L-1``; response actions are the shifted positions ``[P-1, L-2]``, i.e. a
@@ -27,145 +28,16 @@ import jax.numpy as jnp
 from flax import struct
 
 from safejax import rl
-from safejax.config import ConfigError, check_range
-from safejax.generation import SamplingConfig, generate, positions_from_mask
-from safejax.parallel import MeshConfig
-from safejax.sections import ExportSection, LoopSection, ModelSection
+from safejax.generation import generate, positions_from_mask
 from safejax.models.functional import ModelDef
-from safejax.models.lora import LoRADef, LoRARoles, base_def, merge_role
-from safejax.train.optim import OptimConfig, make_accumulating_optimizer, step_log
+from safejax.models.lora import LoRADef, base_def, merge_role
+from safejax.train.lagrange_stage import LagrangeSection, cost_metrics, lagrange_micro_step  # noqa: F401
+from safejax.train.ppo_config import PPOConfig, PPODataSection, PPOSection  # noqa: F401 (re-exported)
+from safejax.train.optim import make_accumulating_optimizer, step_log
 from safejax.train.state import ModelState, apply_gradients
 
 log = logging.getLogger("safejax")
 
-ALGORITHMS = ("ppo-lag", "ppo", "ppo-reward-shaping")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass
-class PPODataSection:
-    prompts: list[str] = dataclasses.field(default_factory=list)      # dataset specs of prompt rows
-    ptx: list[str] = dataclasses.field(default_factory=list)          # supervised specs (empty = no ptx)
-    eval_prompts: list[str] = dataclasses.field(default_factory=list)  # held-out prompts: eval/reward, eval/cost
-                                                                       # every train.eval_every iterations + at the end
-    prompt_width: int = 64
-    # the reference's response budget: prompt + response <= max_length, prompts left-padded to the batch's longest,
-    # so a response may use max_length - longest prompt tokens.  0: a fixed rollout.max_new_tokens after the fixed
-    # prompt_width.  With max_length > 0 a batch runs in the narrowest bucket of prompt_buckets (+ prompt_width)
-    # that holds its longest prompt -- one compile of the rollout and the update per bucket -- and every response
-    # is cut at max_length - longest, as in the reference; prompts longer than prompt_width are dropped and counted
-    max_length: int = 0
-    prompt_buckets: list[int] = dataclasses.field(default_factory=list)
-    ptx_max_length: int = 128
-    skip_bad_rows: bool = False
-    ptx_pack: bool = False             # pack several ptx examples per row (safejax.data.packing); same token loss
-
-
-@dataclasses.dataclass
-class PPOSection:
-    kl_coeff: float = 0.01
-    clip_range_ratio: float = 0.2
-    clip_range_score: float = 50.0
-    clip_range_value: float = 5.0
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    update_iters: int = 1
-    micro_batch_size: int = 16        # rows per mini-batch update (M)
-    ptx_coeff: float = 16.0
-    # unit of the ptx token mean: 0 = one mean over the ptx micro-batch; n = the reference's (a token mean per n
-    # rows -- its per-rank micro-batch, per_device_train_batch_size -- then the mean over those groups)
-    ptx_token_mean_rows: int = 0
-    # [code] mask_t = (x_t != pad) and (x_t != unk): a pad or unk token the actor *samples* inside a response
-    # is masked out of the experience (log-probs, values, end-score index), as in the reference.  False keeps
-    # every generated token up to EOS.
-    mask_sampled_special: bool = True
-
-    def validate(self) -> None:
-        check_range("ppo.kl_coeff", self.kl_coeff, low=0.0)
-        check_range("ppo.clip_range_ratio", self.clip_range_ratio, low=0.0, low_open=True)
-        check_range("ppo.gamma", self.gamma, low=0.0, high=1.0)
-        check_range("ppo.gae_lambda", self.gae_lambda, low=0.0, high=1.0)
-        check_range("ppo.update_iters", self.update_iters, low=1)
-        check_range("ppo.micro_batch_size", self.micro_batch_size, low=1)
-        check_range("ppo.ptx_coeff", self.ptx_coeff, low=0.0)
-        check_range("ppo.ptx_token_mean_rows", self.ptx_token_mean_rows, low=0)
-
-
-@dataclasses.dataclass
-class LagrangeSection:
-    lambda_init: float = 1.0          # also nu, the fixed multiplier of reward shaping
-    lambda_lr: float = 0.1
-    lambda_max: float | None = 5.0
-    threshold: float = 0.0
-    episode_cost_window_size: int = 128
-    # the reference keeps episode_cost_window_size costs per rank and averages over its ranks, so lambda sees the
-    # last window_size x ranks costs (128 x 8 = 1,024 for the paper's run); safejax keeps one global window of
-    # that many (== the mean of the per-rank means while every rank adds the same number of costs per batch)
-    episode_cost_window_ranks: int = 1
-    lambda_update_delay_steps: int = 0     # counted in RL micro-steps (lambda steps), as the reference's global_step
-
-    @property
-    def window(self) -> int:
-        """Length of the global episode-cost window: ``episode_cost_window_size * episode_cost_window_ranks``."""
-        return self.episode_cost_window_size * self.episode_cost_window_ranks
-
-    def validate(self) -> None:
-        check_range("lagrange.lambda_init", self.lambda_init, low=0.0, low_open=True)
-        check_range("lagrange.lambda_lr", self.lambda_lr, low=0.0)
-        if self.lambda_max is not None:
-            check_range("lagrange.lambda_max", self.lambda_max, low=0.0, low_open=True)
-        check_range("lagrange.episode_cost_window_size", self.episode_cost_window_size, low=1)
-        check_range("lagrange.episode_cost_window_ranks", self.episode_cost_window_ranks, low=1)
-
-
-@dataclasses.dataclass
-class PPOConfig:
-    algorithm: str = "ppo-lag"
-    out_dir: str = "runs/ppo-lag"
-    seed: int = 42
-    actor: ModelSection = dataclasses.field(default_factory=ModelSection)   # the SFT policy (also the reference)
-    reward_model: str = ""
-    cost_model: str = ""
-    reward_critic: str = ""           # default: reward_model (critic starts from the RM head)
-    cost_critic: str = ""             # default: cost_model
-    data: PPODataSection = dataclasses.field(default_factory=PPODataSection)
-    rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
-    lagrange: LagrangeSection = dataclasses.field(default_factory=LagrangeSection)
-    actor_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        lr=1e-5, schedule="cosine", warmup_ratio=0.03, weight_decay=0.01))
-    critic_optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-        lr=5e-6, schedule="constant", warmup_ratio=0.03, weight_decay=0.0))
-    train: LoopSection = dataclasses.field(default_factory=LoopSection)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    allow_config_change: bool = False
-    export: ExportSection = dataclasses.field(default_factory=ExportSection)  # export.dtype of out_dir/hf (actor)
-    lora: LoRARoles = dataclasses.field(default_factory=LoRARoles)  # lora.{actor,reward_critic,cost_critic}.rank...
-
-    def validate(self) -> None:
-        check_range("algorithm", self.algorithm, choices=ALGORITHMS)
-        if self.train.batch_size % self.ppo.micro_batch_size:
-            raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
-                              f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
-        d = self.data
-        if d.max_length and d.max_length <= d.prompt_width:
-            raise ConfigError(f"config key 'data.max_length' = {d.max_length} must exceed 'data.prompt_width' = "
-                              f"{d.prompt_width} (it counts prompt and response tokens), or be 0")
-        if any(not 0 < w < d.prompt_width for w in d.prompt_buckets):
-            raise ConfigError(f"config key 'data.prompt_buckets' = {d.prompt_buckets}: every width must be in "
-                              f"(0, data.prompt_width = {d.prompt_width}); prompt_width is always the widest bucket")
-        if self.ppo.ptx_token_mean_rows and self.ppo.micro_batch_size % self.ppo.ptx_token_mean_rows:
-            raise ConfigError(f"config key 'ppo.ptx_token_mean_rows' = {self.ppo.ptx_token_mean_rows} must divide "
-                              f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
-        if self.train.batch_size % self.rollout.num_return_sequences:
-            raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
-                              f"'rollout.num_return_sequences' = {self.rollout.num_return_sequences}")
-        self.lora.check_roles(self)
-        for key in ("reward_model",) + (("cost_model",) if self.algorithm != "ppo" else ()):
-            if not getattr(self, key):
-                raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")
 
 
 # ----------------------------------------------------------------------------- state
@@ -179,7 +51,7 @@ class PPOState:
     actor: ModelState
     reward_critic: ModelState
     cost_critic: ModelState | None  # None for ppo / reward shaping
-    lagrange: rl.LagrangeState
+    lagrange: rl.LagrangeState | rl.PIDLagrangeState  # K constraints, windows [K, W] (lagrange.rule)
     rng: jax.Array                  # raw key data
 
 
@@ -194,16 +66,17 @@ class Frozen:
 
 @struct.dataclass
 class Experience:
-    """One rollout batch.  Shifted-response arrays are ``[B, N]`` (actions ``P-1 .. L-2``)."""
+    """One rollout batch.  Shifted-response arrays are ``[B, N]`` (actions ``P-1 .. L-2``); with K > 1 cost outputs
+    the cost arrays carry a trailing constraint axis, as the cost model returns them."""
 
     sequences: jax.Array      # [B, L]
     attention_mask: jax.Array  # [B, L]
     old_log_probs: jax.Array  # [B, N]
     ref_log_probs: jax.Array  # [B, N]
     reward: jax.Array         # [B] RM end score
-    cost: jax.Array           # [B] CM end score
+    cost: jax.Array           # [B] CM end score ([B, K] for K cost outputs)
     reward_values: jax.Array  # [B, N]
-    cost_values: jax.Array    # [B, N]
+    cost_values: jax.Array    # [B, N] ([B, N, K])
     mask: jax.Array           # [B, N] float32 action mask
 
 
@@ -214,6 +87,7 @@ class Models:
     cost_critic: ModelDef | LoRADef | None  # None unless ppo-lag; a LoRA one's base is the cost model's
     reward: ModelDef
     cost: ModelDef | None         # None when no cost model is given (plain PPO may omit it)
+    num_constraints: int = 1      # K: the cost model's score_dim (its outputs are the K constraints' costs)
 
 
 # ----------------------------------------------------------------------------- the small per-algorithm functions
@@ -229,6 +103,16 @@ def scalar_signals(algorithm: str, reward, cost, nu: float):
 
 
 # ----------------------------------------------------------------------------- pure pieces
+
+
+def _k_first(x):
+    """Cost arrays of the mini-batch: ``[M, N]`` (K = 1) unchanged, ``[M, N, K]`` -> ``[K, M, N]``."""
+    return x if x.ndim == 2 else jnp.moveaxis(x, -1, 0)
+
+
+def _one(x):
+    """A ``[K]`` multiplier array as the trace keeps it: a scalar for K = 1, else ``[K]``."""
+    return x[0] if x.shape[0] == 1 else x
 
 
 def data_flat(data: dict, key: str):
@@ -343,15 +227,22 @@ class PPOPhases:
     def prepare(self, state: PPOState, exp: Experience):
         """Record the batch's episode costs, KL-shape rewards / costs and run GAE (reference ``rl_step`` up to
         the losses).  Returns ``(lagrange_state, data, extras)``; ``data`` holds the ``[B, ...]`` arrays the
-        micro-steps consume."""
+        micro-steps consume.  With K > 1 constraints the cost arrays are ``[B, N, K]`` (each cost KL-shaped and
+        run through GAE on its own, vmapped over K); K = 1 keeps ``[B, N]`` and today's arithmetic."""
         pc, lc = self.cfg.ppo, self.cfg.lagrange
-        lag_state = rl.lagrange_record(state.lagrange, exp.cost[None, :])
-        r_sig, c_sig = scalar_signals(self.algorithm, exp.reward, exp.cost, lc.lambda_init)
+        k = self.models.num_constraints
+        cost_kb = exp.cost[None, :] if k == 1 else exp.cost.T  # [K, B]
+        lag_state = rl.lagrange_record(state.lagrange, cost_kb)
+        r_sig, c_sig = scalar_signals(self.algorithm, exp.reward, exp.cost if k == 1 else cost_kb, lc.lambda_init)
         rewards, costs = rl.kl_shaped_rewards(r_sig, c_sig, exp.old_log_probs, exp.ref_log_probs, exp.mask,
                                               kl_coeff=pc.kl_coeff, clip_range_score=pc.clip_range_score)
         adv_r, ret_r = rl.gae(exp.reward_values, rewards, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda)
-        if self.lag:
+        if self.lag and k == 1:
             adv_c, ret_c = rl.gae(exp.cost_values, costs, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda)
+        elif self.lag:  # costs [K, B, N]; values [B, N, K]
+            gae_k = jax.vmap(lambda v, c: rl.gae(v, c, exp.mask, gamma=pc.gamma, lam=pc.gae_lambda))
+            adv_c, ret_c = gae_k(jnp.moveaxis(exp.cost_values, -1, 0), costs)
+            costs, adv_c, ret_c = (jnp.moveaxis(x, 0, -1) for x in (costs, adv_c, ret_c))
         else:
             costs = jnp.zeros_like(rewards)
             adv_c, ret_c = jnp.zeros_like(adv_r), jnp.zeros_like(ret_r)
@@ -372,7 +263,7 @@ class PPOPhases:
             lm = merge_role(self.models.actor, params, base, key)
             lp = _token_log_probs(lm, mb["seq"], mb["attn"], start)
             if self.lag:
-                loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["adv_c"], mb["mask"],
+                loss = rl.ppo_lag_actor_loss(lp, mb["old_lp"], mb["adv_r"], _k_first(mb["adv_c"]), mb["mask"],
                                              multiplier=lam, clip_range_ratio=pc.clip_range_ratio)
             else:
                 loss = rl.ppo_actor_loss(lp, mb["old_lp"], mb["adv_r"], mb["mask"],
@@ -405,6 +296,11 @@ class PPOPhases:
         def critic_loss(params):
             sm = merge_role(self.models.reward_critic if which == "r" else self.models.cost_critic, params, base, key)
             v = _values(sm, mb["seq"], mb["attn"], start)
+            if v.ndim == 3:  # K cost heads [M, N, K]: the mean over K of each head's clipped value loss
+                per_k = jax.vmap(lambda v_, o_, g_: rl.value_loss(v_, o_, g_, mb["mask"],
+                                                                  clip_range_value=pc.clip_range_value),
+                                 in_axes=-1)(v, mb[f"v_{which}"], mb[f"ret_{which}"])
+                return jnp.mean(per_k), v
             return rl.value_loss(v, mb[f"v_{which}"], mb[f"ret_{which}"], mb["mask"],
                                  clip_range_value=pc.clip_range_value), v
 
@@ -431,17 +327,19 @@ class PPOPhases:
         def micro_step(carry, xs):
             actor_s, rc_s, cc_s, lag = carry
             mb, pb, key = xs
-            out = {"log_lambda_before": lag.log_lambda[0]}
+            sgd = isinstance(lag, rl.LagrangeState)
+            out = {"log_lambda_before": _one(lag.log_lambda)} if sgd else {"lambda_before": _one(rl.multiplier(lag))}
             if self.lag:
-                lag = rl.lagrange_step(lag, threshold=lc.threshold, lambda_lr=lc.lambda_lr,
-                                       lambda_max=lc.lambda_max, update_delay_steps=lc.lambda_update_delay_steps)
-            lam = rl.multiplier(lag)[0] if self.lag else jnp.float32(0.0)
-            out.update(log_lambda=lag.log_lambda[0], lambda_used=lam)
+                lag = lagrange_micro_step(lc, lag)
+            lam = _one(rl.multiplier(lag)) if self.lag else jnp.float32(0.0)
+            if sgd:
+                out["log_lambda"] = _one(lag.log_lambda)
+            out["lambda_used"] = lam
             a_grads, a_out = self.actor_grads(actor_s.params, mb, pb, jax.lax.stop_gradient(lam), fz.ref,
                                               jax.random.fold_in(key, 0))
             out.update(a_out)
             if self.lag:
-                out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], mb["adv_c"], lam)
+                out["combined_advantages"] = rl.combined_advantages(mb["adv_r"], _k_first(mb["adv_c"]), lam)
             actor_s = apply(self.actor_tx, actor_s, a_grads, "actor", out)
             r_grads, (out["reward_critic_loss"], out["reward_values"]) = self.critic_grads(
                 rc_s.params, mb, "r", fz.reward, jax.random.fold_in(key, 2))
@@ -481,6 +379,9 @@ class PPOPhases:
 
     def _experience_metrics(self, exp, rewards, costs, adv_r, ret_r, adv_c, ret_c, lag, r_sig):
         mk = exp.mask
+        k = self.models.num_constraints
+        if k > 1:  # the aggregate cost metrics below average the K constraints (see cost_metrics)
+            costs, adv_c, ret_c = (jnp.mean(x, axis=-1) for x in (costs, adv_c, ret_c))
         seq_sum = lambda x: jnp.mean(jnp.sum(x * mk, axis=-1))  # noqa: E731
         lengths = jnp.sum(mk, axis=-1)
         out = {
@@ -490,7 +391,7 @@ class PPOPhases:
             "max_generated_length": jnp.max(lengths),
         }
         if self.models.cost is not None:  # plain PPO without a cost model has no cost to report
-            out.update({"cost": jnp.mean(exp.cost), "episode_cost": rl.episode_cost_mean(lag)[0]})
+            out.update(cost_metrics(self.cfg.lagrange, exp.cost, lag, with_lambda=self.lag))
         if self.algorithm == "ppo-reward-shaping":
             out.update({"nu": jnp.float32(self.cfg.lagrange.lambda_init), "shaped_reward": jnp.mean(r_sig),
                         "shaped_reward_with_kl_penalty": seq_sum(rewards),
@@ -502,7 +403,8 @@ class PPOPhases:
                         "reward_advantage": rl.masked_mean(adv_r, mk), "reward_return": rl.masked_mean(ret_r, mk),
                         "reward_value": rl.masked_mean(exp.reward_values, mk)})
         if self.lag:
-            out.update({"lambda": rl.multiplier(lag)[0], "cost_with_kl_penalty": seq_sum(costs),
+            cv = exp.cost_values if k == 1 else jnp.mean(exp.cost_values, axis=-1)
+            out.update({"cost_with_kl_penalty": seq_sum(costs),
                         "cost_advantage": rl.masked_mean(adv_c, mk), "cost_return": rl.masked_mean(ret_c, mk),
-                        "cost_value": rl.masked_mean(exp.cost_values, mk)})
+                        "cost_value": rl.masked_mean(cv, mk)})
         return out

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safejax import parallel, rl
+from safejax import parallel
 from safejax.config import ConfigError
 from safejax.data import build_prompts, build_supervised, load_rows
 from safejax.data.batching import BatchIterator
@@ -27,6 +27,7 @@ from safejax.train.common import SKIP_KEY, RunDir
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
 from safejax.train.loop import HostLoop, to_host
+from safejax.train.lagrange_stage import lagrange_state_init
 from safejax.train.ppo import Frozen, Models, PPOConfig, PPOPhases, PPOState
 from safejax.models.lora import base_def
 from safejax.train.ppo_lora import export_actor, lora_models
@@ -54,21 +55,35 @@ def load_models(cfg: PPOConfig, mesh, tok, rules: parallel.Rules = parallel.LOGI
     """The six models of the RL stage as ``(Models, params)``: ``params`` has ``actor``, ``ref`` (a copy of the
     actor's), ``reward``, ``cost``, ``reward_critic``, ``cost_critic`` (host trees; ``cost`` None without a cost
     model, ``cost_critic`` None unless ppo-lag).  The critics start from the score models unless given.
-    LoRA roles (``cfg.lora``) come back as :func:`safejax.train.ppo_lora.lora_models` makes them."""
+    LoRA roles (``cfg.lora``) come back as :func:`safejax.train.ppo_lora.lora_models` makes them.
 
-    def score_model(section):
-        return split_model(load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
-                                          attention=cfg.actor.attention, rules=rules))
+    K, the number of constraints, is the cost model's ``score_dim`` (1 without a cost model); the cost critic
+    must have K outputs too, and the per-constraint ``lagrange`` settings K entries (else ConfigError)."""
+
+    def score_model(section, key=None, k=None):
+        model = load_model_for(section, mesh, model_type="score", tokenizer=tok, dtype=cfg.actor.dtype,
+                               attention=cfg.actor.attention, rules=rules)
+        if k is not None and model.score_dim != k:
+            raise ConfigError(f"config key '{key}': {section} has {model.score_dim} score outputs but the cost model "
+                              f"{cfg.cost_model} has K = {k} (one cost critic head per constraint)")
+        return split_model(model)
 
     actor_def, actor = split_model(load_model_for(cfg.actor, mesh, model_type="causal_lm", tokenizer=tok, rules=rules))
     lc = cfg.lora  # a LoRA role shares its frozen base: no reference copy, no second critic backbone loaded
     ref = jax.tree.map(jnp.copy, actor) if not lc.actor.rank else None
     rm_def, rm = score_model(cfg.reward_model)
     cm_def, cm = score_model(cfg.cost_model) if cfg.cost_model else (None, None)
+    k = cm_def.merge(cm).score_dim if cm_def is not None else 1
+    cfg.lagrange.check_constraints(k, f"the cost model {cfg.cost_model}")
+    if k > 1 and cfg.algorithm == "ppo-reward-shaping":
+        raise ConfigError(f"config key 'cost_model': {cfg.cost_model} has K = {k} cost outputs; ppo-reward-shaping "
+                          "needs a single cost (use ppo-lag for several constraints)")
     rc_def, rc = (rm_def, None) if lc.reward_critic.rank else score_model(cfg.reward_critic or cfg.reward_model)
     cc_def, cc = ((None, None) if cfg.algorithm != "ppo-lag" else (cm_def, None) if lc.cost_critic.rank
-                  else score_model(cfg.cost_critic or cfg.cost_model))
-    models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def)
+                  else score_model(cfg.cost_critic or cfg.cost_model, "cost_critic" if cfg.cost_critic else "cost_model",
+                                   k))
+    models = Models(actor=actor_def, reward_critic=rc_def, cost_critic=cc_def, reward=rm_def, cost=cm_def,
+                    num_constraints=k)
     params = {"actor": actor, "ref": ref, "reward": rm, "cost": cm, "reward_critic": rc, "cost_critic": cc}
     return lora_models(cfg, models, params) if lc.any else (models, params)
 
@@ -78,8 +93,7 @@ def ppo_state(cfg: PPOConfig, models: Models, params: dict, phases: PPOPhases, m
     """``(state, shardings)`` of the RL stage: actor and critics trainable, the Lagrange state replicated.
 
     ``params``: host params by role (:func:`load_models`); uses ``actor``, ``reward_critic``, ``cost_critic``."""
-    lag = rl.lagrange_init(cfg.lagrange.lambda_init, num_constraints=1, window_size=cfg.lagrange.window,
-                           lambda_lr=cfg.lagrange.lambda_lr)
+    lag = lagrange_state_init(cfg.lagrange, models.num_constraints)
     cc = models.cost_critic
     return build_state(
         PPOState, mesh, cfg.seed,
@@ -121,10 +135,12 @@ def make_update(phases: PPOPhases, mesh, state_shardings, *, skip_nonfinite: boo
 
 
 def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh, samples_per_prompt: int = 1,
-                         rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES) -> Callable[[int, Any], dict]:
+                         rules: parallel.Rules = parallel.LOGICAL_AXIS_RULES, names: list[str] | None = None
+                         ) -> Callable[[int, Any], dict]:
     """Default periodic eval: sample ``samples_per_prompt`` answers per held-out prompt with the current actor (the
     same jitted rollout as training, so no extra compile; ``batch_size`` prompts per call) and report the mean RM
-    reward and CM cost."""
+    reward and CM cost.  With K cost outputs (``names``: one per constraint) also ``eval/cost/<name>``; then
+    ``eval/cost`` is the mean over constraints and ``eval/harmless_ratio`` counts answers with every cost <= 0."""
 
     def hook(step: int, result: "PPOResult") -> dict:
         n = len(arrays["prompt_ids"])
@@ -137,8 +153,11 @@ def make_score_eval_hook(rollout_fn, frozen, arrays: dict, batch_size: int, mesh
             rewards.append(to_host(exp.reward)[:k])
             costs.append(to_host(exp.cost)[:k])
         r, c = np.concatenate(rewards), np.concatenate(costs)
-        return {"eval/reward": float(r.mean()), "eval/cost": float(c.mean()),
-                "eval/harmless_ratio": float(np.mean(c <= 0)), "eval/count": int(n)}
+        c2 = c.reshape(len(c), -1)  # [n, K]
+        out = {"eval/reward": float(r.mean()), "eval/cost": float(c.mean()),
+               "eval/harmless_ratio": float(np.mean(np.all(c2 <= 0, axis=-1))), "eval/count": int(n)}
+        out.update({f"eval/cost/{name}": float(c2[:, i].mean()) for i, name in enumerate(names or [])})
+        return out
 
     return hook
 
@@ -191,7 +210,8 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
-                                         cfg.rollout.num_return_sequences, rules)
+                                         cfg.rollout.num_return_sequences, rules,
+                                         names=cfg.lagrange.constraint_names(models.num_constraints))
         eval_every = eval_every or cfg.train.eval_every
 
     prompt_iter = BatchIterator(prompts, n_per_batch, seed=cfg.seed, shuffle=True, drop_last=True)
