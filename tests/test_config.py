@@ -80,3 +80,18 @@ def test_resume_ignores_exact_speed_switches_but_not_semantic_ones():
            "actor": {"remat": True, "attention": "xla"}}
     assert config_differences(old, new) == ["actor.attention: 'einsum' -> 'xla'",
                                             "ppo.mask_sampled_special: True -> False"]
+
+
+def test_resume_treats_a_key_the_old_snapshot_lacks_as_its_default():
+    from safejax.config import to_dict
+    from safejax.train.common import config_differences
+    from safejax.train.ppo import PPOConfig
+
+    new = to_dict(PPOConfig(reward_model="rm", cost_model="cm"))
+    old = {k: v for k, v in new.items() if k != "lora"}  # a snapshot written before the lora section existed
+    old["lagrange"] = {k: v for k, v in new["lagrange"].items() if k not in ("rule", "pid", "names")}
+    defaults = to_dict(PPOConfig())
+    assert config_differences(old, new, defaults=defaults) == []
+    changed = dict(new, lora=dict(new["lora"], actor=dict(new["lora"]["actor"], rank=8)))
+    assert config_differences(old, changed, defaults=defaults) == ["lora.actor.rank: None -> 8"]
+    assert config_differences(old, new) != []  # without the defaults every new key is a difference

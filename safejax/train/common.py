@@ -111,17 +111,29 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def config_differences(old: dict, new: dict, ignore=RESUME_IGNORED) -> list[str]:
+def config_differences(old: dict, new: dict, ignore=RESUME_IGNORED, defaults: dict | None = None) -> list[str]:
     """``["key: old -> new", ...]`` for every flattened key that differs and is not in ``ignore``
-    (keys missing on one side count as ``None``)."""
-    fo, fn = _flatten(old), _flatten(new)
+    (keys missing on one side count as ``None``).  ``defaults``: the config class's default values; a key the old
+    snapshot lacks (written by a version before the key existed) counts as its default, so a run that keeps the
+    default of a new key resumes."""
+    fo, fn, fd = _flatten(old), _flatten(new), _flatten(defaults or {})
     diffs = []
     for k in sorted(set(fo) | set(fn)):
         if _ignored(k, ignore):
             continue
+        if k not in fo and k in fd and _same(fd[k], fn.get(k)):
+            continue
         if not _same(fo.get(k), fn.get(k)):
             diffs.append(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}")
     return diffs
+
+
+def _default_config(cfg: Any) -> dict | None:
+    """The default values of ``cfg``'s config class (None when it cannot be built without arguments)."""
+    try:
+        return to_dict(type(cfg)())
+    except TypeError:
+        return None
 
 
 class RunDir:
@@ -152,7 +164,7 @@ class RunDir:
                     raise
                 old, where = None, None
                 log.warning("resuming %s without a readable config snapshot (allow_config_change)", self.path)
-            diffs = config_differences(old, to_dict(cfg)) if old is not None else []
+            diffs = config_differences(old, to_dict(cfg), defaults=_default_config(cfg)) if old is not None else []
             if diffs and not allow_config_change:
                 raise ConfigError(
                     f"{self.path} holds a checkpointed run with a different config (read from {where}), so resuming "
