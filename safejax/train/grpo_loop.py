@@ -22,7 +22,7 @@ from safejax.parallel import make_mesh, resolve_rules
 from safejax.train.common import RunDir
 from safejax.train.grpo import GRPOConfig, GRPOModels, GRPOPhases, GRPOState
 from safejax.train.loop import HostLoop
-from safejax.train.ppo_loop import (BAR_METRICS, PPOResult, frozen_models, load_prompts, make_rollout,
+from safejax.train.ppo_loop import (PPOResult, add_rl_hooks, frozen_models, load_prompts, make_rollout,
                                     make_score_eval_hook, make_update)
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets
 from safejax.train.sft import export_model
@@ -103,22 +103,7 @@ def run_grpo(cfg: GRPOConfig, *, export: bool = True) -> PPOResult:
         exp = rollout_fns[w](state, frozen, batch["prompt_ids"], batch["prompt_mask"])
         return update_fns[w](state, exp, None)
 
-    def log_hook(h: HostLoop, step: int, state) -> None:
-        metrics = h.log(step)
-        history.append(dict(metrics, step=step))
-        h.bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
-
-    def eval_step(h: HostLoop, step: int, state) -> None:
-        result.state = state
-        em = eval_hook(step, result)
-        h.write(step, em)
-        history.append(dict(em, step=step))
-
-    host.add_hook(log_hook, every=cfg.train.log_every)
-    if eval_hook is not None:
-        every = cfg.train.eval_every
-        host.add_hook(eval_step, when=lambda s: bool(every and s % every == 0 and s != iterations))
-        host.add_end_hook(eval_step)
+    add_rl_hooks(host, result, cfg.train.log_every, eval_hook, cfg.train.eval_every, iterations)
     if export:
         host.add_export(lambda st: export_model(models.actor, st.actor.params, run.path / "hf", tok,
                                                 dtype=cfg.export.dtype))

@@ -237,21 +237,7 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
         ptx = parallel.host_local_to_global(ptx, mesh, rules) if ptx is not None else None
         return update_fns[w](state, exp, ptx, *((frozen,) if cfg.lora.any else ()))
 
-    def log_hook(h: HostLoop, step: int, state) -> None:
-        metrics = h.log(step)
-        history.append(dict(metrics, step=step))
-        h.bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
-
-    def eval_step(h: HostLoop, step: int, state) -> None:
-        result.state = state
-        em = eval_hook(step, result)
-        h.write(step, em)
-        history.append(dict(em, step=step))
-
-    host.add_hook(log_hook, every=cfg.train.log_every)
-    if eval_hook is not None:
-        host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
-        host.add_end_hook(eval_step)
+    add_rl_hooks(host, result, cfg.train.log_every, eval_hook, eval_every, iterations)
     if export:
         host.add_export(lambda st: export_actor(models, st.actor.params, frozen.ref, run.path / "hf", tok,
                                                 dtype=cfg.export.dtype))
@@ -259,6 +245,28 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     result.state, result.export_dir = state, host.exported
     result.seconds = time.time() - t0
     return result
+
+
+def add_rl_hooks(host: HostLoop, result: PPOResult, log_every: int, eval_hook: Callable[[int, Any], dict] | None,
+                 eval_every: int, iterations: int) -> None:
+    """The RL stages' hooks on ``host``: every ``log_every`` iterations the metrics (into ``result.history`` and the
+    progress bar); with ``eval_hook``, the held-out eval every ``eval_every`` iterations and after the last."""
+
+    def log_hook(h: HostLoop, step: int, state) -> None:
+        metrics = h.log(step)
+        result.history.append(dict(metrics, step=step))
+        h.bar.set_postfix({short: f"{metrics[key]:.2f}" for key, short in BAR_METRICS if key in metrics})
+
+    def eval_step(h: HostLoop, step: int, state) -> None:
+        result.state = state
+        em = eval_hook(step, result)
+        h.write(step, em)
+        result.history.append(dict(em, step=step))
+
+    host.add_hook(log_hook, every=log_every)
+    if eval_hook is not None:
+        host.add_hook(eval_step, when=lambda s: bool(eval_every and s % eval_every == 0 and s != iterations))
+        host.add_end_hook(eval_step)
 
 
 def load_ptx(cfg: PPOConfig, tokenizer) -> dict:
