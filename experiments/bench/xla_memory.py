@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                          "reward_critic.lora.rank, cost_critic.lora.rank)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any further PPO config override (repeatable), e.g. rollout.num_return_sequences=4")
+    ap.add_argument("--backend", default="cpu", choices=("cpu", "tpu"),
+                    help="cpu: fake CPU devices; tpu: compile for the slice's TPU topology without a TPU "
+                         "(needs libtpu: pip install 'libtpu==0.0.42.*', the version jax[tpu] pins)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
     return ap
 
@@ -227,6 +230,30 @@ def measure(cfg: PPOConfig, mcfg, mesh, *, frozen_param_dtype: str = "float32") 
     }
 
 
+def tpu_devices(spec) -> list:
+    """The devices of ``spec``'s TPU topology for deviceless ahead-of-time compilation (libtpu compiles on a
+    CPU host; v4 / v5p chips as one megacore device each)."""
+    from jax.experimental import topologies  # only with --backend tpu
+
+    n = spec.chips
+    if spec.generation not in ("v4", "v5p", "v5e", "v6e"):
+        raise ValueError(f"--backend tpu: {spec.name} is not a TPU slice")
+    if spec.generation in ("v4", "v5p"):
+        dims = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
+        kw = {"chip_config_name": "megacore"}
+    else:
+        dims = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+        kw = {}
+    if n not in dims:
+        raise ValueError(f"--backend tpu: no topology known for {spec.name} ({n} chips)")
+    gen = spec.generation
+    try:
+        return list(topologies.get_topology_desc(topology_name=f"{gen}:{dims[n]}", platform="tpu", **kw).devices)
+    except RuntimeError as e:
+        raise ValueError(f"--backend tpu: libtpu cannot describe {gen}:{dims[n]} ({str(e).splitlines()[0]}); "
+                         "install it with pip install 'libtpu==0.0.42.*'") from None
+
+
 # ----------------------------------------------------------------------------- derived numbers
 
 
@@ -294,7 +321,8 @@ def run(args) -> list[dict]:
     out = []
     for name in args.slice or DEFAULT_SLICES:
         spec = slice_spec(name)
-        mesh = make_mesh(MeshConfig(data=1, fsdp=spec.chips, tensor=1))
+        devices = tpu_devices(spec) if args.backend == "tpu" else None
+        mesh = make_mesh(MeshConfig(data=1, fsdp=spec.chips, tensor=1), devices=devices)
         per_layers = {}
         for n in layers:
             cfg = stage_config(spec.chips, rows_per_device=args.rows_per_device,
@@ -318,10 +346,13 @@ def run(args) -> list[dict]:
                                     rows_per_device=args.rows_per_device,
                                     rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
                                     remat=not args.no_remat)
-        out.append({"slice": name, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes, "layers": target,
+        out.append({"slice": name, "backend": args.backend, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes, "layers": target,
                     "extrapolated_from": layers[:2] if args.extrapolate_to else None,
                     "measured": result, "peaks": peaks(result), "per_layers": per_layers,
                     "compare": compare(result, model), "model_total": model.total})
+        if args.json:  # after every slice: a long run keeps what it measured
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=1, default=float)
     return out
 
 
@@ -355,7 +386,9 @@ def main(argv=None) -> int:
         return 2
     try:
         for name in args.slice or DEFAULT_SLICES:
-            if slice_spec(name).chips > jax.device_count():
+            if args.backend == "tpu":
+                tpu_devices(slice_spec(name))
+            elif slice_spec(name).chips > jax.device_count():
                 raise ValueError(f"--slice {name}: {slice_spec(name).chips} chips but {jax.device_count()} devices "
                                  "(run the script itself: it sets --xla_force_host_platform_device_count)")
     except ValueError as e:  # slice_spec's one-line message of an unknown slice
@@ -367,9 +400,6 @@ def main(argv=None) -> int:
         print(f"xla_memory.py: error: {e}", file=sys.stderr)
         return 2
     print(to_markdown(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=float)
     return 0
 
 
