@@ -357,13 +357,13 @@ def run(args) -> list[dict]:
 
 
 def to_markdown(results: list[dict]) -> str:
-    lines = ["| slice | chips | HBM/chip | modelled total | XLA rollout peak | XLA update peak (+frozen) "
-             "| measured / modelled | fits (measured) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| slice | XLA backend | chips | HBM/chip | modelled total | XLA rollout peak | XLA update peak (+frozen) "
+             "| measured / modelled | fits (measured) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         p, hbm = r["peaks"], r["hbm_bytes"]
         frac = p["peak"] / hbm
         fits = "yes" if frac <= 0.85 else "tight" if frac <= 1.0 else "**no**"
-        lines.append(f"| {r['slice']} | {r['chips']} | {_gib(hbm)} | {_gib(r['model_total'])} | {_gib(p['rollout'])} "
+        lines.append(f"| {r['slice']} | {r.get('backend', 'cpu')} | {r['chips']} | {_gib(hbm)} | {_gib(r['model_total'])} | {_gib(p['rollout'])} "
                      f"| {_gib(p['update'])} | {p['peak'] / r['model_total']:.2f} | {fits} ({100 * frac:.0f}%) |")
     for r in results:
         lines += ["", f"**{r['slice']}** (fsdp={r['chips']}, {r['layers']} layers"
