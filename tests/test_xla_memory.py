@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import pytest
 
 from safejax import memory_table as mt
@@ -91,3 +92,15 @@ def test_bad_slice_and_missing_lora_keys_are_one_line_errors(capsys):
     assert xm.main(["--tiny", "--slice", "v4-8", "--lora-rank", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--lora-rank 4" in err and "actor.lora.rank" in err and "\n" not in err
+
+
+def test_fsdp_gather_term_is_the_embedding_head_and_one_layer_of_the_abstract_model():
+    """memory_table.fsdp_gather_bytes, from the config's dimensions, against the abstract CausalLM's leaves."""
+    cfg = mt.LLAMA2_7B.replace(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                               num_kv_heads=2)
+    _, p = mt.abstract_model(cfg, "causal_lm")
+    size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    whole = size(p["lm_head"]) + size(p["model"]["embed_tokens"]) + size(p["model"]["layers"][0])
+    assert mt.fsdp_gather_bytes(cfg, 8) == 4 * whole
+    assert mt.fsdp_gather_bytes(cfg.replace(param_dtype="bfloat16"), 8) == 2 * whole
+    assert mt.fsdp_gather_bytes(cfg, 1) == 0
