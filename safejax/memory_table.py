@@ -298,7 +298,8 @@ def _gib(x: int) -> str:
 def to_markdown(tables: Sequence[SafeRLHFMemory], *, detail: bool = False) -> str:
     """One summary row per slice (GiB per device); with ``detail`` a per-model table for each slice."""
     lines = ["| slice | chips | hosts | mesh (data,fsdp,tensor) | HBM/chip | actor p+g+opt | ref | RM | CM "
-             "| reward critic | cost critic | 6 models | update act.+gathers (est.) | rollout working set (est.) | total "
+             "| reward critic | cost critic | 6 models | update act.+gathers (est.) | rollout working set (est.) "
+             "| total "
              "| % HBM | fits |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: | --- |"]

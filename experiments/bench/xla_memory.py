@@ -43,7 +43,6 @@ Bad options or config keys exit 2 with one line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -129,10 +128,11 @@ def stage_config(chips: int, *, rows_per_device: int, rollout_rows_per_device: i
     prompt_width`` sampled tokens, update micro-batch ``rows_per_device * chips`` rows, bf16 compute."""
     if not 0 < prompt_width < seq_len:
         raise SystemExit(f"xla_memory.py: error: --prompt-width {prompt_width} must be in (0, --seq-len {seq_len})")
-    keys = [f"reward_model=<abstract>", "cost_model=<abstract>", "seed=0",
+    keys = ["reward_model=<abstract>", "cost_model=<abstract>", "seed=0",
             f"train.batch_size={rollout_rows_per_device * chips}", f"ppo.micro_batch_size={rows_per_device * chips}",
             f"data.prompt_width={prompt_width}", f"rollout.max_new_tokens={seq_len - prompt_width}",
-            "actor.dtype=bfloat16", f"actor.remat={str(remat).lower()}", f"actor.scan_layers={str(scan_layers).lower()}"]
+            "actor.dtype=bfloat16", f"actor.remat={str(remat).lower()}",
+            f"actor.scan_layers={str(scan_layers).lower()}"]
     if lora_rank:
         keys += [f"{k}={lora_rank}" for k in LORA_KEYS]
     try:
@@ -218,7 +218,8 @@ def measure(cfg: PPOConfig, mcfg, mesh, *, frozen_param_dtype: str = "float32") 
     exp = _with_sharding(exp, rollout.output_shardings)  # the experience as the rollout hands it over
     update = make_update(phases, mesh, state_sh).lower(state, exp, None).compile()
     t3 = time.perf_counter()
-    frozen_bytes = {k: mt.per_device_bytes(getattr(frozen, k), getattr(frozen_sh, k)) for k in ("ref", "reward", "cost")}
+    frozen_bytes = {k: mt.per_device_bytes(getattr(frozen, k), getattr(frozen_sh, k))
+                    for k in ("ref", "reward", "cost")}
     return {
         "rollout": memory_stats(rollout), "update": memory_stats(update),
         "state": state_bytes(state, state_sh), "frozen": frozen_bytes,
@@ -346,7 +347,8 @@ def run(args) -> list[dict]:
                                     rows_per_device=args.rows_per_device,
                                     rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
                                     remat=not args.no_remat)
-        out.append({"slice": name, "backend": args.backend, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes, "layers": target,
+        out.append({"slice": name, "backend": args.backend, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes,
+                    "layers": target,
                     "extrapolated_from": layers[:2] if args.extrapolate_to else None,
                     "measured": result, "peaks": peaks(result), "per_layers": per_layers,
                     "compare": compare(result, model), "model_total": model.total})
@@ -357,13 +359,15 @@ def run(args) -> list[dict]:
 
 
 def to_markdown(results: list[dict]) -> str:
-    lines = ["| slice | XLA backend | chips | HBM/chip | modelled total | XLA rollout peak | XLA update peak (+frozen) "
-             "| measured / modelled | fits (measured) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| slice | XLA backend | chips | HBM/chip | modelled total | XLA rollout peak "
+             "| XLA update peak (+frozen) | measured / modelled | fits (measured) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         p, hbm = r["peaks"], r["hbm_bytes"]
         frac = p["peak"] / hbm
         fits = "yes" if frac <= 0.85 else "tight" if frac <= 1.0 else "**no**"
-        lines.append(f"| {r['slice']} | {r.get('backend', 'cpu')} | {r['chips']} | {_gib(hbm)} | {_gib(r['model_total'])} | {_gib(p['rollout'])} "
+        lines.append(f"| {r['slice']} | {r.get('backend', 'cpu')} | {r['chips']} | {_gib(hbm)} "
+                     f"| {_gib(r['model_total'])} | {_gib(p['rollout'])} "
                      f"| {_gib(p['update'])} | {p['peak'] / r['model_total']:.2f} | {fits} ({100 * frac:.0f}%) |")
     for r in results:
         lines += ["", f"**{r['slice']}** (fsdp={r['chips']}, {r['layers']} layers"
