@@ -330,6 +330,9 @@ def run(args) -> list[dict]:
                                rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
                                prompt_width=args.prompt_width, remat=not args.no_remat, scan_layers=not args.no_scan,
                                lora_rank=args.lora_rank, overrides=tuple(args.set))
+            if args.lora_rank:  # the keys exist (else stage_config stopped): the models must be built with LoRA
+                raise NotImplementedError("--lora-rank: the config has LoRA keys now; build abstract_stage's models "
+                                          "and state through the stage's LoRA builder before measuring LoRA rows")
             mcfg = model_config(cfg, base, n)
             r = measure(cfg, mcfg, mesh, frozen_param_dtype=args.frozen_param_dtype)
             per_layers[n] = r
