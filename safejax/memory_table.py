@@ -179,14 +179,15 @@ def rollout_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len: i
 
 def fsdp_gather_bytes(config: ModelConfig, fsdp: int) -> int:
     """Bytes of the whole (unsharded) weights that FSDP gathers on every device at once: the embedding table, the
-    LM head and one decoder layer, in the param dtype (XLA's compiled programs gather a matrix whole before its
-    matmul; measured by ``experiments/bench/xla_memory.py``).  0 without FSDP (``fsdp == 1``)."""
+    LM head and one decoder layer, in the compute dtype (XLA's compiled programs gather a matrix whole before its
+    matmul, and the TPU compiler converts it to the compute dtype first; measured by
+    ``experiments/bench/xla_memory.py``).  0 without FSDP (``fsdp == 1``)."""
     if fsdp <= 1:
         return 0
     d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
     layer = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * f + 2 * d
     heads = 1 if config.tie_word_embeddings else 2
-    return int((heads * config.vocab_size * d + layer) * np.dtype(config.param_dtype).itemsize)
+    return int((heads * config.vocab_size * d + layer) * np.dtype(config.dtype).itemsize)
 
 
 # ----------------------------------------------------------------------------- the six models
@@ -200,7 +201,7 @@ class SafeRLHFMemory:
     mesh_shape: dict
     models: list[ModelMemory]
     update_activations: int      # estimate: the actor's forward+backward on one micro-batch + FSDP-gathered
-                                 # weights and their whole gradients
+                                 # weights and their whole gradients + the optimizer's new-carry buffers
     rollout_working_set: int     # KV cache + scoring logits + attention scores + FSDP-gathered weights + the
                                  # sampler's bf16 copy of the actor
     rows_per_device: int
@@ -281,8 +282,13 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
     # FSDP gathers whole weights on every device: the update also holds their whole gradients before the
     # reduce-scatter; the sampler decodes with a bf16 copy of the fp32 actor (SamplingConfig.cast_weights)
     gather = fsdp_gather_bytes(config, shape[1])
+    whole_grads = fsdp_gather_bytes(config.replace(dtype=config.param_dtype), shape[1])
     cast = rows[0].params // 2 if (config.param_dtype, config.dtype) == ("float32", "bfloat16") else 0
-    act = activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat) + 2 * gather
+    # the TPU-compiled update also holds about one more trained-params-sized buffer per trained model (the
+    # optimizer's new values of the scanned micro-step's carry next to the gradients; xla_memory.py --backend tpu)
+    carry = sum(m.params for m in rows if m.trainable)
+    act = (activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
+           + gather + whole_grads + carry)
     roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) + gather + cast
     return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
                           rollout_rows_per_device, seq_len, remat)
@@ -371,8 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"device, {'no remat' if args.no_remat else 'per-layer remat'}; rollout bf16 KV cache + fp32 logits for "
           f"{args.rollout_rows_per_device} rows x {args.seq_len} tokens per device, + fp32 attention scores + the "
           f"sampler's bf16 actor copy; both + the FSDP-gathered embedding, LM head and one layer (the update also "
-          f"their whole gradients). total = the larger phase: 6 models + update "
-          f"activations, or 6 models without gradients + rollout working set; 'tight' = 85-100% of HBM.\n")
+          f"their whole fp32 gradients and one more copy of the trained params). total = the larger phase: "
+          f"6 models + update activations, or 6 models without gradients + rollout working set; 'tight' = 85-100% "
+          f"of HBM.\n")
     print(to_markdown(tables, detail=args.detail))
     return 0
 
