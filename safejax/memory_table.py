@@ -17,7 +17,7 @@ device.  Nothing is guessed and nothing is allocated:
 * bytes on a device = ``prod(sharding.shard_shape(shape)) * itemsize``, summed over leaves.
 
 Gradients are counted like parameters (same shapes, dtypes and shardings; a trained model holds one
-full gradient at the update).  Activations are an *estimate* (the formula of Korthikanti et al.
+full gradient at the update; the rollout holds none).  Activations are an *estimate* (the formula of Korthikanti et al.
 2022, "Reducing Activation Recomputation in Large Transformer Models", for bf16 activations), shown
 in a separate column and labelled as such.
 
@@ -170,7 +170,24 @@ def rollout_bytes_estimate(config: ModelConfig, rows_per_device: int, seq_len: i
     kv_heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
     kv = 2 * config.num_layers * rows_per_device * seq_len * kv_heads * config.head_dim * 2
     logits = 2 * 4 * rows_per_device * seq_len * config.vocab_size // tensor
-    return int(kv + logits)
+    # the scoring forwards' float32 attention scores and probabilities [B, H, S, S] of one layer (the einsum
+    # attention materialises them; XLA's compiled rollout holds them next to the KV cache)
+    heads = config.num_heads // tensor if config.num_heads % tensor == 0 else config.num_heads
+    scores = 2 * 4 * rows_per_device * heads * seq_len * seq_len if config.attention_impl == "einsum" else 0
+    return int(kv + logits + scores)
+
+
+def fsdp_gather_bytes(config: ModelConfig, fsdp: int) -> int:
+    """Bytes of the whole (unsharded) weights that FSDP gathers on every device at once: the embedding table, the
+    LM head and one decoder layer, in the compute dtype (XLA's compiled programs gather a matrix whole before its
+    matmul, and the TPU compiler converts it to the compute dtype first; measured by
+    ``experiments/bench/xla_memory.py``).  0 without FSDP (``fsdp == 1``)."""
+    if fsdp <= 1:
+        return 0
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    layer = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * f + 2 * d
+    heads = 1 if config.tie_word_embeddings else 2
+    return int((heads * config.vocab_size * d + layer) * np.dtype(config.dtype).itemsize)
 
 
 # ----------------------------------------------------------------------------- the six models
@@ -183,8 +200,10 @@ class SafeRLHFMemory:
     slice: SliceSpec
     mesh_shape: dict
     models: list[ModelMemory]
-    update_activations: int      # estimate: the actor's forward+backward on one micro-batch
-    rollout_working_set: int     # KV cache + scoring logits during the rollout
+    update_activations: int      # estimate: the actor's forward+backward on one micro-batch + FSDP-gathered
+                                 # weights and their whole gradients + the optimizer's new-carry buffers
+    rollout_working_set: int     # KV cache + scoring logits + attention scores + FSDP-gathered weights + the
+                                 # sampler's bf16 copy of the actor
     rows_per_device: int
     rollout_rows_per_device: int
     seq_len: int
@@ -202,7 +221,10 @@ class SafeRLHFMemory:
 
     @property
     def total(self) -> int:
-        return self.states + self.working_set
+        """The larger phase: the update (states with the gradients + its activations) or the rollout (states
+        without gradients, which exist only in the update, + its working set)."""
+        grads = sum(m.grads for m in self.models)
+        return max(self.states + self.update_activations, self.states - grads + self.rollout_working_set)
 
     @property
     def fits(self) -> bool:
@@ -257,8 +279,17 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
         if key not in cache:
             cache[key] = model_memory(role, cfg, amesh, trainable=trainable, tx=tx if trainable else None)
         rows.append(dataclasses.replace(cache[key], role=role))
-    act = activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
-    roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2])
+    # FSDP gathers whole weights on every device: the update also holds their whole gradients before the
+    # reduce-scatter; the sampler decodes with a bf16 copy of the fp32 actor (SamplingConfig.cast_weights)
+    gather = fsdp_gather_bytes(config, shape[1])
+    whole_grads = fsdp_gather_bytes(config.replace(dtype=config.param_dtype), shape[1])
+    cast = rows[0].params // 2 if (config.param_dtype, config.dtype) == ("float32", "bfloat16") else 0
+    # the TPU-compiled update also holds about one more trained-params-sized buffer per trained model (the
+    # optimizer's new values of the scanned micro-step's carry next to the gradients; xla_memory.py --backend tpu)
+    carry = sum(m.params for m in rows if m.trainable)
+    act = (activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
+           + gather + whole_grads + carry)
+    roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) + gather + cast
     return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
                           rollout_rows_per_device, seq_len, remat)
 
@@ -273,7 +304,8 @@ def _gib(x: int) -> str:
 def to_markdown(tables: Sequence[SafeRLHFMemory], *, detail: bool = False) -> str:
     """One summary row per slice (GiB per device); with ``detail`` a per-model table for each slice."""
     lines = ["| slice | chips | hosts | mesh (data,fsdp,tensor) | HBM/chip | actor p+g+opt | ref | RM | CM "
-             "| reward critic | cost critic | 6 models | update act. (est.) | rollout KV+logits (est.) | total "
+             "| reward critic | cost critic | 6 models | update act.+gathers (est.) | rollout working set (est.) "
+             "| total "
              "| % HBM | fits |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: | --- |"]
@@ -343,8 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.frozen_param_dtype} params (all computed from the sharding rules). Estimates: update "
           f"activations (Korthikanti et al. 2022) for {args.rows_per_device} row(s) x {args.seq_len} tokens per "
           f"device, {'no remat' if args.no_remat else 'per-layer remat'}; rollout bf16 KV cache + fp32 logits for "
-          f"{args.rollout_rows_per_device} rows x {args.seq_len} tokens per device. total = 6 models + the larger "
-          f"of the two estimates; 'tight' = 85-100% of HBM.\n")
+          f"{args.rollout_rows_per_device} rows x {args.seq_len} tokens per device, + fp32 attention scores + the "
+          f"sampler's bf16 actor copy; both + the FSDP-gathered embedding, LM head and one layer (the update also "
+          f"their whole fp32 gradients and one more copy of the trained params). total = the larger phase: "
+          f"6 models + update activations, or 6 models without gradients + rollout working set; 'tight' = 85-100% "
+          f"of HBM.\n")
     print(to_markdown(tables, detail=args.detail))
     return 0
 

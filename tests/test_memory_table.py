@@ -62,7 +62,7 @@ def test_llama2_7b_fsdp16_bytes_follow_from_the_parameter_count():
     assert 0 <= by["actor"].optimizer - 2 * by["actor"].params < 64
     assert by["reference"].grads == by["reference"].optimizer == 0
     assert t.states == sum(m.params + m.grads + m.optimizer for m in t.models)
-    assert t.verdict == "yes"
+    assert t.verdict == "tight"  # 96%: measured by XLA for a TPU, 92% (tpu_setup/README.md)
 
 
 def test_bf16_frozen_models_halve_their_bytes_and_small_slices_do_not_fit():
@@ -105,7 +105,7 @@ def test_cli_prints_one_markdown_row_per_slice(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| v")]
     assert [r.split("|")[1].strip() for r in rows] == ["v4-32", "v5e-16"]
-    assert rows[0].rstrip().endswith("| yes |") and rows[1].rstrip().endswith("| **no** |")
+    assert rows[0].rstrip().endswith("| tight |") and rows[1].rstrip().endswith("| **no** |")
     assert "| actor | yes | 6,738,415,616 | float32 | 1.57 | 1.57 | 3.14 | 6.28 |" in out
     assert mt.main(["--accelerator-type", "v9-8"]) == 2
     assert "v9-8" in capsys.readouterr().err
