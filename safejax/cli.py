@@ -5,6 +5,7 @@ Commands:
   sft | rm | cm            supervised fine-tuning, reward model, cost model
   ppo-lag | ppo | ppo-reward-shaping
                            the RL stage (Safe RLHF, and its two baselines)
+  dpo                      offline preference optimisation: dpo.loss = dpo | safe_dpo | bfpo
   eval                     score / prefs / arena / elo
   export                   HF-format folder from a stage's checkpoint
 Every training command reads a YAML config and then ``key=value`` overrides (dotted keys);
@@ -58,7 +59,7 @@ CONFIG_DOCS = ("Config keys: `safejax %(cmd)s --print-config` lists every key wi
 _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/score_model.py: ScoreModelConfig",
                 "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
                 "ppo-lag": "safejax/train/ppo.py: PPOConfig", "ppo": "safejax/train/ppo.py: PPOConfig",
-                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig"}
+                "ppo-reward-shaping": "safejax/train/ppo.py: PPOConfig", "dpo": "safejax/train/dpo.py: DPOConfig"}
 EVAL_HELP = {
     "score": "each policy answers a prompt set; reward and cost models score the answers (means, harmless ratio)",
     "prefs": "RM / CM accuracy on a preference split (the paper's Table 1)",
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("ppo", "baseline: plain PPO on the reward (with KL penalty and ptx)"),
                       ("ppo-reward-shaping", "baseline: PPO on reward - nu * cost with a fixed nu")):
         _stage_parser(alg, what, sub)
+    _stage_parser("dpo", "offline preference optimisation from an SFT policy: dpo.loss = dpo (helpfulness pairs), "
+                         "safe_dpo (SafeDPO-style label transform) or bfpo", sub)
     ev = sub.add_parser("eval", help="evaluate policies and preference models", epilog=_config_epilog("eval"),
                         description="Evaluations:\n" + "\n".join(f"  {k:6s} {v}" for k, v in EVAL_HELP.items()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STAGE_CONFIGS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo",
-                 "ppo-reward-shaping": "ppo_reward_shaping"}  # command -> its example config's file name
+                 "ppo-reward-shaping": "ppo_reward_shaping", "dpo": "dpo"}  # command -> its example config's file name
 
 
 def _load(args, load_config) -> Any:
@@ -194,6 +197,10 @@ def _load(args, load_config) -> Any:
         from safejax.train.ppo import PPOConfig
 
         return load_config(PPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
+    if args.command == "dpo":
+        from safejax.train.dpo import DPOConfig
+
+        return load_config(DPOConfig, args.config, args.overrides)
     if args.command == "eval":
         from safejax.evaluate.cli import CONFIGS
 
@@ -219,6 +226,10 @@ def _run(args, cfg) -> Any:
         from safejax.train.ppo_loop import run_ppo
 
         return run_ppo(cfg)
+    if args.command == "dpo":
+        from safejax.train.dpo import run_dpo
+
+        return run_dpo(cfg)
     if args.command == "eval":
         from safejax.evaluate.cli import run_eval_config
 
