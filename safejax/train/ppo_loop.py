@@ -31,6 +31,7 @@ from safejax.train.ppo import Frozen, Models, PPOConfig, PPOPhases, PPOState
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
 from safejax.train.sft import export_model
 from safejax.train.state import build_state, keep_finite, place, replicated, trainable
+from safejax.train.step_memory import recording_step_memory
 
 log = logging.getLogger("safejax")
 # what the progress bar shows, when the algorithm logs it: plain PPO has no cost or lambda, shaping a fixed nu
@@ -174,6 +175,9 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh) for w, p in all_phases.items()}
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
                                  inject_nan_step=cfg.train.inject_nan_step) for w, p in all_phases.items()}
+    widest = cfg.data.prompt_width  # XLA's memory analysis of the widest bucket's phases -> step_memory.json
+    rollout_fns[widest] = recording_step_memory(rollout_fns[widest], run.path, "rollout")
+    update_fns[widest] = recording_step_memory(update_fns[widest], run.path, "update")
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
