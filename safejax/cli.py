@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole Safe RLHF pipeline on the built-in task (CPU, minutes)")
     demo.add_argument("--out", default="safejax-demo", help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="drives task generation and training")
+    demo.add_argument("--algorithms", default="",
+                      help="comma-separated methods added to the report after the default stages, from the same "
+                           "SFT policy: dpo, safe_dpo, bfpo (see safejax/demo_algorithms.py)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     _stage_parser("sft", "supervised fine-tuning", sub)
     _stage_parser("rm", "train the reward model (helpfulness)", sub)
@@ -212,8 +215,9 @@ def _run(args, cfg) -> Any:
     """Run the command on its loaded config; returns what :func:`result_line` summarizes."""
     if args.command == "demo":
         from safejax.demo import run_demo
+        from safejax.demo_algorithms import parse_algorithms
 
-        return run_demo(cfg, out_dir=args.out, seed=args.seed)
+        return run_demo(cfg, out_dir=args.out, seed=args.seed, algorithms=parse_algorithms(args.algorithms))
     if args.command == "sft":
         from safejax.train.sft import run_sft
 
