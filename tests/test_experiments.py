@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from safejax.config import load_config
+from safejax.train.dpo import DPOConfig
 from safejax.train.ppo import PPOConfig
 from safejax.train.score_model import ScoreModelConfig
 from safejax.train.sft import SFTConfig
@@ -22,7 +23,8 @@ sys.path.insert(0, str(MINI))
 
 import common as C  # noqa: E402
 
-STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig}
+STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig, "dpo": DPOConfig,
+               "safe_dpo": DPOConfig, "bfpo": DPOConfig}
 PAPER_ROUNDS = {1: (0.0, 1.0, 0.01), 2: (-3.0, 0.5, 0.04), 3: (-3.0, 1.0, 0.04)}  # threshold, lambda_init, lambda_lr
 
 
@@ -223,3 +225,14 @@ def test_quick_preference_accuracy_runs_end_to_end_and_writes_tables_and_pngs(tm
     for png in ("accuracy.png", "cost_distribution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "seed0" / "result.json").exists() and (out / "seed0" / "cm" / "hf" / "config.json").exists()
+
+
+def test_offline_configs_carry_the_papers_values_and_name_their_loss():
+    for folder in (CONFIGS, CONFIGS / "tiny"):
+        for loss in ("dpo", "safe_dpo", "bfpo"):
+            assert load_config(DPOConfig, folder / f"{loss}.yaml").dpo.loss == loss
+    dpo = load_config(DPOConfig, CONFIGS / "dpo.yaml")  # the reference's DPO script
+    assert (dpo.dpo.scale_coeff, dpo.optim.lr, dpo.train.epochs, dpo.optim.weight_decay) == (0.1, 1e-6, 2, 0.05)
+    assert not dpo.dpo.reference_window_bug
+    bfpo = load_config(DPOConfig, CONFIGS / "bfpo.yaml")  # the official BFPO recipe
+    assert (bfpo.dpo.scale_coeff, bfpo.optim.lr, bfpo.dpo.bfpo_b1, bfpo.dpo.bfpo_alpha) == (0.01, 5e-7, 3.0, 0.5)
