@@ -173,3 +173,26 @@ def test_dpo_resumes_bit_exactly_and_exports_an_hf_folder(world, tmp_path, loss)
     assert main(args) == 0
     assert (run / "metrics.jsonl").read_bytes() == full
     assert (run / "hf" / "model.safetensors").read_bytes() == weights
+
+
+def test_demo_algorithms_unknown_name_fails_before_anything_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--algorithms", "dpo,nope", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "safe_dpo" in err[0]
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_algorithm_runner_trains_from_the_demo_sft_policy_on_its_preference_rows(world, tmp_path):
+    from types import SimpleNamespace
+
+    from safejax.demo_algorithms import ALGORITHMS, DemoBase
+    from safejax.demo import DemoConfig
+    from safejax.sections import LoopSection
+
+    cfg = DemoConfig(max_length=24, batch_size=16, progress=False)
+    ws = SimpleNamespace(out=tmp_path, seed=0, cfg=cfg, paths={"preference_train": world["pref_train"]},
+                         loop=lambda epochs, bs: LoopSection(epochs=epochs, batch_size=bs, max_steps=2, progress=False))
+    hf = ALGORITHMS["bfpo"](ws, DemoBase(world["model"], {}, 0.0))
+    assert hf == tmp_path / "bfpo" / "hf" and (hf / "model.safetensors").exists()
+    snap = (tmp_path / "bfpo" / "config.json").read_text()
+    assert '"loss": "bfpo"' in snap and str(world["pref_train"]) in snap
