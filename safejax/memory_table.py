@@ -265,7 +265,8 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
             cache[key] = model_memory(role, cfg, amesh, trainable=trainable, tx=tx if trainable else None)
         rows.append(dataclasses.replace(cache[key], role=role))
     act = activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
-    roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) if setup != "offline" else 0
+    roll = 0 if setup == "offline" else rollout_bytes_estimate(config, rollout_rows_per_device, seq_len,
+                                                                 tensor=shape[2])
     return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
                           rollout_rows_per_device, seq_len, remat)
 
@@ -347,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([t.as_dict() for t in tables], indent=1))
         return 0
-    print(f"Setup {args.setup} ({', '.join(SETUPS[args.setup])}) at Llama-2-7B shape ({tables[0].models[0].num_params:,} params), "
+    print(f"Setup {args.setup} ({', '.join(SETUPS[args.setup])}) at Llama-2-7B "
+          f"shape ({tables[0].models[0].num_params:,} params), "
           f"GiB per device. Trained models: fp32 params + fp32 grads + AdamW (fp32 mu, nu); frozen models: "
           f"{args.frozen_param_dtype} params (all computed from the sharding rules). Estimates: update "
           f"activations (Korthikanti et al. 2022) for {args.rows_per_device} row(s) x {args.seq_len} tokens per "

@@ -16,7 +16,7 @@ import pytest
 
 import tiny_world
 from safejax.cli import main
-from safejax.data import DataError, build_reward_pairs
+from safejax.data import build_reward_pairs
 from safejax.data.dpo_pairs import BOTH_UNSAFE, build_dpo_pairs
 from safejax.generation import positions_from_mask
 from safejax.models.functional import split_model
