@@ -6,6 +6,7 @@ Commands:
   ppo-lag | ppo | ppo-reward-shaping
                            the RL stage (Safe RLHF, and its two baselines)
   grpo-lag | grpo          critic-free RL: GRPO-Lagrangian, and GRPO without the constraint
+  dpo                      offline preference optimisation: dpo.loss = dpo | safe_dpo | bfpo
   eval                     score / prefs / arena / elo
   export                   HF-format folder from a stage's checkpoint
 Every training command reads a YAML config and then ``key=value`` overrides (dotted keys);
@@ -60,7 +61,8 @@ _CONFIG_HOME = {"sft": "safejax/train/sft.py: SFTConfig", "rm": "safejax/train/s
                 "cm": "safejax/train/score_model.py: ScoreModelConfig", "eval": "safejax/evaluate/configs.py",
                 "ppo-lag": "safejax/train/ppo_config.py: PPOConfig", "ppo": "safejax/train/ppo_config.py: PPOConfig",
                 "ppo-reward-shaping": "safejax/train/ppo_config.py: PPOConfig",
-                "grpo-lag": "safejax/train/grpo.py: GRPOConfig", "grpo": "safejax/train/grpo.py: GRPOConfig"}
+                "grpo-lag": "safejax/train/grpo.py: GRPOConfig", "grpo": "safejax/train/grpo.py: GRPOConfig",
+                "dpo": "safejax/train/dpo.py: DPOConfig"}
 EVAL_HELP = {
     "score": "each policy answers a prompt set; reward and cost models score the answers (means, harmless ratio)",
     "prefs": "RM / CM accuracy on a preference split (the paper's Table 1)",
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="drives task generation and training")
     demo.add_argument("--lora", action="store_true",
                       help="also run Safe RLHF with LoRA actor and critics, beside full fine-tuning")
+    demo.add_argument("--algorithms", default="",
+                      help="comma-separated methods added to the report after the default stages, from the same "
+                           "SFT policy: dpo, safe_dpo, bfpo, grpo_lag, grpo (see safejax/demo_algorithms.py)")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     _stage_parser("sft", "supervised fine-tuning", sub)
     _stage_parser("rm", "train the reward model (helpfulness)", sub)
@@ -104,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "four models"),
                       ("grpo", "critic-free GRPO on the reward (no cost model)")):
         _stage_parser(alg, what, sub)
+    _stage_parser("dpo", "offline preference optimisation from an SFT policy: dpo.loss = dpo (helpfulness pairs), "
+                         "safe_dpo (SafeDPO-style label transform) or bfpo", sub)
     ev = sub.add_parser("eval", help="evaluate policies and preference models", epilog=_config_epilog("eval"),
                         description="Evaluations:\n" + "\n".join(f"  {k:6s} {v}" for k, v in EVAL_HELP.items()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STAGE_CONFIGS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo",
-                 "ppo-reward-shaping": "ppo_reward_shaping", "grpo-lag": "grpo_lag", "grpo": "grpo"}  # command -> its example config's file name
+                 "ppo-reward-shaping": "ppo_reward_shaping", "grpo-lag": "grpo_lag", "grpo": "grpo",
+                 "dpo": "dpo"}  # command -> its example config's file name
 
 
 def _load(args, load_config) -> Any:
@@ -205,6 +213,10 @@ def _load(args, load_config) -> Any:
         from safejax.train.grpo import GRPOConfig
 
         return load_config(GRPOConfig, args.config, list(args.overrides) + [f"algorithm={args.command}"])
+    if args.command == "dpo":
+        from safejax.train.dpo import DPOConfig
+
+        return load_config(DPOConfig, args.config, args.overrides)
     if args.command == "eval":
         from safejax.evaluate.cli import CONFIGS
 
@@ -216,8 +228,9 @@ def _run(args, cfg) -> Any:
     """Run the command on its loaded config; returns what :func:`result_line` summarizes."""
     if args.command == "demo":
         from safejax.demo import run_demo
+        from safejax.demo_algorithms import parse_algorithms
 
-        return run_demo(cfg, out_dir=args.out, seed=args.seed)
+        return run_demo(cfg, out_dir=args.out, seed=args.seed, algorithms=parse_algorithms(args.algorithms))
     if args.command == "sft":
         from safejax.train.sft import run_sft
 
@@ -234,6 +247,10 @@ def _run(args, cfg) -> Any:
         from safejax.train.grpo_loop import run_grpo
 
         return run_grpo(cfg)
+    if args.command == "dpo":
+        from safejax.train.dpo import run_dpo
+
+        return run_dpo(cfg)
     if args.command == "eval":
         from safejax.evaluate.cli import run_eval_config
 

@@ -25,6 +25,7 @@ from safejax import parallel
 from safejax.config import ConfigError, check_range
 from safejax.data import build_prompts
 from safejax.data.builtin import BuiltinTask, evaluate_responses, tiny_llama_config
+from safejax.demo_algorithms import ALGORITHMS, DemoBase, parse_algorithms
 from safejax.demo_report import write_plots, write_report
 from safejax.generation import SamplingConfig, generate
 from safejax.models import CausalLM, ModelConfig, save_pretrained
@@ -300,8 +301,10 @@ def run_rl(ws: Workspace, algorithm: str, name: str, *, actor_dir: Path, score_d
     return metrics, traces, res
 
 
-def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
-    """SFT -> RM + CM -> Safe RLHF, plain PPO and reward shaping at each nu; judged by the oracle."""
+def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0, algorithms: list[str] = ()) -> dict:
+    """SFT -> RM + CM -> Safe RLHF, plain PPO and reward shaping at each nu; judged by the oracle.  ``algorithms``:
+    names of :data:`safejax.demo_algorithms.ALGORITHMS` added to the report after those (same SFT policy)."""
+    algorithms = parse_algorithms(",".join(algorithms))  # unknown names fail before anything runs
     t_start = time.time()
     ws = prepare(cfg, out_dir, seed)
     sft_dir = train_sft(ws)
@@ -323,6 +326,12 @@ def run_demo(cfg: DemoConfig, *, out_dir: str | Path, seed: int = 0) -> dict:
     for algorithm, name, nu in runs:
         policies[name], traces[name], _ = run_rl(ws, algorithm, name, actor_dir=sft_dir, score_dirs=score_dirs,
                                                  threshold=threshold, nu=nu, lora=name == "safe_rlhf_lora")
+    for name in algorithms:  # --algorithms: more methods from the same SFT policy, judged the same way
+        t = time.time()
+        policies[name], texts = judge(ws, ALGORITHMS[name](ws, DemoBase(sft_dir, score_dirs, threshold)))
+        policies[name]["algorithm"] = name
+        ws.keep_samples(name, texts)
+        ws.timings[name] = time.time() - t
     summary = {
         "seed": seed,
         "threshold": threshold,

@@ -69,6 +69,11 @@ ROLES = ("actor", "reference", "reward_model", "cost_model", "reward_critic", "c
 TRAINABLE = {"actor": True, "reference": False, "reward_model": False, "cost_model": False,
              "reward_critic": True, "cost_critic": True}
 CAUSAL_ROLES = ("actor", "reference")  # the others are score models (backbone + [D, 1] head, no LM head)
+#: the models each training setup holds at once: PPO-Lagrangian (six), critic-free RL (GRPO-Lagrangian: no critics,
+#: no value state) and offline preference optimisation (DPO family: policy + frozen reference, no rollout; `safejax
+#: dpo` precomputes the reference's log-probs, so its step holds the actor row alone)
+SETUPS = {"ppo_lag": ROLES, "critic_free": ("actor", "reference", "reward_model", "cost_model"),
+          "offline": ("actor", "reference")}
 
 
 # ----------------------------------------------------------------------------- slices
@@ -251,8 +256,10 @@ class SafeRLHFMemory:
 def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LLAMA2_7B, *,
                      mesh: MeshConfig | None = None, frozen_param_dtype: str = "float32",
                      rows_per_device: int = 1, rollout_rows_per_device: int = 8, seq_len: int = 512,
-                     remat: bool = True) -> SafeRLHFMemory:
-    """Per-device bytes of actor + reference + reward model + cost model + two critics.
+                     remat: bool = True, setup: str = "ppo_lag") -> SafeRLHFMemory:
+    """Per-device bytes of actor + reference + reward model + cost model + two critics (``setup="ppo_lag"``), or of
+    the models of another :data:`SETUPS` entry (``critic_free``: no critics; ``offline``: policy + reference, no
+    rollout working set).
 
     Args:
       accelerator_type: e.g. ``"v4-32"`` (or a :class:`SliceSpec`); the mesh spans all its chips.
@@ -271,7 +278,7 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
     frozen_cfg = config.replace(param_dtype=frozen_param_dtype)
     rows = []
     cache: dict[tuple, ModelMemory] = {}
-    for role in ROLES:
+    for role in SETUPS[setup]:
         trainable = TRAINABLE[role]
         cfg = config if trainable else frozen_cfg
         tx = actor_tx if role == "actor" else critic_tx
@@ -289,7 +296,8 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
     carry = sum(m.params for m in rows if m.trainable)
     act = (activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
            + gather + whole_grads + carry)
-    roll = rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) + gather + cast
+    roll = (0 if setup == "offline" else  # offline: no sampling
+            rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) + gather + cast)
     return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
                           rollout_rows_per_device, seq_len, remat)
 
@@ -304,7 +312,7 @@ def _gib(x: int) -> str:
 def to_markdown(tables: Sequence[SafeRLHFMemory], *, detail: bool = False) -> str:
     """One summary row per slice (GiB per device); with ``detail`` a per-model table for each slice."""
     lines = ["| slice | chips | hosts | mesh (data,fsdp,tensor) | HBM/chip | actor p+g+opt | ref | RM | CM "
-             "| reward critic | cost critic | 6 models | update act.+gathers (est.) | rollout working set (est.) "
+             "| reward critic | cost critic | all models | update act.+gathers (est.) | rollout working set (est.) "
              "| total "
              "| % HBM | fits |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
@@ -313,7 +321,7 @@ def to_markdown(tables: Sequence[SafeRLHFMemory], *, detail: bool = False) -> st
         by = {m.role: m for m in t.models}
         mesh = ",".join(str(t.mesh_shape[a]) for a in MESH_AXES)
         cells = [t.slice.name, str(t.slice.chips), str(t.slice.hosts), mesh, _gib(t.slice.hbm_bytes)]
-        cells += [_gib(by[r].total) for r in ROLES]
+        cells += [_gib(by[r].total) if r in by else "-" for r in ROLES]
         cells += [_gib(t.states), _gib(t.update_activations), _gib(t.rollout_working_set), _gib(t.total),
                   f"{100 * t.total / t.slice.hbm_bytes:.0f}%", "**no**" if t.verdict == "no" else t.verdict]
         lines.append("| " + " | ".join(cells) + " |")
@@ -356,13 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-remat", action="store_true", help="activation estimate without rematerialisation")
     ap.add_argument("--detail", action="store_true", help="also print a per-model table for each slice")
     ap.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    ap.add_argument("--setup", default="ppo_lag", choices=tuple(SETUPS),
+                    help="models held: ppo_lag (six), critic_free (actor, ref, RM, CM), offline (policy + ref)")
     args = ap.parse_args(argv)
     try:
         mesh = _parse_mesh(args.mesh)
         tables = [safe_rlhf_memory(a, mesh=mesh, frozen_param_dtype=args.frozen_param_dtype,
                                    rows_per_device=args.rows_per_device, seq_len=args.seq_len,
                                    rollout_rows_per_device=args.rollout_rows_per_device,
-                                   remat=not args.no_remat)
+                                   remat=not args.no_remat, setup=args.setup)
                   for a in (args.accelerator_type or DEFAULT_SLICES)]
     except ValueError as e:
         print(f"memory_table: error: {e}", file=sys.stderr)
@@ -370,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([t.as_dict() for t in tables], indent=1))
         return 0
-    print(f"Safe RLHF PPO-Lag, six models at Llama-2-7B shape ({tables[0].models[0].num_params:,} params), "
+    print(f"Setup {args.setup} ({', '.join(SETUPS[args.setup])}) at Llama-2-7B "
+          f"shape ({tables[0].models[0].num_params:,} params), "
           f"GiB per device. Trained models: fp32 params + fp32 grads + AdamW (fp32 mu, nu); frozen models: "
           f"{args.frozen_param_dtype} params (all computed from the sharding rules). Estimates: update "
           f"activations (Korthikanti et al. 2022) for {args.rows_per_device} row(s) x {args.seq_len} tokens per "
@@ -378,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.rollout_rows_per_device} rows x {args.seq_len} tokens per device, + fp32 attention scores + the "
           f"sampler's bf16 actor copy; both + the FSDP-gathered embedding, LM head and one layer (the update also "
           f"their whole fp32 gradients and one more copy of the trained params). total = the larger phase: "
-          f"6 models + update activations, or 6 models without gradients + rollout working set; 'tight' = 85-100% "
-          f"of HBM.\n")
+          f"all models + update activations, or all models without gradients + rollout working set; 'tight' = "
+          f"85-100% of HBM.\n")
     print(to_markdown(tables, detail=args.detail))
     return 0
 

@@ -37,7 +37,12 @@ def _fit_line(cmd: str, result: Any) -> str:
     res, export_dir = result
     last, ev = dict(res.last_metrics or {}), dict(res.eval_metrics or {})
     parts = [f"{res.steps} steps"]
-    if cmd == "sft":
+    if cmd == "dpo":
+        if "train/loss" in last:
+            parts.append(f"train loss {_num(last['train/loss'])}")
+        if "eval/reward_accuracy" in ev:
+            parts.append(f"held-out implicit-reward accuracy {_num(ev['eval/reward_accuracy'], '.3f')}")
+    elif cmd == "sft":
         if "train/loss" in last:
             parts.append(f"train loss {_num(last['train/loss'])}")
         if "eval/loss" in ev:
@@ -95,7 +100,7 @@ def _eval_line(cmd: str, cfg: Any, summary: Mapping[str, Any]) -> str:
 def result_line(cmd: str, cfg: Any, result: Any, out: str | None = None) -> str:
     """The final stdout line of ``safejax <cmd>`` given its config, what the command returned and (demo,
     export) its ``--out`` folder."""
-    if cmd in ("sft", "rm", "cm"):
+    if cmd in ("sft", "rm", "cm", "dpo"):
         return _fit_line(cmd, result)
     if cmd in ("ppo-lag", "ppo", "ppo-reward-shaping", "grpo-lag", "grpo"):
         return _ppo_line(cmd, cfg, result)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from safejax.config import load_config
+from safejax.train.dpo import DPOConfig
 from safejax.train.grpo import GRPOConfig
 from safejax.train.ppo import PPOConfig
 from safejax.train.score_model import ScoreModelConfig
@@ -23,7 +24,8 @@ sys.path.insert(0, str(MINI))
 
 import common as C  # noqa: E402
 
-STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig, "cm_categories": ScoreModelConfig}
+STAGE_CLASS = {"sft": SFTConfig, "rm": ScoreModelConfig, "cm": ScoreModelConfig, "cm_categories": ScoreModelConfig,
+               "dpo": DPOConfig, "safe_dpo": DPOConfig, "bfpo": DPOConfig}
 PAPER_ROUNDS = {1: (0.0, 1.0, 0.01), 2: (-3.0, 0.5, 0.04), 3: (-3.0, 1.0, 0.04)}  # threshold, lambda_init, lambda_lr
 
 
@@ -285,3 +287,14 @@ def test_categories_aggregate_counts_seeds_within_each_tolerance_and_parses_tole
     assert agg["lambda"]["per_category/hazard"]["peak"]["mean"] == 3.0
     assert agg["lambda"]["aggregate/cost"]["end"]["mean"] == 1.5
     assert agg["policies"]["aggregate"]["unsafe_rate_harmful/privacy"]["mean"] == pytest.approx(0.05 / 3)
+
+
+def test_offline_configs_carry_the_papers_values_and_name_their_loss():
+    for folder in (CONFIGS, CONFIGS / "tiny"):
+        for loss in ("dpo", "safe_dpo", "bfpo"):
+            assert load_config(DPOConfig, folder / f"{loss}.yaml").dpo.loss == loss
+    dpo = load_config(DPOConfig, CONFIGS / "dpo.yaml")  # the reference's DPO script
+    assert (dpo.dpo.scale_coeff, dpo.optim.lr, dpo.train.epochs, dpo.optim.weight_decay) == (0.1, 1e-6, 2, 0.05)
+    assert not dpo.dpo.reference_window_bug
+    bfpo = load_config(DPOConfig, CONFIGS / "bfpo.yaml")  # the official BFPO recipe
+    assert (bfpo.dpo.scale_coeff, bfpo.optim.lr, bfpo.dpo.bfpo_b1, bfpo.dpo.bfpo_alpha) == (0.01, 5e-7, 3.0, 0.5)

@@ -109,3 +109,15 @@ def test_cli_prints_one_markdown_row_per_slice(capsys):
     assert "| actor | yes | 6,738,415,616 | float32 | 1.57 | 1.57 | 3.14 | 6.28 |" in out
     assert mt.main(["--accelerator-type", "v9-8"]) == 2
     assert "v9-8" in capsys.readouterr().err
+
+
+def test_critic_free_and_offline_setups_hold_their_models_only():
+    full = mt.safe_rlhf_memory("v4-32")
+    by = {m.role: m for m in full.models}
+    free = mt.safe_rlhf_memory("v4-32", setup="critic_free")
+    off = mt.safe_rlhf_memory("v4-32", setup="offline")
+    assert [m.role for m in free.models] == ["actor", "reference", "reward_model", "cost_model"]
+    assert free.states == full.states - by["reward_critic"].total - by["cost_critic"].total
+    assert off.states == by["actor"].total + by["reference"].total
+    assert off.rollout_working_set == 0 and free.rollout_working_set == full.rollout_working_set
+    assert "| - | - |" in mt.to_markdown([off])

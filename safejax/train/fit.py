@@ -24,6 +24,7 @@ from safejax.data.batching import BatchIterator
 from safejax.train.common import SKIP_KEY, LoopSection, RunDir, TrainState, accumulate_gradients, split_micro
 from safejax.train.loop import HostLoop, to_host
 from safejax.train.optim import OptimConfig, make_optimizer
+from safejax.train.step_memory import recording_step_memory
 from safejax.train.state import ModelState, apply_gradients, build_state, keep_finite, spread, trainable
 
 log = logging.getLogger("safejax")
@@ -122,6 +123,7 @@ def fit(*, run: RunDir, loop: LoopSection, optim: OptimConfig, mesh, params, par
     example = split_micro({k: v[: loop.batch_size] for k, v in train_arrays.items()}, optim.grad_accum)
     step_fn = make_train_step(loss_fn, tx, schedule, state_sh, _batch_shardings(example, mesh, rules),
                               skip_nonfinite=loop.skip_nonfinite, inject_nan_step=loop.inject_nan_step, rules=rules)
+    step_fn = recording_step_memory(step_fn, run.path)
     host = HostLoop(run, loop, name=desc, total=total, iterators={"data": batches}, metric_prefix=metric_prefix)
 
     def log_hook(h: HostLoop, step: int, state) -> None:

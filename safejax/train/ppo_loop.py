@@ -33,6 +33,7 @@ from safejax.models.lora import base_def
 from safejax.train.ppo_lora import export_actor, lora_models
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets, rl_micro_steps
 from safejax.train.state import build_state, keep_finite, place, replicated, trainable
+from safejax.train.step_memory import recording_step_memory
 
 log = logging.getLogger("safejax")
 # what the progress bar shows, when the algorithm logs it: plain PPO has no cost or lambda, shaping a fixed nu
@@ -207,6 +208,9 @@ def run_ppo(cfg: PPOConfig, *, eval_hook: Callable[[int, Any], dict] | None = No
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
                                  inject_nan_step=cfg.train.inject_nan_step, frozen_shardings=lora_sh, rules=rules)
                   for w, p in all_phases.items()}
+    widest = cfg.data.prompt_width  # XLA's memory analysis of the widest bucket's phases -> step_memory.json
+    rollout_fns[widest] = recording_step_memory(rollout_fns[widest], run.path, "rollout")
+    update_fns[widest] = recording_step_memory(update_fns[widest], run.path, "update")
     if eval_hook is None and cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
         eval_hook = make_score_eval_hook(rollout_fns[cfg.data.prompt_width], frozen, eval_arrays, n_per_batch, mesh,
