@@ -27,6 +27,7 @@ from safejax.train.ppo_loop import (PPOResult, add_rl_hooks, frozen_models, load
 from safejax.train.ppo_shapes import bucket_width, prompt_buckets
 from safejax.train.sft import export_model
 from safejax.train.state import build_state, replicated, trainable
+from safejax.train.step_memory import recording_step_memory
 
 log = logging.getLogger("safejax")
 
@@ -84,6 +85,9 @@ def run_grpo(cfg: GRPOConfig, *, export: bool = True) -> PPOResult:
     rollout_fns = {w: make_rollout(p, mesh, state_sh, frozen_sh, rules) for w, p in all_phases.items()}
     update_fns = {w: make_update(p, mesh, state_sh, skip_nonfinite=cfg.train.skip_nonfinite,
                                  inject_nan_step=cfg.train.inject_nan_step, rules=rules) for w, p in all_phases.items()}
+    widest = cfg.data.prompt_width  # XLA's memory analysis of the widest bucket's phases -> step_memory.json
+    rollout_fns[widest] = recording_step_memory(rollout_fns[widest], run.path, "rollout")
+    update_fns[widest] = recording_step_memory(update_fns[widest], run.path, "update")
     eval_hook = None
     if cfg.data.eval_prompts:
         eval_arrays = load_prompts(cfg, tok, cfg.data.eval_prompts, "eval prompts")
