@@ -21,11 +21,12 @@ from safejax.data.dpo_pairs import BOTH_UNSAFE, build_dpo_pairs
 from safejax.generation import positions_from_mask
 from safejax.models.functional import split_model
 from safejax.models.loading import load_model_for, load_tokenizer_for
+from safejax import parallel
 from safejax.parallel import MeshConfig, make_mesh
 from safejax.sections import ModelSection
-from safejax.train.common import TrainState, put_batch, split_micro
+from safejax.train.common import TrainState, split_micro
 from safejax.train.dpo import DPOSection, add_reference_logps, dpo_loss_fn, logp_sums_fn
-from safejax.train.fit import _batch_shardings, make_train_step
+from safejax.train.fit import MICRO_AXES, _batch_shardings, make_train_step
 from safejax.train.state import build_state, spread, trainable
 
 
@@ -93,8 +94,8 @@ def test_each_loss_through_the_jitted_train_step_equals_numpy(world, sec):
     tx = optax.sgd(1e-3)  # the step donates the state (and with it the policy's buffers)
     state, state_sh = build_state(TrainState, mesh, 0, **spread(trainable(policy, mdef.shardings(mesh), tx, mesh)))
     example = split_micro(arrays, 1)
-    step = make_train_step(dpo_loss_fn(mdef, sec), tx, lambda s: 1e-3, state_sh, _batch_shardings(example, mesh))
-    _, metrics = step(state, put_batch(example, mesh))
+    step = make_train_step(dpo_loss_fn(mdef, sec), tx, lambda s: 1e-3, state_sh, _batch_shardings(example, mesh, parallel.LOGICAL_AXIS_RULES))
+    _, metrics = step(state, parallel.host_local_to_global(example, mesh, axes=MICRO_AXES))
     np.testing.assert_allclose(arrays["ref_chosen_logp"], rc, rtol=1e-5, atol=1e-4)
     h = (pc - rc) - (pr - rr)
     assert np.abs(h).max() > 1e-3  # the perturbed policy differs from the reference
