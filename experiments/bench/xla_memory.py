@@ -367,9 +367,10 @@ def run(args) -> list[dict]:
         model = mt.safe_rlhf_memory(spec, base.replace(num_layers=target), frozen_param_dtype=args.frozen_param_dtype,
                                     rows_per_device=args.rows_per_device,
                                     rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
-                                    remat=not args.no_remat)
+                                    remat=not args.no_remat, lora_rank=args.lora_rank,
+                                    lora_targets=tuple(cfg.lora.actor.targets))
         out.append({"slice": name, "backend": args.backend, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes,
-                    "layers": target,
+                    "layers": target, "lora_rank": args.lora_rank,
                     "extrapolated_from": layers[:2] if args.extrapolate_to else None,
                     "measured": result, "peaks": peaks(result), "per_layers": per_layers,
                     "compare": compare(result, model), "model_total": model.total})
