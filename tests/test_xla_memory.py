@@ -137,7 +137,7 @@ def test_memory_table_lora_state_entries_equal_the_lora_stage_state(tiny, tiny_l
             assert meas == mod and meas > 0, name
     by, fby = {m.role: m for m in model.models}, {m.role: m for m in full.models}
     assert by["reference"].params == fby["actor"].params  # the actor's base, in the actor's dtype
-    assert sum(by[k].grads for k in by) < sum(fby[k].grads for k in fby) / 4
+    assert 0 < sum(by[k].grads for k in by) < sum(fby[k].grads for k in fby) / 2  # rank 4 on hidden 64
 
 
 def test_fsdp_gather_term_is_the_embedding_head_and_one_layer_of_the_abstract_model():
