@@ -16,6 +16,9 @@ device.  Nothing is guessed and nothing is allocated:
   the shardings of :func:`safejax.parallel.opt_state_shardings` (moments follow their parameter);
 * bytes on a device = ``prod(sharding.shard_shape(shape)) * itemsize``, summed over leaves.
 
+With LoRA (``lora_rank``, CLI ``--lora-rank``) the trained rows hold only the adapters (+ the critics' score
+heads) and the three frozen rows are the shared bases (the reference is the actor's own base).
+
 Gradients are counted like parameters (same shapes, dtypes and shardings; a trained model holds one
 full gradient at the update; the rollout holds none).  Activations are an *estimate* (the formula of Korthikanti et al.
 2022, "Reducing Activation Recomputation in Large Transformer Models", for bf16 activations), shown

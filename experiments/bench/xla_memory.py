@@ -317,7 +317,8 @@ def compare(r: dict, model: "mt.SafeRLHFMemory") -> list[tuple[str, float, float
     rows.append(("cost model params", r["frozen"]["cost"], by["cost_model"].params))
     grads = sum(m.grads for m in model.models)
     p = peaks(r)
-    rows.append(("update: 3 gradients + activations + gathered weights (XLA temp)", up["temp"],
+    what = "bf16 copy of the 3 bases" if r.get("lora") else "3 gradients"
+    rows.append((f"update: {what} + activations + gathered weights (XLA temp)", up["temp"],
                  grads + model.update_activations))
     rows.append(("rollout: KV cache + logits + scores + gathered weights (XLA temp)", ro["temp"],
                  model.rollout_working_set))
