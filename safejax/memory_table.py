@@ -273,7 +273,8 @@ class SafeRLHFMemory:
             "models": [dict(dataclasses.asdict(m), total=m.total) for m in self.models],
             "states_bytes": self.states, "update_activations_estimate_bytes": self.update_activations,
             "rollout_working_set_estimate_bytes": self.rollout_working_set, "rows_per_device": self.rows_per_device,
-            "rollout_rows_per_device": self.rollout_rows_per_device, "seq_len": self.seq_len, "remat": self.remat, "lora_rank": self.lora_rank,
+            "rollout_rows_per_device": self.rollout_rows_per_device, "seq_len": self.seq_len, "remat": self.remat,
+            "lora_rank": self.lora_rank,
             "total_bytes": self.total, "hbm_bytes": self.slice.hbm_bytes, "fits": self.fits,
             "verdict": self.verdict,
         }
