@@ -16,6 +16,9 @@ device.  Nothing is guessed and nothing is allocated:
   the shardings of :func:`safejax.parallel.opt_state_shardings` (moments follow their parameter);
 * bytes on a device = ``prod(sharding.shard_shape(shape)) * itemsize``, summed over leaves.
 
+With LoRA (``lora_rank``, CLI ``--lora-rank``) the trained rows hold only the adapters (+ the critics' score
+heads) and the three frozen rows are the shared bases (the reference is the actor's own base).
+
 Gradients are counted like parameters (same shapes, dtypes and shardings; a trained model holds one
 full gradient at the update; the rollout holds none).  Activations are an *estimate* (the formula of Korthikanti et al.
 2022, "Reducing Activation Recomputation in Large Transformer Models", for bf16 activations), shown
@@ -51,6 +54,7 @@ from jax.sharding import AbstractMesh, AxisType
 from safejax.models import CausalLM, ScoreModel
 from safejax.models.config import ModelConfig
 from safejax.models.functional import split_model
+from safejax.models.lora import DEFAULT_TARGETS, LoRAConfig, LoRADef, add_lora
 from safejax.parallel import MESH_AXES, MeshConfig, opt_state_shardings, resolve_mesh_shape, state_shardings
 from safejax.slices import GiB, SliceSpec, slice_spec
 from safejax.train.optim import make_optimizer
@@ -144,6 +148,32 @@ def model_memory(role: str, config: ModelConfig, mesh, *, trainable: bool, tx=No
     return ModelMemory(role, trainable, n, config.param_dtype, p, g, o)
 
 
+@functools.lru_cache(maxsize=16)
+def abstract_lora_trained(config: ModelConfig, kind: str, rank: int, targets: tuple[str, ...]):
+    """``(abstract trained params, their LoRADef)`` of a LoRA model on the abstract ``kind`` model: the rank-``rank``
+    adapters on ``targets`` (+ a score model's ``score_head``, trained in full), as ``ppo_lora.lora_models``
+    trains them."""
+    ctor = CausalLM if kind == "causal_lm" else ScoreModel
+    lcfg = LoRAConfig(rank=rank, alpha=2.0 * rank, targets=list(targets))
+    with nnx.use_eager_sharding(False):
+        module = nnx.eval_shape(lambda: add_lora(ctor(config, rngs=nnx.Rngs(0)), lcfg))
+    fdef, fparams = split_model(module)
+    ldef = LoRADef(fdef, abstract_model(config, kind)[0], lcfg, ("score_head",) if kind == "score" else ())
+    return ldef.trained_params(fparams), ldef
+
+
+def lora_memory(role: str, config: ModelConfig, mesh, *, rank: int, targets: Sequence[str], tx) -> ModelMemory:
+    """Per-device bytes of a LoRA role's trained params (adapters + a critic's head), their gradients and
+    ``tx`` state on ``mesh`` (its frozen base is counted once, as the reference / reward / cost model)."""
+    kind = "causal_lm" if role in CAUSAL_ROLES else "score"
+    params, ldef = abstract_lora_trained(config, kind, rank, tuple(targets))
+    shardings = ldef.trained_params(nnx.to_pure_dict(state_shardings(ldef.full.template, mesh)))
+    p = per_device_bytes(params, shardings)
+    o = per_device_bytes(jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, shardings, mesh))
+    n = int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+    return ModelMemory(role, True, n, config.param_dtype, p, p, o)
+
+
 # ----------------------------------------------------------------------------- activations (estimate)
 
 
@@ -213,6 +243,7 @@ class SafeRLHFMemory:
     rollout_rows_per_device: int
     seq_len: int
     remat: bool
+    lora_rank: int = 0           # 0: full fine-tuning; R: LoRA actor and critics on three shared frozen bases
 
     @property
     def states(self) -> int:
@@ -248,6 +279,7 @@ class SafeRLHFMemory:
             "states_bytes": self.states, "update_activations_estimate_bytes": self.update_activations,
             "rollout_working_set_estimate_bytes": self.rollout_working_set, "rows_per_device": self.rows_per_device,
             "rollout_rows_per_device": self.rollout_rows_per_device, "seq_len": self.seq_len, "remat": self.remat,
+            "lora_rank": self.lora_rank,
             "total_bytes": self.total, "hbm_bytes": self.slice.hbm_bytes, "fits": self.fits,
             "verdict": self.verdict,
         }
@@ -256,7 +288,8 @@ class SafeRLHFMemory:
 def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LLAMA2_7B, *,
                      mesh: MeshConfig | None = None, frozen_param_dtype: str = "float32",
                      rows_per_device: int = 1, rollout_rows_per_device: int = 8, seq_len: int = 512,
-                     remat: bool = True, setup: str = "ppo_lag") -> SafeRLHFMemory:
+                     remat: bool = True, setup: str = "ppo_lag", lora_rank: int = 0,
+                     lora_targets: Sequence[str] = DEFAULT_TARGETS) -> SafeRLHFMemory:
     """Per-device bytes of actor + reference + reward model + cost model + two critics (``setup="ppo_lag"``), or of
     the models of another :data:`SETUPS` entry (``critic_free``: no critics; ``offline``: policy + reference, no
     rollout working set).
@@ -268,6 +301,10 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
       frozen_param_dtype: storage dtype of the three frozen models (``run_ppo`` loads them float32).
       rows_per_device, seq_len, remat: the update micro-batch (activation estimate).
       rollout_rows_per_device: rollout rows per device (KV-cache estimate), prompt + response = seq_len.
+      lora_rank, lora_targets: LoRA of the actor and both critics (``lora.<role>.rank`` / ``targets``; 0 = full
+        fine-tuning).  Then the trained rows hold only the adapters (+ the critics' score heads) with their
+        gradients and Adam state; ``reference`` is the actor's frozen base (actor param dtype: the same weights,
+        not a copy), ``reward_model`` / ``cost_model`` are also the critics' backbones: three frozen weight sets.
     """
     spec = accelerator_type if isinstance(accelerator_type, SliceSpec) else slice_spec(accelerator_type)
     shape = resolve_mesh_shape(mesh or MeshConfig(), spec.chips)
@@ -280,26 +317,39 @@ def safe_rlhf_memory(accelerator_type: str | SliceSpec, config: ModelConfig = LL
     cache: dict[tuple, ModelMemory] = {}
     for role in SETUPS[setup]:
         trainable = TRAINABLE[role]
-        cfg = config if trainable else frozen_cfg
+        cfg = config if trainable or (lora_rank and role == "reference") else frozen_cfg
         tx = actor_tx if role == "actor" else critic_tx
         key = (role in CAUSAL_ROLES, trainable, cfg.param_dtype)
-        if key not in cache:
+        if lora_rank and trainable:  # adapters (+ head) on the actor's / the reward and cost models' base
+            key = ("lora",) + key
+            if key not in cache:
+                cache[key] = lora_memory(role, config if role == "actor" else frozen_cfg, amesh, rank=lora_rank,
+                                         targets=lora_targets, tx=tx)
+        elif key not in cache:
             cache[key] = model_memory(role, cfg, amesh, trainable=trainable, tx=tx if trainable else None)
         rows.append(dataclasses.replace(cache[key], role=role))
     # FSDP gathers whole weights on every device: the update also holds their whole gradients before the
     # reduce-scatter; the sampler decodes with a bf16 copy of the fp32 actor (SamplingConfig.cast_weights)
     gather = fsdp_gather_bytes(config, shape[1])
-    whole_grads = fsdp_gather_bytes(config.replace(dtype=config.param_dtype), shape[1])
-    cast = rows[0].params // 2 if (config.param_dtype, config.dtype) == ("float32", "bfloat16") else 0
+    # LoRA: no gradient of a base weight exists (the adapters' and heads' are sharded like them: counted in grads)
+    whole_grads = 0 if lora_rank else fsdp_gather_bytes(config.replace(dtype=config.param_dtype), shape[1])
+    actor_base = rows[1].params if lora_rank else rows[0].params
+    cast = actor_base // 2 if (config.param_dtype, config.dtype) == ("float32", "bfloat16") else 0
     # the TPU-compiled update also holds about one more trained-params-sized buffer per trained model (the
     # optimizer's new values of the scanned micro-step's carry next to the gradients; xla_memory.py --backend tpu)
     carry = sum(m.params for m in rows if m.trainable)
+    # LoRA: the update reads the three frozen bases in every micro-step, and the TPU compiler hoists their
+    # conversion to the compute dtype out of the micro-step loop: one compute-dtype copy of each base, sharded
+    # like it (measured: xla_memory.py --backend tpu --lora-rank 16; the CPU compiler does not hoist it)
+    size = lambda dt: np.dtype(dt).itemsize  # noqa: E731
+    base_cast = sum(m.params * size(config.dtype) // size(m.param_dtype) for m in rows
+                    if lora_rank and not m.trainable and size(m.param_dtype) > size(config.dtype))
     act = (activation_bytes_estimate(config, rows_per_device, seq_len, tensor=shape[2], remat=remat)
-           + gather + whole_grads + carry)
+           + gather + whole_grads + carry + base_cast)
     roll = (0 if setup == "offline" else  # offline: no sampling
             rollout_bytes_estimate(config, rollout_rows_per_device, seq_len, tensor=shape[2]) + gather + cast)
     return SafeRLHFMemory(spec, dict(zip(MESH_AXES, shape)), rows, act, roll, rows_per_device,
-                          rollout_rows_per_device, seq_len, remat)
+                          rollout_rows_per_device, seq_len, remat, lora_rank)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -362,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rollout-rows-per-device", type=int, default=8, help="rollout rows per device (KV cache)")
     ap.add_argument("--seq-len", type=int, default=512, help="prompt + response tokens")
     ap.add_argument("--no-remat", action="store_true", help="activation estimate without rematerialisation")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="LoRA rank of the actor and both critics (q/k/v/o adapters; 0 = full fine-tuning)")
     ap.add_argument("--detail", action="store_true", help="also print a per-model table for each slice")
     ap.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     ap.add_argument("--setup", default="ppo_lag", choices=tuple(SETUPS),
@@ -372,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = [safe_rlhf_memory(a, mesh=mesh, frozen_param_dtype=args.frozen_param_dtype,
                                    rows_per_device=args.rows_per_device, seq_len=args.seq_len,
                                    rollout_rows_per_device=args.rollout_rows_per_device,
-                                   remat=not args.no_remat, setup=args.setup)
+                                   remat=not args.no_remat, setup=args.setup, lora_rank=args.lora_rank)
                   for a in (args.accelerator_type or DEFAULT_SLICES)]
     except ValueError as e:
         print(f"memory_table: error: {e}", file=sys.stderr)

@@ -121,3 +121,37 @@ def test_critic_free_and_offline_setups_hold_their_models_only():
     assert off.states == by["actor"].total + by["reference"].total
     assert off.rollout_working_set == 0 and free.rollout_working_set == full.rollout_working_set
     assert "| - | - |" in mt.to_markdown([off])
+
+
+def test_lora_rows_hold_three_frozen_bases_and_adapter_sized_trained_state():
+    """LoRA at 7B: the trained rows are the q/k/v/o adapters (L x 4 x r x (in + out) params; a critic + its
+    [D, 1] head), the frozen rows the same bytes as full fine-tuning's reference + reward + cost models, and
+    the update's working set loses the whole gradients and the 7B optimizer carry but gains a bf16 copy of the
+    three fp32 bases."""
+    cfg, r = mt.LLAMA2_7B, 16
+    full = mt.safe_rlhf_memory("v4-32", lora_rank=0)
+    lora = mt.safe_rlhf_memory("v4-32", lora_rank=r)
+    by, fby = {m.role: m for m in lora.models}, {m.role: m for m in full.models}
+    adapters = cfg.num_layers * 4 * r * (cfg.hidden_size + cfg.hidden_size)  # 32 heads x 128 = hidden
+    assert by["actor"].num_params == adapters
+    assert by["reward_critic"].num_params == by["cost_critic"].num_params == adapters + cfg.hidden_size + 1
+    frozen = ("reference", "reward_model", "cost_model")
+    assert [by[k].params for k in frozen] == [fby[k].params for k in frozen]
+    assert all(by[k].grads == by[k].optimizer == 0 for k in frozen)
+    for k in ("actor", "reward_critic", "cost_critic"):
+        m = by[k]
+        assert m.trainable and m.grads == m.params and 2 * m.params <= m.optimizer < fby[k].params / 10
+    whole_grads = mt.fsdp_gather_bytes(cfg.replace(dtype="float32"), 16)
+    carry = lambda t: sum(m.params for m in t.models if m.trainable)  # noqa: E731
+    base_cast = sum(by[k].params for k in frozen) // 2
+    assert lora.update_activations == full.update_activations - whole_grads - carry(full) + carry(lora) + base_cast
+    assert lora.rollout_working_set == full.rollout_working_set
+    assert lora.total < full.total / 2
+    # bf16 frozen reward/cost models: only the reference (the actor's fp32 base) is cast, and it keeps fp32
+    half = mt.safe_rlhf_memory("v4-32", lora_rank=r, frozen_param_dtype="bfloat16")
+    hby = {m.role: m for m in half.models}
+    assert hby["reference"].params == by["reference"].params and hby["reward_model"].params < by["reward_model"].params
+    # (the critics' adapters and heads take their base's dtype: a smaller optimizer carry too)
+    assert half.update_activations == (lora.update_activations - (by["reward_model"].params
+                                                                   + by["cost_model"].params) // 2
+                                       - carry(lora) + carry(half))

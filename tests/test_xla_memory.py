@@ -12,8 +12,6 @@ import pytest
 
 from safejax import memory_table as mt
 from safejax.parallel import MeshConfig, make_mesh
-from safejax.config import ConfigError, load_config
-from safejax.train.ppo import PPOConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "xla_memory.py"
 # XLA's argument/alias bytes are the sums of its buffers' sizes; the state's per-device bytes are the sums of
@@ -80,18 +78,66 @@ def test_extrapolation_is_exact_for_linear_numbers():
     assert xm.extrapolate(a, 2, b, 4, 32) == {"x": {"y": 10 + 30 * 3}}
 
 
-def test_bad_slice_and_missing_lora_keys_are_one_line_errors(capsys):
+def test_bad_slice_and_bad_lora_rank_are_one_line_errors(capsys):
     xm = _script()
     assert xm.main(["--tiny", "--slice", "v9-8"]) == 2
     assert "v9-8" in capsys.readouterr().err
-    try:
-        load_config(PPOConfig, None, ["reward_model=r", "cost_model=c", "actor.lora.rank=4"])
-        pytest.skip("this safejax has LoRA config keys: the LoRA rows are measured instead")
-    except ConfigError:
-        pass
-    assert xm.main(["--tiny", "--slice", "v4-8", "--lora-rank", "4"]) == 2
+    assert xm.main(["--tiny", "--slice", "v4-8", "--lora-rank", "-1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--lora-rank 4" in err and "actor.lora.rank" in err and "\n" not in err
+    assert "lora.actor.rank" in err and "\n" not in err
+
+
+def test_lora_config_keys_are_the_stage_keys():
+    cfg = _script().stage_config(8, rows_per_device=1, rollout_rows_per_device=2, seq_len=24, prompt_width=8,
+                                 remat=True, scan_layers=True, lora_rank=4)
+    for role in ("actor", "reward_critic", "cost_critic"):
+        lc = getattr(cfg.lora, role)
+        assert (lc.rank, lc.alpha) == (4, 8.0) and lc.targets == ["q_proj", "k_proj", "v_proj", "o_proj"], role
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny):
+    xm, _, mcfg, _ = tiny
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    cfg = xm.stage_config(8, rows_per_device=1, rollout_rows_per_device=2, seq_len=24, prompt_width=8, remat=True,
+                          scan_layers=True, lora_rank=4)
+    return cfg, xm.measure(cfg, mcfg, mesh)
+
+
+def test_lora_update_arguments_are_adapters_heads_experience_and_three_bases(tiny, tiny_lora):
+    """With LoRA the update reads the trained adapters + heads + their optimizer state, the experience and the
+    three frozen base sets, each once: the frozen bytes are those of full fine-tuning's reference + reward +
+    cost models (the reference is the actor's base, the critics' backbones the score models: no second copy),
+    and the trained state is a small fraction of full fine-tuning's."""
+    xm, _, _, full = tiny
+    _, r = tiny_lora
+    up, state, frozen = r["update"], _state_total(r), sum(r["frozen"].values())
+    assert r["lora"] and not full["lora"]
+    assert frozen == sum(full["frozen"].values()) > 0
+    assert r["experience"] == full["experience"]
+    assert up["argument"] == pytest.approx(state + r["experience"] + frozen, rel=TOL)
+    assert up["alias"] == pytest.approx(state, rel=TOL)  # only the trained state is donated, not the bases
+    # the trained state: adapters + heads (+ Adam), far below the full models' params + Adam
+    assert 0 < state < _state_total(full) / 2
+    assert up["argument"] < _state_total(full) + full["experience"]
+    # the rollout reads three weight sets (frozen bases) + the adapters, not six models
+    params = sum(v["params"] for k, v in r["state"].items() if k != "other")
+    assert r["rollout"]["argument"] == pytest.approx(params + frozen + r["prompts"], rel=TOL)
+    assert xm.peaks(r)["update"] == up["argument"] + up["output"] - up["alias"] + up["temp"]
+
+
+def test_memory_table_lora_state_entries_equal_the_lora_stage_state(tiny, tiny_lora):
+    xm, _, mcfg, _ = tiny
+    _, r = tiny_lora
+    model = mt.safe_rlhf_memory("v5p-16", mcfg, rows_per_device=1, rollout_rows_per_device=2, seq_len=24,
+                                lora_rank=4)
+    full = mt.safe_rlhf_memory("v5p-16", mcfg, rows_per_device=1, rollout_rows_per_device=2, seq_len=24)
+    for name, meas, mod in xm.compare(r, model):
+        if "params" in name or "Adam" in name:
+            assert meas == mod and meas > 0, name
+    by, fby = {m.role: m for m in model.models}, {m.role: m for m in full.models}
+    assert by["reference"].params == fby["actor"].params  # the actor's base, in the actor's dtype
+    assert 0 < sum(by[k].grads for k in by) < sum(fby[k].grads for k in fby) / 2  # rank 4 on hidden 64
 
 
 def test_fsdp_gather_term_is_the_embedding_head_and_one_layer_of_the_abstract_model():

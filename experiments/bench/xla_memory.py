@@ -10,6 +10,10 @@ buffer assignment: activations, gradients, KV cache, logits ...), the output byt
 arguments, and the generated code.  The state comes from the stage's own builder (``ppo_loop.ppo_state`` and
 ``frozen_models`` run under ``jax.eval_shape``), the six models from ``nnx.eval_shape`` (the abstract models of
 ``safejax.memory_table``), the config from ``load_config(PPOConfig, ...)`` with the same keys a user sets.
+With ``--lora-rank R`` the models go through the stage's LoRA path too (``ppo_lora.lora_models`` under
+``jax.eval_shape``): the state holds the adapters (+ the critics' score heads) and their optimizer states, the
+frozen tree the three shared bases (the actor's, also the reference; the reward and cost models, also the
+critics' backbones), and the update reads the frozen bases as a fourth argument, as ``run_ppo`` does.
 
 For each slice the mesh is ``data=1, fsdp=<chips>, tensor=1`` (``safejax.memory_table``'s default), the update
 micro-batch is ``--rows-per-device`` rows per device and the rollout batch ``--rollout-rows-per-device`` rows per
@@ -20,8 +24,9 @@ Peak per device (what must fit in HBM):
 
   rollout  resident state (trained models with their optimizer states + frozen models) + prompts
            + outputs (experience) + temporaries
-  update   arguments (state + experience) + outputs - aliased (donated state) + temporaries
-           + frozen models (resident through the whole run, not an argument of the update)
+  update   arguments (state + experience [+ frozen bases with LoRA]) + outputs - aliased (donated state)
+           + temporaries + frozen models when they are not an argument (full fine-tuning: resident through
+           the whole run, not read by the update)
 
 The full 32-layer LLaMA-7B programs compile in 1-4 minutes per slice on 2 CPU cores with ``scan_layers`` (the
 default here, with per-layer remat as the memory table assumes).  ``--layers 2 --layers 4 --extrapolate-to 32``
@@ -35,8 +40,8 @@ Usage (CPU; nothing is allocated, so any machine with ~4 GB of RAM):
     python experiments/bench/xla_memory.py --slice v4-32 --slice v5p-16 --json xla_memory.json
     python experiments/bench/xla_memory.py --tiny --slice v4-8         # seconds: the test's shape
     python experiments/bench/xla_memory.py --lora-rank 16              # LoRA actor and critics (config keys
-                                                                        # actor.lora.rank, reward_critic.lora.rank,
-                                                                        # cost_critic.lora.rank)
+                                                                        # lora.actor.rank, lora.reward_critic.rank,
+                                                                        # lora.cost_critic.rank; alpha 2R)
 
 Bad options or config keys exit 2 with one line.
 """
@@ -73,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-remat", action="store_true", help="compile without per-layer rematerialisation")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layers (slow compiles)")
     ap.add_argument("--lora-rank", type=int, default=0,
-                    help="LoRA rank R of the actor and both critics (config keys actor.lora.rank, "
-                         "reward_critic.lora.rank, cost_critic.lora.rank)")
+                    help="LoRA rank R of the actor and both critics (config keys lora.actor.rank, "
+                         "lora.reward_critic.rank, lora.cost_critic.rank; alpha 2R, default targets q/k/v/o; "
+                         "--set lora.actor.targets=... etc. to change them)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any further PPO config override (repeatable), e.g. rollout.num_return_sequences=4")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "tpu"),
@@ -111,10 +117,11 @@ from safejax.parallel import MeshConfig, make_mesh  # noqa: E402
 from safejax.slices import slice_spec  # noqa: E402
 from safejax.train.ppo import Models, PPOConfig, PPOPhases  # noqa: E402
 from safejax.train.ppo_loop import frozen_models, make_rollout, make_update, ppo_state  # noqa: E402
+from safejax.train.ppo_lora import lora_models  # noqa: E402
 
 TINY = mt.LLAMA2_7B.replace(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                             num_kv_heads=4, max_position_embeddings=128)
-LORA_KEYS = ("actor.lora.rank", "reward_critic.lora.rank", "cost_critic.lora.rank")
+LORA_ROLES = ("actor", "reward_critic", "cost_critic")
 STATS = ("argument", "output", "alias", "temp", "generated_code")
 
 
@@ -135,14 +142,9 @@ def stage_config(chips: int, *, rows_per_device: int, rollout_rows_per_device: i
             "actor.dtype=bfloat16", f"actor.remat={str(remat).lower()}",
             f"actor.scan_layers={str(scan_layers).lower()}"]
     if lora_rank:
-        keys += [f"{k}={lora_rank}" for k in LORA_KEYS]
-    try:
-        return load_config(PPOConfig, None, keys + list(overrides))
-    except SafejaxError as e:
-        if lora_rank and "lora" in str(e):
-            raise type(e)(f"--lora-rank {lora_rank}: this safejax has no LoRA config keys ({', '.join(LORA_KEYS)}): "
-                          f"{e}") from None
-        raise
+        keys += [f"lora.{role}.{k}={v}" for role in LORA_ROLES for k, v in (("rank", lora_rank),
+                                                                           ("alpha", 2.0 * lora_rank))]
+    return load_config(PPOConfig, None, keys + list(overrides))
 
 
 def model_config(cfg: PPOConfig, base, num_layers: int):
@@ -158,14 +160,29 @@ def model_config(cfg: PPOConfig, base, num_layers: int):
 def abstract_stage(cfg: PPOConfig, mcfg, mesh, frozen_param_dtype: str = "float32"):
     """``(phases, state, state_shardings, frozen, frozen_shardings)`` of the RL stage with abstract
     (``ShapeDtypeStruct``) leaves: the six models from ``nnx.eval_shape``, the state from the stage's own
-    ``ppo_state`` / ``frozen_models`` under ``jax.eval_shape`` (nothing is allocated)."""
+    ``ppo_state`` / ``frozen_models`` under ``jax.eval_shape`` (nothing is allocated).  The params by role are
+    those of ``ppo_loop.load_models``: a LoRA role loads no reference copy / critic backbone, and
+    ``ppo_lora.lora_models`` (under ``jax.eval_shape``) turns them into adapters + heads over shared bases."""
     frozen_cfg = mcfg.replace(param_dtype=frozen_param_dtype)
+    lc = cfg.lora
     actor_def, actor = mt.abstract_model(mcfg, "causal_lm")
     _, ref = mt.abstract_model(frozen_cfg, "causal_lm")
     critic_def, critic = mt.abstract_model(mcfg, "score")
     score_def, score = mt.abstract_model(frozen_cfg, "score")
-    models = Models(actor=actor_def, reward_critic=critic_def, cost_critic=critic_def, reward=score_def,
-                    cost=score_def)
+    models = Models(actor=actor_def, reward_critic=score_def if lc.reward_critic.rank else critic_def,
+                    cost_critic=score_def if lc.cost_critic.rank else critic_def, reward=score_def, cost=score_def)
+    params = {"actor": actor, "ref": None if lc.actor.rank else ref, "reward": score, "cost": score,
+              "reward_critic": None if lc.reward_critic.rank else critic,
+              "cost_critic": None if lc.cost_critic.rank else critic}
+    if lc.any:
+        lora_box = {}
+
+        def build_lora(params):
+            lora_box["models"], out = lora_models(cfg, models, params)
+            return out
+
+        params = jax.eval_shape(build_lora, params)
+        models = lora_box["models"]
     phases = PPOPhases(cfg, models, mesh, prompt_width=cfg.data.prompt_width, eos_id=2, pad_id=0,
                        total_updates=1000, ptx_enabled=False, unk_id=None)
     box = {}
@@ -178,8 +195,8 @@ def abstract_stage(cfg: PPOConfig, mcfg, mesh, frozen_param_dtype: str = "float3
         frozen, box["frozen"] = frozen_models(models, ref, reward, cost, mesh)
         return frozen
 
-    state = jax.eval_shape(build_state, {"actor": actor, "reward_critic": critic, "cost_critic": critic})
-    frozen = jax.eval_shape(build_frozen, ref, score, score)
+    state = jax.eval_shape(build_state, {k: params[k] for k in LORA_ROLES})
+    frozen = jax.eval_shape(build_frozen, params["ref"], params["reward"], params["cost"])
     return phases, state, box["state"], frozen, box["frozen"]
 
 
@@ -217,14 +234,16 @@ def measure(cfg: PPOConfig, mcfg, mesh, *, frozen_param_dtype: str = "float32") 
     t2 = time.perf_counter()
     exp = jax.eval_shape(phases.rollout, state, frozen, prompts, prompts)
     exp = _with_sharding(exp, rollout.output_shardings)  # the experience as the rollout hands it over
-    update = make_update(phases, mesh, state_sh).lower(state, exp, None).compile()
+    lora = cfg.lora.any  # LoRA models read their frozen bases in the update (run_ppo's fourth argument)
+    update = make_update(phases, mesh, state_sh, frozen_shardings=frozen_sh if lora else None).lower(
+        state, exp, None, *((frozen,) if lora else ())).compile()
     t3 = time.perf_counter()
     frozen_bytes = {k: mt.per_device_bytes(getattr(frozen, k), getattr(frozen_sh, k))
                     for k in ("ref", "reward", "cost")}
     return {
-        "rollout": memory_stats(rollout), "update": memory_stats(update),
+        "rollout": memory_stats(rollout), "update": memory_stats(update), "lora": lora,
         "state": state_bytes(state, state_sh), "frozen": frozen_bytes,
-        "prompts": 2 * mt.per_device_bytes(prompts, parallel.batch_sharding(mesh, 2)),
+        "prompts": 2 * mt.per_device_bytes(prompts, parallel.input_sharding(mesh, 2)),
         "experience": sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                           for x, s in zip(jax.tree.leaves(exp), jax.tree.leaves(rollout.output_shardings))),
         "seconds": {"build": t1 - t0, "rollout_compile": t2 - t1, "update_compile": t3 - t2},
@@ -272,7 +291,7 @@ def peaks(r: dict) -> dict:
     XLA arguments leave out what it does not read (the optimizer states: ``jit`` prunes unused arguments), but
     those buffers stay in HBM, so the rollout counts the whole resident state."""
     ro, up = r["rollout"], r["update"]
-    frozen = sum(r["frozen"].values())
+    frozen = 0 if r.get("lora") else sum(r["frozen"].values())  # LoRA: the bases are update arguments
     rollout = resident(r) + r["prompts"] + ro["output"] + ro["temp"]
     update = up["argument"] + up["output"] - up["alias"] + up["temp"] + frozen
     return {"rollout": rollout, "update": update, "peak": max(rollout, update)}
@@ -298,7 +317,8 @@ def compare(r: dict, model: "mt.SafeRLHFMemory") -> list[tuple[str, float, float
     rows.append(("cost model params", r["frozen"]["cost"], by["cost_model"].params))
     grads = sum(m.grads for m in model.models)
     p = peaks(r)
-    rows.append(("update: 3 gradients + activations + gathered weights (XLA temp)", up["temp"],
+    what = "bf16 copy of the 3 bases" if r.get("lora") else "3 gradients"
+    rows.append((f"update: {what} + activations + gathered weights (XLA temp)", up["temp"],
                  grads + model.update_activations))
     rows.append(("rollout: KV cache + logits + scores + gathered weights (XLA temp)", ro["temp"],
                  model.rollout_working_set))
@@ -331,9 +351,6 @@ def run(args) -> list[dict]:
                                rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
                                prompt_width=args.prompt_width, remat=not args.no_remat, scan_layers=not args.no_scan,
                                lora_rank=args.lora_rank, overrides=tuple(args.set))
-            if args.lora_rank:  # the keys exist (else stage_config stopped): the models must be built with LoRA
-                raise NotImplementedError("--lora-rank: the config has LoRA keys now; build abstract_stage's models "
-                                          "and state through the stage's LoRA builder before measuring LoRA rows")
             mcfg = model_config(cfg, base, n)
             r = measure(cfg, mcfg, mesh, frozen_param_dtype=args.frozen_param_dtype)
             per_layers[n] = r
@@ -345,14 +362,16 @@ def run(args) -> list[dict]:
             (la, a), (lb, b) = list(per_layers.items())[:2]
             keys = ("rollout", "update", "state", "frozen", "experience", "prompts")
             result = extrapolate({k: a[k] for k in keys}, la, {k: b[k] for k in keys}, lb, target)
+            result["lora"] = a["lora"]
         else:
             result = per_layers[target]
         model = mt.safe_rlhf_memory(spec, base.replace(num_layers=target), frozen_param_dtype=args.frozen_param_dtype,
                                     rows_per_device=args.rows_per_device,
                                     rollout_rows_per_device=args.rollout_rows_per_device, seq_len=args.seq_len,
-                                    remat=not args.no_remat)
+                                    remat=not args.no_remat, lora_rank=args.lora_rank,
+                                    lora_targets=tuple(cfg.lora.actor.targets))
         out.append({"slice": name, "backend": args.backend, "chips": spec.chips, "hbm_bytes": spec.hbm_bytes,
-                    "layers": target,
+                    "layers": target, "lora_rank": args.lora_rank,
                     "extrapolated_from": layers[:2] if args.extrapolate_to else None,
                     "measured": result, "peaks": peaks(result), "per_layers": per_layers,
                     "compare": compare(result, model), "model_total": model.total})
