@@ -95,3 +95,15 @@ def test_resume_treats_a_key_the_old_snapshot_lacks_as_its_default():
     changed = dict(new, lora=dict(new["lora"], actor=dict(new["lora"]["actor"], rank=8)))
     assert config_differences(old, changed, defaults=defaults) == ["lora.actor.rank: None -> 8"]
     assert config_differences(old, new) != []  # without the defaults every new key is a difference
+
+
+@pytest.mark.parametrize("override, key", [("data.max_length=10", "data.max_length"),
+                                           ("data.prompt_buckets=[8, 64]", "data.prompt_buckets")])
+def test_rl_stages_share_one_check_of_the_prompt_geometry(override, key):
+    from safejax.train.grpo import GRPOConfig
+    from safejax.train.ppo import PPOConfig
+
+    for cls in (PPOConfig, GRPOConfig):  # the check lives on their shared data section
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_config(cls, None, ["reward_model=rm", "cost_model=cm", "data.prompt_width=16", override])
+        load_config(cls, None, ["reward_model=rm", "cost_model=cm", "data.prompt_width=16"])

@@ -161,12 +161,6 @@ class GRPOConfig:
         d = self.data
         if d.ptx:
             raise ConfigError(f"config key 'data.ptx' = {d.ptx}: {self.algorithm} has no ptx term; leave it empty")
-        if d.max_length and d.max_length <= d.prompt_width:
-            raise ConfigError(f"config key 'data.max_length' = {d.max_length} must exceed 'data.prompt_width' = "
-                              f"{d.prompt_width} (it counts prompt and response tokens), or be 0")
-        if any(not 0 < w < d.prompt_width for w in d.prompt_buckets):
-            raise ConfigError(f"config key 'data.prompt_buckets' = {d.prompt_buckets}: every width must be in "
-                              f"(0, data.prompt_width = {d.prompt_width}); prompt_width is always the widest bucket")
         for key in ("reward_model",) + (("cost_model",) if self.algorithm == "grpo-lag" else ()):
             if not getattr(self, key):
                 raise ConfigError(f"config key '{key}' is required for algorithm '{self.algorithm}'")

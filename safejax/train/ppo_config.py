@@ -39,6 +39,16 @@ class PPODataSection:
     skip_bad_rows: bool = False
     ptx_pack: bool = False             # pack several ptx examples per row (safejax.data.packing); same token loss
 
+    def validate(self) -> None:
+        """The prompt geometry (the RL stages share it: PPO family and GRPO family)."""
+        d = self
+        if d.max_length and d.max_length <= d.prompt_width:
+            raise ConfigError(f"config key 'data.max_length' = {d.max_length} must exceed 'data.prompt_width' = "
+                              f"{d.prompt_width} (it counts prompt and response tokens), or be 0")
+        if any(not 0 < w < d.prompt_width for w in d.prompt_buckets):
+            raise ConfigError(f"config key 'data.prompt_buckets' = {d.prompt_buckets}: every width must be in "
+                              f"(0, data.prompt_width = {d.prompt_width}); prompt_width is always the widest bucket")
+
 
 @dataclasses.dataclass
 class PPOSection:
@@ -99,13 +109,6 @@ class PPOConfig:
         if self.train.batch_size % self.ppo.micro_batch_size:
             raise ConfigError(f"config key 'train.batch_size' = {self.train.batch_size} must be a multiple of "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
-        d = self.data
-        if d.max_length and d.max_length <= d.prompt_width:
-            raise ConfigError(f"config key 'data.max_length' = {d.max_length} must exceed 'data.prompt_width' = "
-                              f"{d.prompt_width} (it counts prompt and response tokens), or be 0")
-        if any(not 0 < w < d.prompt_width for w in d.prompt_buckets):
-            raise ConfigError(f"config key 'data.prompt_buckets' = {d.prompt_buckets}: every width must be in "
-                              f"(0, data.prompt_width = {d.prompt_width}); prompt_width is always the widest bucket")
         if self.ppo.ptx_token_mean_rows and self.ppo.micro_batch_size % self.ppo.ptx_token_mean_rows:
             raise ConfigError(f"config key 'ppo.ptx_token_mean_rows' = {self.ppo.ptx_token_mean_rows} must divide "
                               f"'ppo.micro_batch_size' = {self.ppo.micro_batch_size}")
